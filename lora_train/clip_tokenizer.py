@@ -1,0 +1,49 @@
+"""CLIP tokenizers built offline from the BPE vocabulary that open_clip ships.
+
+Every SD family uses OpenAI's CLIP BPE (SD2/SDXL's OpenCLIP tokenizer is the same vocabulary), so one
+local file replaces the hub downloads of openai/clip-vit-large-patch14 and laion's tokenizers.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import json
+import tempfile
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+MAX_LENGTH = 77
+_MERGES = 49152 - 256 - 2  # as in OpenAI's and open_clip's SimpleTokenizer
+
+
+def bpe_vocab_path() -> Path:
+    """open_clip's bundled vocab file, found without importing open_clip (which imports torchvision)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("open-clip-torch is required for the CLIP tokenizer: pip install open-clip-torch")
+    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall open-clip-torch")
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def build_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """A CLIPTokenizer identical to the hub's; SD1/CLIP-L pad with ``<|endoftext|>``, OpenCLIP with ``!``."""
+    lines = gzip.open(bpe_vocab_path()).read().decode("utf-8").split("\n")
+    merges = lines[1 : _MERGES + 1]
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as folder:
+        vocab_file = Path(folder) / "vocab.json"
+        merges_file = Path(folder) / "merges.txt"
+        vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}), encoding="utf-8")
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return CLIPTokenizer(
+            str(vocab_file), str(merges_file), pad_token=pad_token, model_max_length=MAX_LENGTH
+        )

@@ -1,0 +1,129 @@
+"""Single-file (A1111/LDM layout) checkpoint → diffusers/transformers state dicts, offline.
+
+UNet and VAE go through diffusers' own converters. The text encoders are converted here: diffusers moved
+and re-signed those helpers between 0.26 and 0.42 (and some fetch a hub config), while the CLIP/OpenCLIP
+key mapping itself is short and has not changed since SD2.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..model import Family
+
+try:  # diffusers >= 0.28 moved the module
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+except ImportError:  # pragma: no cover - depends on the installed diffusers
+    from diffusers.loaders.single_file.single_file_utils import (  # type: ignore[no-redef]
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+
+_SD2_PROBE = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+_CLIP_PREFIXES = {"sd1": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
+_OPEN_CLIP_PREFIXES = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model."}
+_RESBLOCK_RENAMES = (
+    ("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2."),
+    ("attn.out_proj.", "self_attn.out_proj."),
+)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors or .ckpt file (``state_dict`` unwrapped); .ckpt loads without pickled code."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        return data.get("state_dict", data)
+    raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; use .safetensors or .ckpt")
+
+
+def detect_family(state: dict[str, torch.Tensor]) -> Family:
+    """SDXL has a second (OpenCLIP) embedder; SD2 cross-attends to 1024-wide text features; else SD1."""
+    if any(key.startswith("conditioner.embedders.1.model.") for key in state):
+        return "sdxl"
+    if not any(key.startswith("model.diffusion_model.") for key in state):
+        raise ValueError("not a Stable Diffusion checkpoint: no 'model.diffusion_model.*' weights")
+    probe = state.get(_SD2_PROBE)
+    if probe is not None and probe.shape[-1] == 1024 or any(k.startswith("cond_stage_model.model.") for k in state):
+        return "sd2"
+    return "sd1"
+
+
+def yaml_says_v(path: Path) -> bool:
+    """A1111's convention: ``model.yaml`` beside ``model.safetensors`` with ``parameterization: "v"``."""
+    config = path.with_suffix(".yaml")
+    return config.is_file() and re.search(r"parameterization:\s*['\"]?v['\"]?\s*$", config.read_text(), re.M) is not None
+
+
+def unet_state(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    return convert_ldm_unet_checkpoint(dict(state), config)
+
+
+def vae_state(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    return convert_ldm_vae_checkpoint(dict(state), config)
+
+
+def text_encoder_state(state: dict[str, torch.Tensor], family: Family, index: int, layers: int) -> dict[str, torch.Tensor]:
+    """HF CLIP state dict for text encoder ``index`` of a family (OpenAI CLIP copied, OpenCLIP renamed)."""
+    if family == "sd1" or (family == "sdxl" and index == 0):
+        prefix = _CLIP_PREFIXES[family]
+        out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if out and not any(k.startswith("text_model.") for k in out):  # very old checkpoints
+            out = {"text_model." + k: v for k, v in out.items()}
+        out.pop("text_model.embeddings.position_ids", None)
+        return out
+    return _open_clip_to_hf(state, _OPEN_CLIP_PREFIXES[family], layers)
+
+
+def _open_clip_to_hf(state: dict[str, torch.Tensor], prefix: str, layers: int) -> dict[str, torch.Tensor]:
+    out = {
+        "text_model.embeddings.token_embedding.weight": state[prefix + "token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": state[prefix + "positional_embedding"],
+        "text_model.final_layer_norm.weight": state[prefix + "ln_final.weight"],
+        "text_model.final_layer_norm.bias": state[prefix + "ln_final.bias"],
+    }
+    if prefix + "text_projection" in state:
+        out["text_projection.weight"] = state[prefix + "text_projection"].T.contiguous()
+    block = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.(.+)$")
+    for key, value in state.items():
+        m = block.match(key)
+        if not m or int(m.group(1)) >= layers:  # SD2 drops the last block: it uses the penultimate layer
+            continue
+        base = f"text_model.encoder.layers.{m.group(1)}."
+        rest = m.group(2)
+        if rest.startswith("attn.in_proj_"):
+            kind = rest.rsplit("_", 1)[-1]  # weight | bias
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                out[f"{base}self_attn.{name}.{kind}"] = part
+            continue
+        for old, new in _RESBLOCK_RENAMES:
+            rest = rest.replace(old, new)
+        out[base + rest] = value
+    return out
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """Assign converted weights into an empty (meta) module, naming the file and part on a mismatch."""
+    expected = set(module.state_dict())
+    missing = sorted(expected - set(state))
+    # position_ids is a buffer some transformers versions keep and others drop
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing:
+        raise ValueError(f"{path}: the {what} weights are incomplete, e.g. missing {missing[:3]}")
+    for key in [k for k in state if k not in expected]:
+        state.pop(key)
+    module.load_state_dict(state, strict=False, assign=True)
+    for name, buffer in list(module.named_buffers()):
+        if buffer.is_meta:  # position_ids when the file lacked it
+            owner = module.get_submodule(name.rpartition(".")[0])
+            owner.register_buffer(name.rpartition(".")[2], torch.arange(buffer.shape[-1]).expand(buffer.shape),
+                                  persistent=False)

@@ -1,0 +1,227 @@
+"""ModelBundle built with diffusers/transformers classes: the CLI's host.
+
+Loads the built-in tiny models, diffusers folders and single-file .safetensors/.ckpt checkpoints fully
+offline: configs come from ``architectures.py``, tokenizers from open_clip's vocab file, and the UNet/VAE
+key conversion from diffusers' own single-file utilities.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .. import kohya_names
+from ..architectures import BUILTIN, BY_FAMILY, Architecture
+from ..clip_tokenizer import MAX_LENGTH, build_clip_tokenizer
+from ..model import Conditioning, Family, LoraTarget, Parameterization
+from . import checkpoint_convert
+
+
+def sd_alphas_cumprod() -> torch.Tensor:
+    """The 1000-step scaled-linear schedule every SD1/SD2/SDXL checkpoint was trained with."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+class DiffusersBundle:
+    """diffusers UNet + VAE + transformers CLIP text encoder(s) behind the ModelBundle interface."""
+
+    def __init__(
+        self,
+        arch: Architecture,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoders: list[nn.Module],
+        tokenizers: list[CLIPTokenizer],
+        parameterization: Parameterization = "eps",
+        model_name: str = "",
+        clip_skip: int = 1,
+    ):
+        self.arch = arch
+        self.family: Family = arch.family
+        self.unet = unet
+        self.vae = vae
+        self.text_encoders = text_encoders
+        self.tokenizers = tokenizers
+        self.parameterization = parameterization
+        self.model_name = model_name
+        self.clip_skip = clip_skip
+        self.alphas_cumprod = sd_alphas_cumprod()
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusersBundle:
+        for module in (self.unet, self.vae, *self.text_encoders):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def tokenize(self, captions: list[str]) -> list[torch.Tensor]:
+        return [
+            tok(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
+            .input_ids.to(self.device)
+            for tok in self.tokenizers
+        ]
+
+    def encode_text(self, tokens: list[torch.Tensor]) -> Conditioning:
+        if self.family == "sdxl":
+            first = self.text_encoders[0](tokens[0], output_hidden_states=True)
+            second = self.text_encoders[1](tokens[1], output_hidden_states=True)
+            context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+            return Conditioning(context=context, pooled=second.text_embeds)
+        encoder = self.text_encoders[0]
+        if self.clip_skip == 1:
+            return Conditioning(context=encoder(tokens[0]).last_hidden_state)
+        hidden = encoder(tokens[0], output_hidden_states=True).hidden_states[-self.clip_skip]
+        return Conditioning(context=encoder.text_model.final_layer_norm(hidden))
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        # The distribution's mean, not a sample: cached latents then do not depend on an RNG draw.
+        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.mean
+        return latents * self.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        extra = {}
+        if self.family == "sdxl":
+            extra["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.size_ids}
+        return self.unet(noisy, timesteps, encoder_hidden_states=cond.context, **extra).sample
+
+    def lora_targets(self, text_encoder: bool) -> list[LoraTarget]:
+        targets = [
+            LoraTarget(self.unet, name, kohya_names.unet_key(name, self.family, "diffusers", self.arch.layers_per_block))
+            for name, module in self.unet.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and kohya_names.is_unet_target(name)
+        ]
+        if text_encoder:
+            for index, encoder in enumerate(self.text_encoders):
+                for name, module in encoder.named_modules():
+                    key = kohya_names.text_encoder_key(name, self.family, index)
+                    if key and isinstance(module, nn.Linear):
+                        targets.append(LoraTarget(encoder, name, key))
+        return targets
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        if enabled:
+            self.unet.enable_gradient_checkpointing()
+            for encoder in self.text_encoders:
+                encoder.gradient_checkpointing_enable()
+                # reentrant checkpointing only back-propagates into LoRA when the inputs require grad
+                encoder.enable_input_require_grads()
+        else:
+            self.unet.disable_gradient_checkpointing()
+            for encoder in self.text_encoders:
+                encoder.gradient_checkpointing_disable()
+
+
+def _text_encoder(config: dict, with_projection: bool) -> nn.Module:
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(CLIPTextConfig(**config))
+
+
+def build_random(arch: Architecture, seed: int = 0, name: str = "") -> DiffusersBundle:
+    """Randomly initialised modules of ``arch`` (the built-in tiny models; deterministic for a seed)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**arch.unet)
+    vae = AutoencoderKL(**arch.vae)
+    encoders = [
+        _text_encoder(cfg, with_projection=arch.family == "sdxl" and i == 1)
+        for i, cfg in enumerate(arch.text_encoders)
+    ]
+    tokenizers = [build_clip_tokenizer(pad) for pad in arch.pad_tokens]
+    return DiffusersBundle(arch, unet, vae, encoders, tokenizers, model_name=name)
+
+
+def load_single_file(
+    path: str | Path, v_parameterization: bool | None = None, arch: Architecture | None = None, clip_skip: int = 1
+) -> DiffusersBundle:
+    """An A1111-style single-file checkpoint (.safetensors or .ckpt) of SD1.x, SD2.x or SDXL."""
+    path = Path(path)
+    state = checkpoint_convert.read_state_dict(path)
+    family = checkpoint_convert.detect_family(state)
+    arch = arch or BY_FAMILY[family]
+    if arch.family != family:
+        raise ValueError(f"{path}: weights are {family} but the architecture given is {arch.family}")
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**arch.unet)
+        vae = AutoencoderKL(**arch.vae)
+        encoders = [
+            _text_encoder(cfg, with_projection=family == "sdxl" and i == 1) for i, cfg in enumerate(arch.text_encoders)
+        ]
+    checkpoint_convert.load_into(unet, checkpoint_convert.unet_state(state, unet.config), path, "UNet")
+    checkpoint_convert.load_into(vae, checkpoint_convert.vae_state(state, vae.config), path, "VAE")
+    for index, encoder in enumerate(encoders):
+        converted = checkpoint_convert.text_encoder_state(state, family, index, encoder.config.num_hidden_layers)
+        checkpoint_convert.load_into(encoder, converted, path, f"text encoder {index + 1}")
+    tokenizers = [build_clip_tokenizer(pad) for pad in arch.pad_tokens]
+    parameterization = _parameterization(v_parameterization, checkpoint_convert.yaml_says_v(path))
+    return DiffusersBundle(arch, unet, vae, encoders, tokenizers, parameterization, path.name, clip_skip)
+
+
+def load_folder(path: str | Path, v_parameterization: bool | None = None, clip_skip: int = 1) -> DiffusersBundle:
+    """A diffusers-format model folder (model_index.json, unet/, vae/, text_encoder[_2]/ ...)."""
+    path = Path(path)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+    sdxl = (path / "text_encoder_2").is_dir()
+    encoders: list[nn.Module] = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)]
+    if sdxl:
+        encoders.append(
+            CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", local_files_only=True)
+        )
+    family: Family = "sdxl" if sdxl else ("sd2" if encoders[0].config.hidden_size == 1024 else "sd1")
+    pads = BY_FAMILY[family].pad_tokens
+    tokenizers = []
+    for index, pad in enumerate(pads):
+        folder = path / ("tokenizer" if index == 0 else "tokenizer_2")
+        tokenizers.append(
+            CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_LENGTH) if folder.is_dir()
+            else build_clip_tokenizer(pad)
+        )
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    folder_v = scheduler.is_file() and json.loads(scheduler.read_text()).get("prediction_type") == "v_prediction"
+    arch = Architecture(family, dict(unet.config), dict(vae.config), [e.config.to_dict() for e in encoders], pads)
+    return DiffusersBundle(
+        arch, unet, vae, encoders, tokenizers, _parameterization(v_parameterization, folder_v), path.name, clip_skip
+    )
+
+
+def _parameterization(user: bool | None, from_model: bool) -> Parameterization:
+    """The user's explicit setting wins; otherwise what the model's config says; otherwise epsilon."""
+    if user is not None:
+        return "v" if user else "eps"
+    return "v" if from_model else "eps"
+
+
+def load_bundle(
+    base_model: str, v_parameterization: bool | None = None, clip_skip: int = 1, seed: int = 0
+) -> DiffusersBundle:
+    """Resolve ``base_model`` (``tiny``, ``tiny-sdxl``, a folder or a checkpoint file) to a bundle."""
+    if base_model in BUILTIN:
+        bundle = build_random(BUILTIN[base_model], seed=seed, name=base_model)
+        bundle.parameterization = _parameterization(v_parameterization, False)
+        bundle.clip_skip = clip_skip
+        return bundle
+    path = Path(base_model).expanduser()
+    if path.is_dir():
+        return load_folder(path, v_parameterization, clip_skip)
+    if path.is_file():
+        return load_single_file(path, v_parameterization, clip_skip=clip_skip)
+    raise FileNotFoundError(
+        f"base_model {base_model!r}: no such file or folder; give a .safetensors/.ckpt checkpoint, a diffusers "
+        f"folder, or one of the built-in models: {', '.join(BUILTIN)}"
+    )
