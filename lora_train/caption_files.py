@@ -59,9 +59,7 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
         raise FileNotFoundError(f"Image folder not found: {folder}")
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     images = [
-        p
-        for p in candidates
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
     ]
     return sorted(images, key=lambda p: relative_name(folder, p))
 

@@ -61,7 +61,8 @@ def detect_family(state: dict[str, torch.Tensor]) -> Family:
 def yaml_says_v(path: Path) -> bool:
     """A1111's convention: ``model.yaml`` beside ``model.safetensors`` with ``parameterization: "v"``."""
     config = path.with_suffix(".yaml")
-    return config.is_file() and re.search(r"parameterization:\s*['\"]?v['\"]?\s*$", config.read_text(), re.M) is not None
+    pattern = r"parameterization:\s*['\"]?v['\"]?\s*$"
+    return config.is_file() and re.search(pattern, config.read_text(), re.M) is not None
 
 
 def unet_state(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
@@ -72,7 +73,9 @@ def vae_state(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Te
     return convert_ldm_vae_checkpoint(dict(state), config)
 
 
-def text_encoder_state(state: dict[str, torch.Tensor], family: Family, index: int, layers: int) -> dict[str, torch.Tensor]:
+def text_encoder_state(
+    state: dict[str, torch.Tensor], family: Family, index: int, layers: int
+) -> dict[str, torch.Tensor]:
     """HF CLIP state dict for text encoder ``index`` of a family (OpenAI CLIP copied, OpenCLIP renamed)."""
     if family == "sd1" or (family == "sdxl" and index == 0):
         prefix = _CLIP_PREFIXES[family]
@@ -102,7 +105,7 @@ def _open_clip_to_hf(state: dict[str, torch.Tensor], prefix: str, layers: int) -
         rest = m.group(2)
         if rest.startswith("attn.in_proj_"):
             kind = rest.rsplit("_", 1)[-1]  # weight | bias
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0), strict=True):
                 out[f"{base}self_attn.{name}.{kind}"] = part
             continue
         for old, new in _RESBLOCK_RENAMES:

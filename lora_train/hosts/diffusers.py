@@ -102,8 +102,9 @@ class DiffusersBundle:
         return self.unet(noisy, timesteps, encoder_hidden_states=cond.context, **extra).sample
 
     def lora_targets(self, text_encoder: bool) -> list[LoraTarget]:
+        blocks = self.arch.layers_per_block
         targets = [
-            LoraTarget(self.unet, name, kohya_names.unet_key(name, self.family, "diffusers", self.arch.layers_per_block))
+            LoraTarget(self.unet, name, kohya_names.unet_key(name, self.family, "diffusers", blocks))
             for name, module in self.unet.named_modules()
             if isinstance(module, (nn.Linear, nn.Conv2d)) and kohya_names.is_unet_target(name)
         ]

@@ -1,0 +1,111 @@
+"""``python -m lora_train caption``: auto-caption an image folder (cli.py registers it via add_parser)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lora_train import caption_files, captioner
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``caption`` subcommand; its ``func`` is run_caption."""
+    parser = subparsers.add_parser(
+        "caption",
+        help="auto-caption an image folder (CoCa + CLIP tags), offline",
+        description="Write a caption for each image: metadata.csv (filename,prompt) or .txt sidecars. "
+        "Existing captions are kept unless --overwrite.",
+    )
+    parser.add_argument("--input", required=True, type=Path, help="image folder")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--output", type=Path, help="caption CSV to write (default: INPUT/metadata.csv)")
+    target.add_argument("--sidecar", action="store_true", help="write a .txt next to each image instead")
+    parser.add_argument("--trigger", help="trigger word put first in every new caption")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing captions")
+    parser.add_argument("--model", default=captioner.DEFAULT_MODEL, help="open_clip CoCa model name")
+    parser.add_argument("--weights", type=Path, help="local weights file (.safetensors or .bin)")
+    parser.add_argument("--models-dir", type=Path, help="folder searched for the weights when --weights is not set")
+    parser.add_argument("--model-config", type=Path, help="open_clip model config json (custom CoCa)")
+    parser.add_argument("--allow-download", action="store_true", help="let open_clip download missing weights")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--beams", type=int, default=1, help="1 = greedy decoding, more = beam search")
+    parser.add_argument("--tags", type=int, default=1, help="tags per vocabulary category (0: none)")
+    parser.add_argument(
+        "--categories",
+        default=",".join(captioner.CATEGORIES),
+        help=f"comma-separated tag vocabularies (default: {','.join(captioner.CATEGORIES)})",
+    )
+    parser.add_argument("--max-tokens", type=int, default=75, help="CLIP token limit of a caption")
+    parser.add_argument("--recursive", action="store_true", help="include images in subfolders")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run_caption)
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    """Run the subcommand. Exit codes: 0 done, 1 some images unreadable (the rest written), 2 bad input."""
+    try:
+        options = _options(args)
+        model = _load(args)
+    except (captioner.CaptionerError, caption_files.CaptionFileError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    mode = "sidecar" if args.sidecar else "csv"
+    try:
+        report = captioner.caption_images(
+            args.input,
+            model,
+            options,
+            mode=mode,
+            csv_path=args.output,
+            overwrite=args.overwrite,
+            batch_size=args.batch_size,
+            recursive=args.recursive,
+            progress=not args.no_progress,
+        )
+    except (captioner.CaptionerError, caption_files.CaptionFileError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        model.unload()
+    where = report.output if mode == "csv" else "sidecar .txt files"
+    print(f"Captioned {len(report.written)} image(s), kept {len(report.kept)} existing caption(s) -> {where}")
+    if report.failed:
+        print(f"error: {report.failure_message()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _options(args: argparse.Namespace) -> captioner.CaptionOptions:
+    if not args.input.is_dir():
+        raise captioner.CaptionerError(f"Image folder not found: {args.input}")
+    if args.batch_size < 1 or args.beams < 1 or args.max_tokens < 1:
+        raise ValueError("--batch-size, --beams and --max-tokens must be at least 1")
+    categories = tuple(c.strip() for c in args.categories.split(",") if c.strip())
+    unknown = [c for c in categories if not (captioner.VOCAB_DIR / f"{c}.txt").is_file()]
+    if unknown:
+        raise captioner.CaptionerError(f"Unknown tag categories {unknown}; known: {', '.join(captioner.CATEGORIES)}")
+    return captioner.CaptionOptions(
+        trigger=args.trigger,
+        tags_per_category=args.tags,
+        categories=categories,
+        max_tokens=args.max_tokens,
+        decode=captioner.DecodeOptions(beams=args.beams),
+    )
+
+
+def _load(args: argparse.Namespace) -> captioner.Captioner:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = json.loads(args.model_config.read_text(encoding="utf-8")) if args.model_config else None
+    return captioner.Captioner.load(
+        args.model,
+        weights=args.weights,
+        models_dir=args.models_dir,
+        device=device,
+        model_config=config,
+        allow_download=args.allow_download,
+    )
