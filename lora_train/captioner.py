@@ -113,14 +113,17 @@ def find_weights(model_name: str, weights: str | Path | None = None, models_dir:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a state dict from .safetensors or a torch pickle (weights only), unwrapping common containers."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or truncated download: say which file, not a pickle traceback
+        raise CaptionerError(f"Cannot read weights file {path}: {exc}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
     if not isinstance(state, dict) or not state:
         raise CaptionerError(f"{path} holds no state dict")
     if all(k.startswith("module.") for k in state):

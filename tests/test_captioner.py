@@ -282,3 +282,12 @@ def test_stop_keeps_what_was_done(tmp_path, model):
     )  # fmt: skip
     assert report.stopped and report.written == ["a.png"] and calls == [(1, 3)]
     assert list(caption_files.read_metadata_csv(folder / "metadata.csv")) == ["a.png"]
+
+
+def test_corrupt_weights_file_named_in_error(tmp_path, weights, capsys):
+    folder = make_images(tmp_path / "imgs", ("a.png",))
+    bad = tmp_path / "open_clip_pytorch_model.bin"
+    bad.write_bytes(b"truncated download")
+    argv = ["--input", folder, "--weights", bad, "--model-config", weights[1], "--no-progress", "--device", "cpu"]
+    assert run_cli(argv) == 2
+    assert f"Cannot read weights file {bad}" in capsys.readouterr().err
