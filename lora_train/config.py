@@ -93,6 +93,7 @@ class TrainConfig:
     save_every_n_epochs: int = 0
     resume: str | None = None
     logging_dir: str | None = None
+    log_every_n_steps: int = 10
     sample_prompts: list[str] = field(default_factory=list)
     sample_every_n_steps: int = 0
     sample_steps: int = 20
@@ -189,7 +190,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 
 
 _POSITIVE = ("lora_rank", "batch_size", "gradient_accumulation_steps", "epochs", "bucket_reso_steps",
-             "sample_steps", "lr_scheduler_num_cycles")
+             "sample_steps", "lr_scheduler_num_cycles",
+             "log_every_n_steps")
 _NON_NEGATIVE = ("lora_dropout", "noise_offset", "lr_warmup_steps", "keep_tokens", "save_every_n_steps",
                  "save_every_n_epochs", "sample_every_n_steps", "max_grad_norm", "prior_loss_weight")
 
@@ -275,7 +277,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
                 "resume", "logging_dir", "base_model"):
         value = data.get(key)
         if isinstance(value, str) and value and value != "tiny" and not Path(value).is_absolute():
-            candidate = path.parent / value
+            candidate = (path.parent / value).resolve()
             if key != "base_model" or candidate.exists():
                 data[key] = str(candidate)
     return from_dict(data)

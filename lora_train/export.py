@@ -1,0 +1,161 @@
+"""Write a trained LoRA as the file every consumer reads: kohya keys, ss_* + modelspec metadata, sidecars.
+
+The ss_* keys follow kohya sd-scripts' train_network.py so A1111's Lora cards, the Additional Networks
+extension and civitai show the training details; sshs_* are the hashes the WebUI would otherwise compute.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import time
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save, save_file
+
+from .config import TrainConfig
+from .dataset import Dataset
+from .files import atomic_write, atomic_write_text
+from .model import BASE_MODEL_VERSION, Family, Parameterization
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
+_ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}
+_SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+
+
+def addnet_hashes(tensors: dict[str, torch.Tensor], ss_metadata: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as kohya precomputes them and A1111/addnet read them.
+
+    The model hash covers the tensor bytes after the header, so it does not change with metadata; the
+    legacy hash reads a fixed window of the file written with the ss_* keys only.
+    """
+    data = save(tensors, {k: v for k, v in ss_metadata.items() if k.startswith("ss_")})
+    header_length = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + header_length :]).hexdigest()
+    buffer = BytesIO(data)
+    buffer.seek(0x100000)
+    legacy_hash = hashlib.sha256(buffer.read(0x10000)).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def architecture(family: Family, parameterization: Parameterization) -> str:
+    if family == "sd2":
+        return "stable-diffusion-v2-768-v/lora" if parameterization == "v" else "stable-diffusion-v2-512/lora"
+    return f"{_ARCHITECTURES[family]}/lora"
+
+
+def training_metadata(
+    cfg: TrainConfig,
+    dataset: Dataset,
+    family: Family,
+    parameterization: Parameterization,
+    model_name: str,
+    steps: int,
+    epoch: int,
+    total_steps: int,
+    batches_per_epoch: int,
+    started_at: float,
+    rank: int,
+    alpha: float,
+) -> dict[str, str]:
+    """kohya's ss_* keys plus modelspec.*; every value a string, as safetensors metadata requires."""
+    height, width = cfg.resolution_hw
+    values: dict[str, Any] = {
+        "ss_session_id": str(int(started_at * 1000) % 2**31),
+        "ss_training_started_at": started_at,
+        "ss_training_finished_at": time.time(),
+        "ss_output_name": cfg.output_name,
+        "ss_learning_rate": cfg.learning_rate,
+        "ss_unet_lr": cfg.unet_lr or cfg.learning_rate,
+        "ss_text_encoder_lr": (cfg.text_encoder_lr or cfg.learning_rate) if cfg.train_text_encoder else None,
+        "ss_num_train_images": dataset.num_train_images,
+        "ss_num_reg_images": dataset.num_reg_images,
+        "ss_num_batches_per_epoch": batches_per_epoch,
+        "ss_num_epochs": cfg.epochs,
+        "ss_epoch": epoch,
+        "ss_steps": steps,
+        "ss_max_train_steps": total_steps,
+        "ss_gradient_checkpointing": cfg.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "ss_lr_warmup_steps": cfg.lr_warmup_steps,
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": rank,
+        "ss_network_alpha": alpha,
+        "ss_network_dropout": cfg.lora_dropout,
+        "ss_network_args": json.dumps({}),
+        "ss_network_train_unet_only": not cfg.train_text_encoder,
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_full_fp16": False,
+        "ss_v2": family == "sd2",
+        "ss_v_parameterization": parameterization == "v",
+        "ss_base_model_version": BASE_MODEL_VERSION[family],
+        "ss_clip_skip": cfg.clip_skip if cfg.clip_skip > 1 else None,
+        "ss_max_token_length": None,
+        "ss_cache_latents": cfg.cache_latents,
+        "ss_seed": cfg.seed,
+        "ss_noise_offset": cfg.noise_offset or None,
+        "ss_min_snr_gamma": cfg.min_snr_gamma,
+        "ss_optimizer": cfg.optimizer + (f"({cfg.optimizer_args})" if cfg.optimizer_args else ""),
+        "ss_max_grad_norm": cfg.max_grad_norm,
+        "ss_caption_dropout_rate": cfg.caption_dropout_rate,
+        "ss_prior_loss_weight": cfg.prior_loss_weight,
+        "ss_resolution": f"({width}, {height})",
+        "ss_enable_bucket": cfg.enable_bucket,
+        "ss_min_bucket_reso": cfg.min_bucket_reso,
+        "ss_max_bucket_reso": cfg.max_bucket_reso,
+        "ss_bucket_no_upscale": False,
+        "ss_keep_tokens": cfg.keep_tokens,
+        "ss_shuffle_caption": cfg.shuffle_caption,
+        "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
+        "ss_dataset_dirs": json.dumps(dataset.dataset_dirs()),
+        "ss_bucket_info": json.dumps({"buckets": {str(i): {"resolution": list(b)} for i, b in
+                                                  enumerate(dataset.buckets)}}),
+        "ss_sd_model_name": model_name,
+        "ss_training_comment": cfg.training_comment,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": architecture(family, parameterization),
+        "modelspec.implementation": (
+            "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers"
+        ),
+        "modelspec.title": cfg.output_name,
+        "modelspec.date": datetime.datetime.fromtimestamp(int(started_at)).isoformat(),
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.prediction_type": "v" if parameterization == "v" else "epsilon",
+        "modelspec.trigger_phrase": cfg.trigger_word,
+    }
+    return {key: str(value) for key, value in values.items() if value is not None}
+
+
+def write_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Atomically write the .safetensors with sshs_* hashes added to ``metadata``."""
+    model_hash, legacy_hash = addnet_hashes(tensors, metadata)
+    metadata = {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata))
+
+
+def write_sidecar(path: Path, family: Family, trigger: str | None, description: str, weight: float = 0.8) -> Path:
+    """``<name>.json`` the WebUI's Lora card reads: activation text, preferred weight, SD version."""
+    card = {
+        "description": description,
+        "sd version": _SD_VERSION[family],
+        "activation text": trigger or "",
+        "preferred weight": weight,
+        "negative text": "",
+        "notes": "Trained with sd-webui-lora-train.",
+    }
+    return atomic_write_text(path.with_suffix(".json"), json.dumps(card, indent=4, ensure_ascii=False))
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a LoRA file (for inspect, network_weights and tests)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return load_file(str(path)), metadata

@@ -1,0 +1,453 @@
+"""The training loop: load data, freeze, add LoRA, loop, save. Reads top to bottom like diffusers' example.
+
+Every random draw of step ``k`` comes from a seed derived from (seed, k), and batches from (seed, epoch), so
+a run resumed from a checkpoint ends with the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers.optimization import get_scheduler
+from PIL import Image
+from torch import nn
+
+from . import dataset as data
+from . import export, lora
+from .config import ConfigError, TrainConfig
+from .files import atomic_write, atomic_write_text, free_path
+from .model import Conditioning, ModelBundle, Parameterization
+from .sampler import sample_images
+
+SampleFn = Callable[[ModelBundle, list[str], int], list[Image.Image]]
+
+
+@dataclass
+class StepInfo:
+    """What a progress display needs after each optimizer step."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    lr: float
+    it_per_s: float
+    eta_s: float
+
+
+class TrainCallbacks:
+    """Override what you need; the CLI prints with tqdm, the WebUI tab updates its widgets."""
+
+    def on_start(self, total_steps: int, start_step: int) -> None: ...
+    def on_step(self, info: StepInfo) -> None: ...
+    def on_sample(self, step: int, images: list[Image.Image]) -> None: ...
+    def on_checkpoint(self, step: int, path: Path) -> None: ...
+    def on_log(self, message: str) -> None: ...
+    def should_stop(self) -> bool:
+        return False
+
+
+@dataclass
+class TrainResult:
+    output: Path | None
+    steps: int
+    total_steps: int
+    stopped: bool
+    loss_history: list[float] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor):
+    alpha = alphas_cumprod[timesteps].to(latents.dtype).view(-1, 1, 1, 1)
+    return alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+
+
+def loss_target(
+    parameterization: Parameterization, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+) -> torch.Tensor:
+    """What the UNet should output: the noise (eps models) or the velocity (v-prediction models)."""
+    if parameterization == "eps":
+        return noise
+    alpha = alphas_cumprod[timesteps].to(latents.dtype).view(-1, 1, 1, 1)
+    return alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+
+
+def min_snr_weights(
+    timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, parameterization: Parameterization
+) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023); v-prediction divides by SNR+1 instead of SNR."""
+    alpha = alphas_cumprod[timesteps]
+    snr = alpha / (1 - alpha)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if parameterization == "v" else clipped / snr
+
+
+# ------------------------------------------------------------------------------------- model state
+@dataclass
+class ModuleFlags:
+    """requires_grad and train/eval of every host module, restored after training whatever happens."""
+
+    grads: list[tuple[nn.Parameter, bool]]
+    modes: list[tuple[nn.Module, bool]]
+
+    @classmethod
+    def capture(cls, modules: list[nn.Module]) -> ModuleFlags:
+        grads = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+        modes = [(sub, sub.training) for m in modules for sub in m.modules()]
+        return cls(grads, modes)
+
+    def restore(self) -> None:
+        for param, flag in self.grads:
+            param.requires_grad_(flag)
+        for module, flag in self.modes:
+            module.train(flag)
+
+
+def _optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    args = dict(cfg.optimizer_args)
+    cuda = groups[0]["params"][0].is_cuda
+    if cfg.optimizer == "adamw":
+        args.setdefault("weight_decay", 1e-2)
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=cuda or None, foreach=None if cuda else True,
+                                 **args)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, **args)
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ConfigError("optimizer", "adamw8bit needs bitsandbytes (pip install bitsandbytes); "
+                              "or set optimizer: adamw") from None
+        args.setdefault("weight_decay", 1e-2)
+        return bitsandbytes.optim.AdamW8bit(groups, lr=cfg.learning_rate, **args)
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise ConfigError("optimizer", "prodigy needs prodigyopt (pip install prodigyopt); "
+                          "or set optimizer: adamw") from None
+    return Prodigy(groups, lr=cfg.learning_rate, **args)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _Paths:
+    """Where a run writes: final file, step checkpoints, resumable state.
+
+    A resumed run keeps the name of the run it continues (and may replace that run's stopped output).
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.dir = Path(cfg.output_dir)
+        resumed = _resume_info(cfg).get("output_name") if cfg.resume else None
+        if resumed:
+            self.final = self.dir / f"{resumed}.safetensors"
+        else:
+            self.final = free_path(self.dir / f"{cfg.output_name}.safetensors", cfg.overwrite)
+        self.name = self.final.stem
+        self.state = self.dir / f"{self.name}-state"
+
+    def step_file(self, step: int) -> Path:
+        return self.dir / f"{self.name}-step{step:08d}.safetensors"
+
+
+def _resume_info(cfg: TrainConfig) -> dict:
+    info_path = Path(cfg.resume or "") / "state.json"
+    if not info_path.is_file():
+        raise ConfigError("resume", f"{cfg.resume} has no state.json; point it at a '<name>-state' folder")
+    return json.loads(info_path.read_text())
+
+
+def _grad_scaler(device: torch.device, enabled: bool):
+    """torch >= 2.3 has torch.amp.GradScaler; the WebUI's torch 2.1 only torch.cuda.amp's."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+# ------------------------------------------------------------------------------------------- train
+class Trainer:
+    """One training run over a bundle. ``run()`` always removes the LoRA and restores the host's flags."""
+
+    def __init__(self, cfg: TrainConfig, bundle: ModelBundle, callbacks: TrainCallbacks | None = None,
+                 sample_fn: SampleFn | None = None):
+        self.cfg = cfg
+        self.bundle = bundle
+        self.callbacks = callbacks or TrainCallbacks()
+        self.sample_fn = sample_fn
+        self.device = bundle.device
+        self.dataset = data.scan(cfg)
+        self.batches_per_epoch = len(data.epoch_batches(self.dataset, cfg.batch_size, cfg.seed, 0))
+        micro_total = cfg.epochs * self.batches_per_epoch
+        self.total_steps = cfg.max_train_steps or math.ceil(micro_total / cfg.gradient_accumulation_steps)
+        self.paths = _Paths(cfg)
+        self.started_at = time.time()
+        self.latents: dict[int, torch.Tensor] = {}
+        self.text_cache: dict[str, Conditioning] = {}
+
+    # -- data -----------------------------------------------------------------------------------
+    def _micro_batches(self, start_micro: int) -> Iterator[tuple[int, list[int]]]:
+        """(epoch, item indices) for every micro-batch from ``start_micro`` on, epochs repeating as needed."""
+        micro = start_micro
+        while True:
+            epoch, index = divmod(micro, self.batches_per_epoch)
+            batches = data.epoch_batches(self.dataset, self.cfg.batch_size, self.cfg.seed, epoch)
+            for batch in batches[index:]:
+                yield epoch, batch
+                micro += 1
+
+    @torch.no_grad()
+    def _encode_latents(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents for a batch (from the cache when enabled) and SDXL's per-sample size ids."""
+        latents = []
+        for index in indices:
+            latent = self.latents.get(index)
+            if latent is None:
+                item = self.dataset.items[index]
+                pixels, item.crop = data.load_pixels(item)
+                latent = self.bundle.encode_images(pixels[None].to(self.device))[0].float()
+                if self.cfg.cache_latents:
+                    self.latents[index] = latent
+            latents.append(latent)
+        size_ids = [self.dataset.items[i].size_ids() for i in indices]
+        return torch.stack(latents).to(self.device), torch.tensor(size_ids, dtype=torch.float32, device=self.device)
+
+    def _cache_all_latents(self) -> None:
+        if not self.cfg.cache_latents:
+            return
+        self.callbacks.on_log(f"caching latents of {len(self.dataset.items)} image(s)")
+        for index in range(len(self.dataset.items)):
+            self._encode_latents([index])
+
+    def _text(self, captions: list[str]) -> Conditioning:
+        """Text conditioning; cached per caption when the text encoders are frozen and captions are fixed."""
+        cfg = self.cfg
+        if cfg.train_text_encoder or cfg.shuffle_caption or cfg.caption_dropout_rate:
+            return self.bundle.encode_text(self.bundle.tokenize(captions))
+        missing = [c for c in dict.fromkeys(captions) if c not in self.text_cache]
+        if missing:
+            with torch.no_grad():
+                cond = self.bundle.encode_text(self.bundle.tokenize(missing))
+            for i, caption in enumerate(missing):
+                pooled = cond.pooled[i : i + 1] if cond.pooled is not None else None
+                self.text_cache[caption] = Conditioning(cond.context[i : i + 1], pooled)
+        parts = [self.text_cache[c] for c in captions]
+        pooled = torch.cat([p.pooled for p in parts]) if parts[0].pooled is not None else None
+        return Conditioning(torch.cat([p.context for p in parts]), pooled)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def _loss(self, indices: list[int], seed: int) -> torch.Tensor:
+        cfg, bundle = self.cfg, self.bundle
+        torch.manual_seed(seed)  # LoRA dropout draws from the global generator
+        generator = torch.Generator(self.device).manual_seed(seed)
+        rng = random.Random(seed)
+        latents, size_ids = self._encode_latents(indices)
+        items = [self.dataset.items[i] for i in indices]
+        cond = self._text([data.process_caption(item.caption, cfg, rng) for item in items])
+        if cond.pooled is not None:
+            cond.size_ids = size_ids
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        if cfg.noise_offset:
+            noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
+                                                    device=self.device)
+        alphas = bundle.alphas_cumprod.to(self.device)
+        timesteps = torch.randint(0, len(alphas), (len(indices),), generator=generator, device=self.device)
+        noisy = add_noise(latents, noise, timesteps, alphas)
+        with _autocast(cfg, self.device):
+            prediction = bundle.predict(noisy.to(bundle.dtype), timesteps, cond)
+        target = loss_target(bundle.parameterization, latents, noise, timesteps, alphas)
+        loss = torch.nn.functional.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma:
+            loss = loss * min_snr_weights(timesteps, alphas, cfg.min_snr_gamma, bundle.parameterization)
+        weights = torch.tensor([cfg.prior_loss_weight if it.is_reg else 1.0 for it in items], device=self.device)
+        return (loss * weights).mean()
+
+    # -- saving -----------------------------------------------------------------------------------
+    def _export(self, network: lora.LoraNetwork, path: Path, step: int, epoch: int) -> Path:
+        rank, alpha = self.dims
+        metadata = export.training_metadata(
+            self.cfg, self.dataset, self.bundle.family, self.bundle.parameterization, self.bundle.model_name,
+            step, epoch, self.total_steps, self.batches_per_epoch, self.started_at, rank, alpha,
+        )
+        tensors = lora.kohya_state_dict(network, export.SAVE_DTYPES[self.cfg.save_precision])
+        return export.write_lora(path, tensors, metadata)
+
+    def _save_state(self, network, optimizer, scheduler, scaler, step: int, history: list[float]) -> None:
+        """Everything resume needs; state.json is written last so a half-written state is never used."""
+        state = self.paths.state
+        tensors = lora.kohya_state_dict(network, torch.float32)
+        export.write_lora(state / "lora.safetensors", tensors, {})
+        for name, obj in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler), ("scaler.pt", scaler)):
+            atomic_write(state / name, lambda tmp, obj=obj: torch.save(obj.state_dict(), tmp))
+        info = {"step": step, "output_name": self.paths.name, "loss_history": history}
+        atomic_write_text(state / "state.json", json.dumps(info))
+
+    def _checkpoint(self, network, optimizer, scheduler, scaler, step, epoch, history) -> None:
+        path = self._export(network, self.paths.step_file(step), step, epoch)
+        self._save_state(network, optimizer, scheduler, scaler, step, history)
+        self.callbacks.on_checkpoint(step, path)
+
+    def _sample(self, step: int) -> list[Path]:
+        height, width = self.cfg.resolution_hw
+        if self.sample_fn:
+            images = self.sample_fn(self.bundle, self.cfg.sample_prompts, step)
+        else:
+            with _autocast(self.cfg, self.device):
+                images = sample_images(self.bundle, self.cfg.sample_prompts, height, width, self.cfg.sample_steps,
+                                       self.cfg.sample_cfg_scale, seed=self.cfg.seed)
+        saved = []
+        for index, image in enumerate(images):
+            path = self.paths.dir / "sample" / f"{self.paths.name}_{step:06d}_{index:02d}.png"
+            atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+            saved.append(path)
+        self.callbacks.on_sample(step, images)
+        return saved
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, bundle = self.cfg, self.bundle
+        flags = ModuleFlags.capture([bundle.unet, *bundle.text_encoders])
+        file_weights = export.read_lora(cfg.network_weights)[0] if cfg.network_weights else None
+        rank, alpha = lora.network_dims(file_weights) if file_weights else (cfg.lora_rank, cfg.lora_alpha)
+        if file_weights is not None and (rank, alpha) != (cfg.lora_rank, cfg.lora_alpha):
+            self.callbacks.on_log(f"network_weights: continuing with the file's rank {rank} and alpha {alpha}")
+        self.dims = (rank, alpha)
+        has_te_weights = bool(file_weights) and any(k.startswith("lora_te") for k in file_weights)
+        for module in (bundle.unet, *bundle.text_encoders):
+            module.requires_grad_(False)
+            module.eval()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            network = lora.inject(bundle.lora_targets(cfg.train_text_encoder or has_te_weights), rank, alpha,
+                                  cfg.lora_dropout)
+            try:
+                if file_weights is not None:
+                    lora.load_kohya(network, file_weights, str(cfg.network_weights))
+                return self._loop(network)
+            finally:
+                lora.remove(network)
+                flags.restore()
+
+    def _loop(self, network: lora.LoraNetwork) -> TrainResult:
+        cfg, bundle = self.cfg, self.bundle
+        lora.trainable(network.parameters("lora_te"), cfg.train_text_encoder)
+        for layer in network.layers.values():
+            layer.train()  # LoRA dropout is active; the frozen host modules stay in eval mode
+        groups = [{"params": network.parameters("lora_unet"), "lr": cfg.unet_lr or cfg.learning_rate}]
+        if cfg.train_text_encoder:
+            groups.append({"params": network.parameters("lora_te"), "lr": cfg.text_encoder_lr or cfg.learning_rate})
+        optimizer = _optimizer(cfg, groups)
+        scheduler = get_scheduler(
+            cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=self.total_steps,
+            num_cycles=cfg.lr_scheduler_num_cycles, power=cfg.lr_scheduler_power,
+        )
+        scaler = _grad_scaler(self.device, cfg.mixed_precision == "fp16")
+        bundle.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        bundle.unet.train(cfg.gradient_checkpointing)  # diffusers only checkpoints in train mode
+        step, history = 0, []
+        if cfg.resume:
+            step, history = self._resume(network, optimizer, scheduler, scaler)
+        writer = self._tensorboard()
+        self._cache_all_latents()
+        self.callbacks.on_start(self.total_steps, step)
+        accumulation = cfg.gradient_accumulation_steps
+        batches = self._micro_batches(step * accumulation)
+        params = network.parameters()
+        start_time, start_step = time.time(), step
+        epoch, stopped, samples = 0, False, []
+        running = torch.zeros((), device=self.device)
+        window = 0
+        try:
+            while step < self.total_steps:
+                if self.callbacks.should_stop():
+                    stopped = True
+                    break
+                for micro in range(accumulation):
+                    epoch, indices = next(batches)
+                    loss = self._loss(indices, seed=cfg.seed * 1_000_003 + step * accumulation + micro)
+                    scaler.scale(loss / accumulation).backward()
+                    running += loss.detach() / accumulation
+                if cfg.max_grad_norm:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window += 1
+                if window == cfg.log_every_n_steps or step == self.total_steps:
+                    loss_value = running.item() / window  # the only host-device sync in the loop
+                    running.zero_()
+                    window = 0
+                    history.append(loss_value)
+                    self._report(step, epoch, loss_value, scheduler.get_last_lr()[0], start_time, start_step, writer)
+                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < self.total_steps:
+                    self._checkpoint(network, optimizer, scheduler, scaler, step, epoch, history)
+                elif cfg.save_every_n_epochs and self._epoch_ended(step) and step < self.total_steps:
+                    epoch_done = step * accumulation // self.batches_per_epoch
+                    if epoch_done % cfg.save_every_n_epochs == 0:
+                        self._checkpoint(network, optimizer, scheduler, scaler, step, epoch, history)
+                if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
+                    samples += self._sample(step)
+        finally:
+            if writer:
+                writer.close()
+            bundle.set_gradient_checkpointing(False)
+        if stopped:
+            self.callbacks.on_log(f"stopped at step {step}/{self.total_steps}; saving what was trained")
+            self._save_state(network, optimizer, scheduler, scaler, step, history)
+        output = self._export(network, self.paths.final, step, epoch + 1) if step > 0 else None
+        return TrainResult(output, step, self.total_steps, stopped, history, samples)
+
+    def _epoch_ended(self, step: int) -> bool:
+        accumulation = self.cfg.gradient_accumulation_steps
+        micro = step * accumulation
+        return micro // self.batches_per_epoch != (micro - accumulation) // self.batches_per_epoch
+
+    def _report(self, step, epoch, loss, lr, start_time, start_step, writer) -> None:
+        elapsed = time.time() - start_time
+        rate = (step - start_step) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total_steps - step) / rate if rate else 0.0
+        self.callbacks.on_step(StepInfo(step, self.total_steps, epoch, loss, lr, rate, eta))
+        if writer:
+            writer.add_scalar("loss/train", loss, step)
+            writer.add_scalar("lr/unet", lr, step)
+
+    def _tensorboard(self):
+        if not self.cfg.logging_dir:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        run = time.strftime("%Y%m%d-%H%M%S")
+        return SummaryWriter(str(Path(self.cfg.logging_dir) / f"{self.paths.name}-{run}"))
+
+    def _resume(self, network, optimizer, scheduler, scaler) -> tuple[int, list[float]]:
+        state = Path(self.cfg.resume)
+        info = _resume_info(self.cfg)
+        lora.load_kohya(network, export.read_lora(state / "lora.safetensors")[0], str(state))
+        optimizer.load_state_dict(torch.load(state / "optimizer.pt", map_location=self.device, weights_only=True))
+        scheduler.load_state_dict(torch.load(state / "scheduler.pt", weights_only=True))
+        scaler.load_state_dict(torch.load(state / "scaler.pt", weights_only=True))
+        self.callbacks.on_log(f"resumed from {state} at step {info['step']}")
+        return int(info["step"]), list(info.get("loss_history", []))
+
+
+def train(cfg: TrainConfig, bundle: ModelBundle, callbacks: TrainCallbacks | None = None,
+          sample_fn: SampleFn | None = None) -> TrainResult:
+    """Train a LoRA on ``bundle`` as ``cfg`` says and write it to ``cfg.output_dir``."""
+    return Trainer(cfg, bundle, callbacks, sample_fn).run()
