@@ -1,0 +1,85 @@
+"""Config: kohya names accepted, bad input stopped before any work with the key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lora_train import config
+from lora_train.config import ConfigError, TrainConfig
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_it_and_suggests_the_nearest(tmp_path):
+    path = write(tmp_path, "learnig_rate: 1e-4\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert err.value.key == "learnig_rate"
+    assert "learning_rate" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("lora_rank: eight\n", "lora_rank"),
+        ("lora_rank: 0\n", "lora_rank"),
+        ("optimizer: adam9000\n", "optimizer"),
+        ("lr_scheduler: cosine_forever\n", "lr_scheduler"),
+        ("mixed_precision: fp8\n", "mixed_precision"),
+        ("resolution: 500x500\n", "resolution"),
+        ("caption_dropout_rate: 1.5\n", "caption_dropout_rate"),
+        ("output_name: ../escape\n", "output_name"),
+        ("sample_every_n_steps: 10\n", "sample_prompts"),
+        ("epochs: 2.5\n", "epochs"),
+    ],
+)
+def test_bad_value_names_key_and_value(tmp_path, text, key):
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, text))
+    assert err.value.key == key
+    assert key in str(err.value)
+
+
+def test_kohya_aliases_and_yaml_quirks(tmp_path):
+    path = write(
+        tmp_path,
+        "network_dim: 16\nnetwork_alpha: 8\ntrain_batch_size: 3\noptimizer_type: AdamW8bit\n"
+        "mixed_precision: no\nlearning_rate: 1e-4\nnetwork_train_unet_only: false\n",
+    )
+    cfg = config.load(path)
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.batch_size) == (16, 8.0, 3)
+    assert cfg.optimizer == "adamw8bit"
+    assert cfg.mixed_precision == "no"
+    assert cfg.learning_rate == pytest.approx(1e-4)  # YAML reads 1e-4 as a string; we convert
+    assert cfg.train_text_encoder is True
+
+
+def test_set_overrides_keep_types_and_paths_resolve_against_the_file(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    path = write(tmp_path, "train_data_dir: imgs\nepochs: 3\n")
+    cfg = config.load(path, ["learning_rate=5e-5", "epochs=12", "shuffle_caption=true"])
+    assert cfg.epochs == 12 and cfg.shuffle_caption is True
+    assert cfg.learning_rate == pytest.approx(5e-5)
+    assert Path(cfg.train_data_dir) == (tmp_path / "imgs").resolve()
+    with pytest.raises(ConfigError, match="key=value"):
+        config.load(path, ["epochs"])
+
+
+def test_dump_and_load_round_trip(tmp_path):
+    cfg = TrainConfig(train_data_dir="/data", output_dir="/out", lora_rank=32, sample_prompts=["a cat"],
+                      optimizer_args={"betas": [0.9, 0.99]})
+    path = write(tmp_path, config.dump(cfg))
+    assert config.load(path) == cfg
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        config.load(write(tmp_path, "- a\n- b\n"))
