@@ -1,0 +1,445 @@
+"""ModelBundle over the model object the WebUI already holds (``modules.shared.sd_model``): zero copy.
+
+The object is an ldm ``LatentDiffusion`` (SD1, SD2) or an sgm ``DiffusionEngine`` (SDXL) as A1111 loads and
+patches it. Nothing here imports A1111, ``ldm`` or ``sgm``: the object is duck-typed, so the engine imports
+and tests run anywhere. What the bundle reads, and from where:
+
+- UNet: ``sd_model.model.diffusion_model`` (input_blocks / middle_block / output_blocks).
+- VAE: ``sd_model.first_stage_model`` and ``sd_model.scale_factor``; latents are the posterior *mean* times the
+  scale factor, as the diffusers host does, so a cached latent does not depend on an RNG draw.
+- Text: SD1 ``cond_stage_model`` (A1111 wraps ldm's FrozenCLIPEmbedder in ``.wrapped``; the HF CLIPTextModel is
+  ``.transformer``), SD2 its FrozenOpenCLIPEmbedder (``.model``, penultimate layer), SDXL
+  ``conditioner.embedders`` (CLIP-L, OpenCLIP-bigG with the pooled vector, then the size embedders that build
+  the vector ``y``). Each embedder's own settings (``layer``, ``layer_idx``) decide which hidden state is used.
+- ``parameterization`` ("eps" or "v") and ``alphas_cumprod`` (``alphas_cumprod_original`` when A1111 keeps the
+  training schedule there because a zero-terminal-SNR or downcast override is active).
+
+The bundle never leaves a change behind on the host: gradient checkpointing and the bypass of ldm's own
+``checkpoint`` (whose custom autograd function cannot run with frozen parameters) are switched on only for the
+duration of one ``predict`` call. ``HostSnapshot`` proves that, and ``reset_builtin_lora`` undoes the built-in
+Lora extension's in-place merges before training.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from .. import kohya_names
+from ..model import Conditioning, Family, LoraTarget, Parameterization
+
+MAX_LENGTH = 77
+SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
+TEXT_ENCODER_NOTE = (
+    "train_text_encoder is not supported on the WebUI's loaded {family} model: its OpenCLIP text encoder fuses "
+    "q/k/v into one in_proj weight, which kohya-format LoRA files address as separate q/k/v modules. Set "
+    "train_text_encoder to false to train the UNet only, or train from the checkpoint file with the CLI "
+    "(diffusers host), which trains all text encoders."
+)
+
+
+def _inner(module: nn.Module) -> nn.Module:
+    """The embedder A1111's sd_hijack wrapped (``FrozenCLIPEmbedderWithCustomWords.wrapped``), or the module."""
+    wrapped = getattr(module, "wrapped", None)
+    return wrapped if isinstance(wrapped, nn.Module) else module
+
+
+def _is_hf_clip(embedder: nn.Module) -> bool:
+    return isinstance(getattr(embedder, "transformer", None), nn.Module) and hasattr(embedder, "tokenizer")
+
+
+def _is_open_clip(embedder: nn.Module) -> bool:
+    model = getattr(embedder, "model", None)
+    return model is not None and hasattr(model, "token_embedding") and hasattr(model, "transformer")
+
+
+def detect_family(sd_model: Any) -> Family:
+    """SD1, SD2 or SDXL from the object's structure (A1111's ``is_sdxl``/``is_sd3`` flags are honoured)."""
+    for flag in ("is_sd3", "is_flux"):
+        if getattr(sd_model, flag, False):
+            raise ValueError(f"the WebUI's model is {flag[3:].upper()}; LoRA training here supports SD1, SD2, SDXL")
+    if getattr(sd_model, "is_sdxl", False) or hasattr(sd_model, "conditioner"):
+        return "sdxl"
+    cond = getattr(sd_model, "cond_stage_model", None)
+    if cond is None:
+        raise ValueError(f"{type(sd_model).__name__} has no text encoder (cond_stage_model); not an SD model")
+    inner = _inner(cond)
+    if _is_hf_clip(inner):
+        return "sd1"
+    if _is_open_clip(inner):
+        return "sd2"
+    raise ValueError(f"unsupported text encoder {type(inner).__name__}: expected SD1 (CLIP) or SD2 (OpenCLIP)")
+
+
+class LdmBundle:
+    """The WebUI's live ldm/sgm model behind the ModelBundle interface; every module is the host's own."""
+
+    def __init__(
+        self,
+        sd_model: Any,
+        clip_skip: int = 1,
+        model_name: str | None = None,
+        parameterization: Parameterization | None = None,
+    ):
+        self.sd_model = sd_model
+        self.family: Family = detect_family(sd_model)
+        self.unet: nn.Module = sd_model.model.diffusion_model
+        if getattr(self.unet, "in_channels", 4) != getattr(self.unet, "out_channels", 4):
+            raise ValueError(
+                f"the WebUI's model takes {self.unet.in_channels} input channels (an inpainting/instruct model); "
+                "load a regular SD1/SD2/SDXL checkpoint to train a LoRA"
+            )
+        self.vae: nn.Module = sd_model.first_stage_model
+        self.scale_factor = float(sd_model.scale_factor)
+        self.clip_skip = clip_skip
+        self.parameterization: Parameterization = parameterization or self._parameterization()
+        schedule = getattr(sd_model, "alphas_cumprod_original", None)
+        if schedule is None:
+            schedule = sd_model.alphas_cumprod
+        self.alphas_cumprod = torch.as_tensor(schedule).detach().to("cpu", torch.float32).clone()
+        self.model_name = model_name or self._model_name()
+        self.gradient_checkpointing = False
+        blocks = self.unet.num_res_blocks
+        self.layers_per_block = int(blocks if isinstance(blocks, int) else blocks[0])
+        if self.family != "sdxl" and not isinstance(blocks, int) and len(set(blocks)) != 1:
+            raise ValueError(f"UNet has {list(blocks)} res blocks per level; kohya names need the same number")
+        if self.family == "sdxl":
+            self.embedders = [_inner(e) for e in sd_model.conditioner.embedders]
+            self.text_embedders = [e for e in self.embedders if _is_hf_clip(e) or _is_open_clip(e)]
+            self._check_sdxl_embedders()
+        else:
+            self.embedders = [_inner(sd_model.cond_stage_model)]
+            self.text_embedders = self.embedders
+        self.text_encoders: list[nn.Module] = [
+            e.transformer if _is_hf_clip(e) else e.model for e in self.text_embedders
+        ]
+        # Text-encoder LoRA needs separate q/k/v Linears: HF CLIP has them, OpenCLIP fuses them.
+        self.supports_text_encoder_lora = all(_is_hf_clip(e) for e in self.text_embedders)
+        self.text_encoder_note = (
+            None if self.supports_text_encoder_lora else TEXT_ENCODER_NOTE.format(family=self.family.upper())
+        )
+        self._blocks = [
+            (module, "checkpoint" if hasattr(module, "checkpoint") else "use_checkpoint")
+            for module in self.unet.modules()
+            if callable(getattr(module, "_forward", None))
+            and isinstance(getattr(module, "checkpoint", getattr(module, "use_checkpoint", None)), bool)
+        ]
+
+    # -- what the object says about itself --------------------------------------------------------------------
+    def _parameterization(self) -> Parameterization:
+        value = getattr(self.sd_model, "parameterization", "eps")
+        if value not in ("eps", "v"):
+            raise ValueError(f"the WebUI's model predicts {value!r}; only 'eps' and 'v' models can be trained")
+        return value
+
+    def _model_name(self) -> str:
+        info = getattr(self.sd_model, "sd_checkpoint_info", None)
+        for attr in ("name_for_extra", "model_name", "name"):
+            if info is not None and getattr(info, attr, None):
+                return str(getattr(info, attr))
+        checkpoint = getattr(self.sd_model, "sd_model_checkpoint", None)
+        return Path(checkpoint).stem if checkpoint else f"webui-{self.family}"
+
+    def _check_sdxl_embedders(self) -> None:
+        text_seen, size_seen = 0, False
+        for embedder in self.embedders:
+            if embedder in self.text_embedders:
+                if size_seen:
+                    raise ValueError("SDXL conditioner: text embedders must come before the size embedders")
+                text_seen += 1
+            elif getattr(embedder, "input_key", None) in SIZE_KEYS:
+                size_seen = True
+            else:
+                key = getattr(embedder, "input_key", type(embedder).__name__)
+                raise ValueError(f"SDXL conditioner input {key!r} is not supported (is this the SDXL refiner?)")
+        if text_seen != 2:
+            raise ValueError(f"SDXL conditioner has {text_seen} text encoders; SDXL base has two")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    # -- text ---------------------------------------------------------------------------------------------------
+    def tokenize(self, captions: list[str]) -> list[torch.Tensor]:
+        """Token ids per text encoder with the host's own tokenizers (HF for CLIP, open_clip for OpenCLIP)."""
+        tokens = []
+        for embedder, encoder in zip(self.text_embedders, self.text_encoders, strict=True):
+            device = next(encoder.parameters()).device
+            if _is_hf_clip(embedder):
+                ids = embedder.tokenizer(
+                    captions, truncation=True, max_length=getattr(embedder, "max_length", MAX_LENGTH),
+                    padding="max_length", return_tensors="pt",
+                ).input_ids
+            else:
+                import open_clip  # the WebUI always has it when an OpenCLIP model is loaded
+
+                ids = open_clip.tokenize(captions)
+            tokens.append(ids.to(device))
+        return tokens
+
+    def encode_text(self, tokens: list[torch.Tensor]) -> Conditioning:
+        contexts, pooled = [], []
+        for embedder, ids in zip(self.text_embedders, tokens, strict=True):
+            if _is_hf_clip(embedder):
+                context, pool = self._encode_hf(embedder, ids)
+            else:
+                context, pool = self._encode_open_clip(embedder, ids)
+            contexts.append(context)
+            if pool is not None:
+                pooled.append(pool)
+        if self.family != "sdxl":
+            return Conditioning(context=contexts[0])
+        return Conditioning(context=torch.cat(contexts, dim=-1), pooled=torch.cat(pooled, dim=-1))
+
+    def _encode_hf(self, embedder: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        layer = getattr(embedder, "layer", "last")
+        skip = self.clip_skip if self.family == "sd1" else 1
+        out = embedder.transformer(input_ids=ids, output_hidden_states=layer == "hidden" or skip > 1)
+        if skip > 1:  # A1111's "Clip skip": an earlier layer through the final layer norm
+            context = embedder.transformer.text_model.final_layer_norm(out.hidden_states[-skip])
+        elif layer == "last":
+            context = out.last_hidden_state
+        elif layer == "pooled":
+            context = out.pooler_output[:, None, :]
+        else:
+            context = out.hidden_states[embedder.layer_idx]
+        pooled = out.pooler_output if getattr(embedder, "return_pooled", False) else None
+        return context, pooled
+
+    def _encode_open_clip(self, embedder: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # The embedder's own code: ldm (SD2) returns the chosen layer through ln_final; sgm (SDXL, non-legacy)
+        # returns a dict with the penultimate layer and the pooled, projected end-of-text features.
+        out = embedder.encode_with_transformer(ids)
+        if isinstance(out, dict):
+            return out[embedder.layer], out.get("pooled") if getattr(embedder, "return_pooled", True) else None
+        return out, None
+
+    # -- images ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        pixels = pixels.to(next(vae.parameters()).device, next(vae.parameters()).dtype)
+        if hasattr(vae, "encoder") and hasattr(vae, "quant_conv"):
+            mean = vae.quant_conv(vae.encoder(pixels)).chunk(2, dim=1)[0]
+            return mean * self.scale_factor
+        # Other first stages: the host's own path (ldm returns a distribution, sgm already scales).
+        encoded = self.sd_model.encode_first_stage(pixels)
+        if hasattr(encoded, "mode"):
+            return encoded.mode() * self.scale_factor
+        return encoded
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        latents = latents.to(next(vae.parameters()).device, next(vae.parameters()).dtype)
+        return vae.decode(latents / self.scale_factor)
+
+    # -- the UNet -------------------------------------------------------------------------------------------------
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        kwargs: dict[str, torch.Tensor] = {}
+        if self.family == "sdxl":
+            kwargs["y"] = self.vector(cond, noisy)
+        with self._checkpoint_mode():
+            return self.unet(noisy, timesteps, context=cond.context, **kwargs)
+
+    def vector(self, cond: Conditioning, noisy: torch.Tensor) -> torch.Tensor:
+        """SDXL's ``y``: pooled text features, then each size embedder on its (h, w) / (top, left) pair."""
+        if cond.pooled is None:
+            raise ValueError("SDXL needs the pooled text embedding (Conditioning.pooled)")
+        size_ids = cond.size_ids
+        if size_ids is None:  # uncropped, original size = target size = the latent's size in pixels
+            height, width = (s * self._vae_factor() for s in noisy.shape[-2:])
+            size_ids = torch.tensor([[height, width, 0, 0, height, width]] * noisy.shape[0])
+        size_ids = size_ids.to(cond.pooled.device, torch.float32)
+        parts = [cond.pooled]
+        for embedder in self.embedders:
+            key = getattr(embedder, "input_key", None)
+            if key in SIZE_KEYS:
+                start = 2 * SIZE_KEYS.index(key)
+                parts.append(embedder(size_ids[:, start : start + 2]).to(cond.pooled.dtype))
+        return torch.cat(parts, dim=-1)
+
+    def _vae_factor(self) -> int:
+        levels = getattr(getattr(self.vae, "encoder", None), "num_resolutions", 4)
+        return 2 ** (levels - 1)
+
+    @contextmanager
+    def _checkpoint_mode(self) -> Iterator[None]:
+        """For one forward: torch's non-reentrant checkpointing when enabled and grads are on; otherwise turn
+        off ldm's own ``checkpoint`` flag (its autograd function differentiates every block parameter and
+        fails when the host's are frozen). Every attribute is put back before returning."""
+        use_torch = self.gradient_checkpointing and torch.is_grad_enabled()
+        changed: list[tuple[nn.Module, str, bool]] = []
+        try:
+            for module, flag in self._blocks:
+                if use_torch:
+                    module.forward = functools.partial(_checkpointed, module._forward)
+                    changed.append((module, "forward", False))
+                elif getattr(module, flag):
+                    setattr(module, flag, False)
+                    changed.append((module, flag, True))
+            yield
+        finally:
+            for module, name, value in changed:
+                if name == "forward":
+                    del module.forward
+                else:
+                    setattr(module, name, value)
+
+    def lora_targets(self, text_encoder: bool) -> list[LoraTarget]:
+        """kohya's default targets in the UNet's transformers (and SD1's CLIP layers when asked).
+
+        Raises ValueError naming train_text_encoder when text-encoder LoRA is asked for an OpenCLIP model
+        (SD2, SDXL): a silently UNet-only run would not be what the user asked for.
+        """
+        if text_encoder and not self.supports_text_encoder_lora:
+            raise ValueError(self.text_encoder_note)
+        targets = [
+            LoraTarget(self.unet, name, kohya_names.unet_key(name, self.family, "ldm", self.layers_per_block))
+            for name, module in self.unet.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and kohya_names.is_unet_target(name)
+        ]
+        if text_encoder:
+            for index, encoder in enumerate(self.text_encoders):
+                for name, module in encoder.named_modules():
+                    key = kohya_names.text_encoder_key(name, self.family, index)
+                    if key and isinstance(module, nn.Linear):
+                        targets.append(LoraTarget(encoder, name, key))
+        return targets
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recorded only; ``predict`` applies it around each UNet call (text encoders are not checkpointed)."""
+        self.gradient_checkpointing = enabled
+
+
+def _checkpointed(function: Any, *args: Any, **kwargs: Any) -> Any:
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
+# -------------------------------------------------------------------------------------------- host integrity
+@dataclass
+class HostSnapshot:
+    """Everything about a host model that training must leave as it found it.
+
+    A digest of every parameter and buffer (with dtype, shape, device and storage address, so a copy or cast
+    counts as a change), requires_grad of every parameter, train/eval of every module, the module tree (a
+    leftover LoRA wrapper changes it) and per-instance ``forward`` overrides.
+    """
+
+    model: nn.Module
+    tensors: dict[str, tuple[str, str, tuple[int, ...], str, int]] = field(default_factory=dict)
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+    training: dict[str, bool] = field(default_factory=dict)
+    modules: dict[str, str] = field(default_factory=dict)
+    forward_overrides: set[str] = field(default_factory=set)
+
+    @classmethod
+    def take(cls, model: nn.Module) -> HostSnapshot:
+        snap = cls(model)
+        snap.tensors = _tensor_records(model)
+        snap.requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+        snap.training = {n: m.training for n, m in model.named_modules(remove_duplicate=False)}
+        snap.modules = {n: type(m).__qualname__ for n, m in model.named_modules(remove_duplicate=False)}
+        snap.forward_overrides = {
+            n for n, m in model.named_modules(remove_duplicate=False) if "forward" in m.__dict__
+        }
+        return snap
+
+    def diff(self) -> list[str]:
+        """Human-readable differences between the snapshot and the model now (empty when identical)."""
+        now = HostSnapshot.take(self.model)
+        problems = []
+        for label, before, after in (
+            ("tensor", self.tensors, now.tensors),
+            ("requires_grad", self.requires_grad, now.requires_grad),
+            ("training", self.training, now.training),
+            ("module", self.modules, now.modules),
+        ):
+            for name in sorted(before.keys() | after.keys()):
+                if before.get(name) != after.get(name):
+                    problems.append(f"{label} {name}: {_short(before.get(name))} -> {_short(after.get(name))}")
+        for name in sorted(self.forward_overrides ^ now.forward_overrides):
+            state = "added" if name in now.forward_overrides else "removed"
+            problems.append(f"instance forward override on {name!r} {state}")
+        return problems
+
+    def verify(self) -> None:
+        """Raise RuntimeError listing the first differences if the host model changed."""
+        problems = self.diff()
+        if problems:
+            shown = "\n  ".join(problems[:20])
+            raise RuntimeError(f"host model changed in {len(problems)} place(s):\n  {shown}")
+
+
+def _short(value: Any) -> str:
+    return str(value[0])[:12] if isinstance(value, tuple) else str(value)
+
+
+def _tensor_records(model: nn.Module) -> dict[str, tuple[str, str, tuple[int, ...], str, int]]:
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    return {
+        name: (_digest(t), str(t.dtype), tuple(t.shape), str(t.device), t.data_ptr())
+        for name, t in named
+        if t is not None
+    }
+
+
+def _digest(tensor: torch.Tensor, chunk: int = 1 << 26) -> str:
+    """blake2b of the raw bytes, copied to the CPU in chunks so a GPU model is hashed without a second copy."""
+    digest = hashlib.blake2b(digest_size=16)
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() == 0:
+        return digest.hexdigest()
+    raw = flat.contiguous().view(torch.uint8)
+    for start in range(0, raw.numel(), chunk):
+        digest.update(raw[start : start + chunk].cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def reset_builtin_lora(sd_model: nn.Module, loaded_networks: list | None = None) -> int:
+    """Undo the WebUI's built-in Lora extension so training sees the checkpoint's own weights.
+
+    That extension (extensions-builtin/Lora/networks.py) merges LoRA deltas into weights in place the first
+    time a module runs with networks loaded, keeping the originals on the module as ``network_weights_backup``
+    / ``network_bias_backup`` (for MultiheadAttention a pair: in_proj_weight, out_proj.weight) and the applied
+    set as ``network_current_names``. We do what its ``network_restore_weights_from_backup`` does, mark every
+    module as carrying no network, and, when given the extension's ``networks.loaded_networks`` list, empty it
+    so the next forward does not merge them again (what ``networks.load_networks([])`` does). The backups stay:
+    they are the originals and the extension reuses them. Returns the number of modules restored.
+    """
+    if loaded_networks is not None:
+        loaded_networks.clear()
+    restored = 0
+    with torch.no_grad():
+        for module in sd_model.modules():
+            weights = getattr(module, "network_weights_backup", None)
+            bias = getattr(module, "network_bias_backup", None)
+            if weights is None and bias is None and not getattr(module, "network_current_names", ()):
+                continue
+            if weights is not None:
+                if isinstance(module, nn.MultiheadAttention):
+                    module.in_proj_weight.copy_(weights[0])
+                    module.out_proj.weight.copy_(weights[1])
+                else:
+                    module.weight.copy_(weights)
+            target = module.out_proj if isinstance(module, nn.MultiheadAttention) else module
+            if bias is not None:
+                target.bias.copy_(bias)
+            elif weights is not None and hasattr(module, "network_bias_backup") and target.bias is not None:
+                target.bias = None  # as the extension's own restore: the bias was added by a network
+            module.network_current_names = ()
+            restored += 1
+    return restored
