@@ -7,6 +7,7 @@ a run resumed from a checkpoint ends with the same weights as one that never sto
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from diffusers.optimization import get_scheduler
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import dataset as data
@@ -217,17 +219,40 @@ class Trainer:
         for index in indices:
             latent = self.latents.get(index)
             if latent is None:
-                item = self.dataset.items[index]
-                pixels, item.crop = data.load_pixels(item)
-                latent = self.bundle.encode_images(pixels[None].to(self.device))[0].float()
+                latent = self._latent_from_disk(index) if self.cfg.cache_latents_to_disk else None
+                if latent is None:
+                    item = self.dataset.items[index]
+                    pixels, item.crop = data.load_pixels(item)
+                    latent = self.bundle.encode_images(pixels[None].to(self.device))[0].float().cpu()
+                    if self.cfg.cache_latents_to_disk:
+                        self._latent_to_disk(index, latent)
                 if self.cfg.cache_latents:
                     self.latents[index] = latent
             latents.append(latent)
         size_ids = [self.dataset.items[i].size_ids() for i in indices]
         return torch.stack(latents).to(self.device), torch.tensor(size_ids, dtype=torch.float32, device=self.device)
 
+    def _latent_path(self, index: int) -> Path:
+        """Keyed by image file, its mtime and size, the bucket and the model, so stale entries are never used."""
+        item = self.dataset.items[index]
+        stat = item.path.stat()
+        key = f"{item.path.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{item.bucket}|{self.bundle.model_name}"
+        return self.paths.dir / ".latent_cache" / f"{hashlib.sha1(key.encode()).hexdigest()}.safetensors"
+
+    def _latent_from_disk(self, index: int) -> torch.Tensor | None:
+        path = self._latent_path(index)
+        if not path.is_file():
+            return None
+        stored = load_file(str(path))
+        self.dataset.items[index].crop = tuple(int(v) for v in stored["crop"])  # type: ignore[assignment]
+        return stored["latent"]
+
+    def _latent_to_disk(self, index: int, latent: torch.Tensor) -> None:
+        tensors = {"latent": latent.contiguous(), "crop": torch.tensor(self.dataset.items[index].crop)}
+        atomic_write(self._latent_path(index), lambda tmp: save_file(tensors, str(tmp)))
+
     def _cache_all_latents(self) -> None:
-        if not self.cfg.cache_latents:
+        if not (self.cfg.cache_latents or self.cfg.cache_latents_to_disk):
             return
         self.callbacks.on_log(f"caching latents of {len(self.dataset.items)} image(s)")
         for index in range(len(self.dataset.items)):

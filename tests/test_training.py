@@ -169,3 +169,21 @@ def test_adamw8bit_runs_when_bitsandbytes_is_there(tiny, dataset_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     result = train(make_config(dataset_dir, tmp_path, max_train_steps=2, optimizer="adamw8bit"), tiny)
     assert result.steps == 2
+
+
+def test_disk_latent_cache_is_reused_by_the_next_run(tiny, dataset_dir, tmp_path):
+    cfg = make_config(dataset_dir, tmp_path, max_train_steps=1, cache_latents_to_disk=True)
+    first = train(cfg, tiny)
+    cached = sorted((tmp_path / ".latent_cache").glob("*.safetensors"))
+    assert len(cached) == 6
+    calls = []
+    original = tiny.encode_images
+    tiny.encode_images = lambda pixels: calls.append(1) or original(pixels)
+    second = train(make_config(dataset_dir, tmp_path, max_train_steps=1, cache_latents_to_disk=True), tiny)
+    assert calls == []  # every latent came from disk
+    a, _ = read_lora(first.output)
+    b, _ = read_lora(second.output)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    (dataset_dir / "00_red_circle.png").touch()  # a changed image is encoded again
+    train(make_config(dataset_dir, tmp_path, max_train_steps=1, cache_latents_to_disk=True, overwrite=True), tiny)
+    assert len(calls) == 1

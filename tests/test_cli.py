@@ -1,0 +1,62 @@
+"""The CLI as a user runs it: the README's example end to end, inspect, and clear errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_train import config
+from lora_train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "lora_train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_tiny_example_trains_end_to_end_and_inspects(tmp_path):
+    result = run("train", "--config", "examples/tiny.yaml", "--set", f"output_dir={tmp_path}",
+                 "--set", "max_train_steps=6")
+    assert result.returncode == 0, result.stderr
+    output = tmp_path / "tiny-shapes.safetensors"
+    assert output.is_file() and "done: 6/6" in result.stdout
+    shown = run("inspect", str(output))
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)
+    assert info["family"] == "sd_v1" and info["rank"] == [4] and info["modules"]["unet"] == 72
+    assert info["metadata"]["ss_steps"] == "6"
+
+
+def test_bad_config_key_exits_2_with_a_clear_message(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("base_model: tiny\ntrain_data_dir: x\nnetwork_dimm: 4\n")
+    result = run("train", "--config", str(path))
+    assert result.returncode == 2
+    assert "network_dimm" in result.stderr and "lora_rank" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_model_and_dataset_are_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"base_model: {tmp_path / 'nope.safetensors'}\ntrain_data_dir: {tmp_path}\n")
+    result = run("train", "--config", str(path))
+    assert result.returncode == 2 and "nope.safetensors" in result.stderr
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_are_valid_configs(example):
+    assert isinstance(config.load(example), TrainConfig)
+
+
+def test_readme_documents_every_config_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in TrainConfig.__dataclass_fields__ if f"`{name}`" not in readme]
+    assert missing == []
