@@ -1,0 +1,108 @@
+"""REST routes under /lora-train/v1: start a job, poll it, stop it, list presets.
+
+Host-agnostic (FastAPI only) so tests drive it with TestClient. The WebUI glue mounts it only under ``--api``
+and passes the ``--api-auth`` credentials; routes an extension adds get no auth from the WebUI by themselves.
+Bad input answers 4xx with ``{"detail": {"field": ..., "message": ...}}`` naming the config field.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+from .config import ConfigError
+from .jobs import BusyError, HostError, JobRunner
+from .paths import INPUT_KEYS, PathNotAllowed
+from .presets import DEFAULT_PRESET, PRESET_NAMES, all_presets, preset_values
+
+PREFIX = "/lora-train/v1"
+INSECURE_FLAG = "--enable-insecure-extension-access"
+
+
+def parse_credentials(api_auth: str | None) -> dict[str, str]:
+    """``user:pass,user2:pass2`` (the WebUI's --api-auth) as a dict; a password may contain ':'."""
+    credentials = {}
+    for item in (api_auth or "").split(","):
+        if ":" in item:
+            user, password = item.split(":", 1)
+            credentials[user.strip()] = password
+    return credentials
+
+
+def _basic_auth(credentials: dict[str, str]) -> Callable[..., None]:
+    security = HTTPBasic()
+
+    def check(given: HTTPBasicCredentials = Depends(security)) -> None:  # noqa: B008 - FastAPI's idiom
+        expected = credentials.get(given.username)
+        # compare even for an unknown user so timing does not reveal which user names exist
+        ok = secrets.compare_digest(given.password.encode(), (expected or "\0" + given.password).encode())
+        if not (expected is not None and ok):
+            raise HTTPException(401, "Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
+
+    return check
+
+
+def _error(status: int, field: str | None, message: str) -> HTTPException:
+    return HTTPException(status, {"field": field, "message": message})
+
+
+def build_router(
+    runner: JobRunner,
+    credentials: dict[str, str] | None = None,
+    allow_paths: bool = True,
+) -> APIRouter:
+    """Routes over ``runner``. ``credentials`` turns on HTTP basic auth; ``allow_paths`` False refuses requests
+    naming server paths (the WebUI listens beyond localhost without auth and without the insecure flag)."""
+    dependencies = [Depends(_basic_auth(credentials))] if credentials else []
+    router = APIRouter(prefix=PREFIX, dependencies=dependencies)
+
+    @router.post("/jobs")
+    def create_job(payload: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's idiom
+        data = dict(payload)
+        if not allow_paths:
+            named = [key for key in INPUT_KEYS if data.get(key)]
+            raise _error(403, named[0] if named else "train_data_dir",
+                         "training from server paths over the API is disabled while the WebUI listens on the "
+                         f"network without authentication; restart it with {INSECURE_FLAG} or --api-auth")
+        preset = data.pop("preset", None)
+        if preset:
+            try:
+                data = {**preset_values(str(preset), runner.host.family()), **data}
+            except ValueError as exc:
+                raise _error(422, "preset", str(exc)) from None
+        try:
+            job = runner.submit(data)
+        except PathNotAllowed as exc:
+            raise _error(403, exc.key, str(exc)) from None
+        except ConfigError as exc:
+            raise _error(422, exc.key, str(exc)) from None
+        except BusyError as exc:
+            raise _error(409, None, str(exc)) from None
+        except HostError as exc:
+            raise _error(409, "model", str(exc)) from None
+        return {"id": job.id, "state": job.state, "name": job.cfg.output_name}
+
+    @router.get("/jobs/{job_id}")
+    def get_job(job_id: str) -> dict[str, Any]:
+        job = runner.get(job_id)
+        if job is None:
+            raise _error(404, "id", f"no job {job_id!r}")
+        return job.to_dict()
+
+    @router.post("/jobs/{job_id}/stop")
+    def stop_job(job_id: str) -> dict[str, Any]:
+        if not runner.stop(job_id):
+            raise _error(404, "id", f"no job {job_id!r}")
+        return runner.get(job_id).to_dict()  # type: ignore[union-attr]
+
+    @router.get("/presets")
+    def presets() -> dict[str, Any]:
+        family = runner.host.family()
+        return {"family": family, "default": DEFAULT_PRESET, "names": list(PRESET_NAMES),
+                "presets": all_presets(family)}
+
+    return router

@@ -1,0 +1,304 @@
+"""One training job at a time, in a background thread, shared by the tab and the REST API.
+
+The UI and the API never call the trainer directly: they ``submit`` a config and poll the ``Job`` (a plain
+state object). Whoever holds the model is a ``TrainHost``: the WebUI's adapter holds its GPU queue lock and
+mirrors progress into ``shared.state``; the standalone UI loads a diffusers bundle. Everything that can be
+checked before the thread starts (config, paths, a loaded model) is checked in ``submit``, so a bad request
+fails at once with a message and nothing starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from . import config as config_module
+from .config import ConfigError, TrainConfig
+from .files import atomic_write, free_path
+from .model import ModelBundle
+from .paths import PathPolicy, resolve, sanitize_name
+from .trainer import SampleFn, StepInfo, TrainCallbacks, TrainResult, train
+
+PREFERRED_WEIGHT = 0.7
+MAX_KEPT_JOBS = 20
+_LOG_LINES = 500
+
+
+class HostError(RuntimeError):
+    """The host cannot train now (no model loaded, a family we cannot train); the message says what to do."""
+
+
+class BusyError(RuntimeError):
+    """A job is already running; only one trains at a time."""
+
+
+class TrainHost:
+    """What a job needs from whoever holds the model. Subclasses override ``session`` and what they have."""
+
+    in_webui = False
+
+    def family(self) -> str | None:
+        """The loaded model's family ("sd1", "sd2", "sdxl") for presets, or None when unknown."""
+        return None
+
+    def check(self, cfg: TrainConfig) -> None:
+        """Raise HostError/ConfigError when ``cfg`` cannot be trained now (called before the thread starts)."""
+
+    @contextmanager
+    def session(self, cfg: TrainConfig, job: Job) -> Iterator[tuple[ModelBundle, SampleFn | None]]:
+        """Hold what training needs (GPU lock, model) for the duration and yield (bundle, sample_fn)."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def report(self, job: Job) -> None:
+        """Mirror progress somewhere else (the WebUI's progress bar)."""
+
+    def interrupted(self) -> bool:
+        """True when the host asks to stop (the WebUI's Interrupt button)."""
+        return False
+
+    def finished(self, job: Job) -> None:
+        """After the output is published (refresh the WebUI's Lora list)."""
+
+
+@dataclass
+class Job:
+    """Live state of one run; the UI and the API read it, only the worker thread writes it."""
+
+    id: str
+    cfg: TrainConfig
+    state: str = "queued"  # queued, waiting, running, done, stopped, failed
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    it_per_s: float = 0.0
+    eta_s: float = 0.0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    sample: Image.Image | None = None
+    sample_step: int = 0
+    output: Path | None = None
+    preview: Path | None = None
+    error: str | None = None
+    error_key: str | None = None
+    created: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    done_event: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("queued", "waiting", "running")
+
+    @property
+    def name(self) -> str:
+        return self.output.stem if self.output else self.cfg.output_name
+
+    @property
+    def snippet(self) -> str:
+        """What to paste into a prompt: ``<lora:name:0.7> trigger``."""
+        text = f"<lora:{self.name}:{PREFERRED_WEIGHT}>"
+        return f"{text} {self.cfg.trigger_word}" if self.cfg.trigger_word else text
+
+    def add_log(self, message: str) -> None:
+        self.log.append(f"[{time.strftime('%H:%M:%S')}] {message}")
+        del self.log[:-_LOG_LINES]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready status (the REST API's job resource)."""
+        return {
+            "id": self.id,
+            "state": self.state,
+            "step": self.step,
+            "total": self.total,
+            "loss": self.loss,
+            "it_per_s": round(self.it_per_s, 3),
+            "eta_s": round(self.eta_s, 1),
+            "name": self.name,
+            "output": str(self.output) if self.output else None,
+            "preview": str(self.preview) if self.preview else None,
+            "snippet": self.snippet if self.output else None,
+            "error": self.error,
+            "error_field": self.error_key,
+            "log": self.log[-20:],
+        }
+
+
+class _JobCallbacks(TrainCallbacks):
+    def __init__(self, job: Job, host: TrainHost):
+        self.job, self.host = job, host
+
+    def on_start(self, total_steps: int, start_step: int) -> None:
+        self.job.total, self.job.step, self.job.state = total_steps, start_step, "running"
+        self.job.add_log(f"training {total_steps} steps")
+        self.host.report(self.job)
+
+    def on_step(self, info: StepInfo) -> None:
+        job = self.job
+        job.step, job.total, job.loss = info.step, info.total_steps, info.loss
+        job.it_per_s, job.eta_s = info.it_per_s, info.eta_s
+        job.losses.append((info.step, info.loss))
+        self.host.report(job)
+
+    def on_sample(self, step: int, images: list[Image.Image]) -> None:
+        if images:
+            self.job.sample, self.job.sample_step = images[0], step
+            self.job.add_log(f"sample at step {step}")
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.job.add_log(f"checkpoint: {path}")
+
+    def on_log(self, message: str) -> None:
+        self.job.add_log(message)
+
+    def should_stop(self) -> bool:
+        return self.job.stop_event.is_set() or self.host.interrupted()
+
+
+def prepare_config(data: dict[str, Any] | TrainConfig, policy: PathPolicy) -> TrainConfig:
+    """A validated config whose paths pass ``policy`` and whose outputs go to the output root.
+
+    The final file will be ``<root>/<name>.safetensors`` with a name that is free now (never overwriting);
+    intermediate checkpoints, resumable state and samples go to ``<root>/<name>-checkpoints/``. A caption
+    ``metadata.csv`` in the dataset folder is used when no ``metadata_path`` is given.
+    """
+    if not isinstance(data, TrainConfig):
+        data = dict(data)
+        data["output_name"] = sanitize_name(str(data.get("output_name") or ""), fallback="lora")
+    cfg = data if isinstance(data, TrainConfig) else config_module.from_dict(data)
+    if not cfg.train_data_dir:
+        raise ConfigError("train_data_dir", "pick the folder with your training images")
+    changes: dict[str, Any] = {}
+    for key in ("train_data_dir", "reg_data_dir", "metadata_path", "network_weights", "resume"):
+        value = getattr(cfg, key)
+        if value:
+            changes[key] = str(policy.check_input(value, key))
+    if not cfg.metadata_path:
+        csv_path = Path(changes["train_data_dir"]) / "metadata.csv"
+        if csv_path.is_file():
+            changes["metadata_path"] = str(csv_path)
+    name = sanitize_name(cfg.output_name, fallback="lora")
+    root = policy.output_root
+    if cfg.resume:
+        state = resolve(cfg.resume)
+        changes["output_dir"] = str(policy.check_output(state.parent, "resume"))
+    else:
+        name = free_name(root, name)
+        changes["output_dir"] = str(root / f"{name}-checkpoints")
+    changes["output_name"] = name
+    changes["overwrite"] = False
+    if cfg.logging_dir:
+        changes["logging_dir"] = str(policy.check_output(cfg.logging_dir, "logging_dir"))
+    return dataclasses.replace(cfg, **changes)
+
+
+def free_name(root: Path, name: str) -> str:
+    """``name``, or ``name-N``, such that neither ``<name>.safetensors`` nor ``<name>-checkpoints`` exists."""
+    candidate, n = name, 2
+    while (root / f"{candidate}.safetensors").exists() or (root / f"{candidate}-checkpoints").exists():
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
+
+
+def describe_run(cfg: TrainConfig, result: TrainResult, model_name: str) -> str:
+    """The sidecar's description: what was trained, on what, how far."""
+    loss = f"; final loss {result.loss_history[-1]:.4f}" if result.loss_history else ""
+    state = "stopped early at" if result.stopped else "trained"
+    return (f"LoRA {state} {result.steps}/{result.total_steps} steps on {model_name or 'the loaded model'} "
+            f"from {Path(cfg.train_data_dir).name}: rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}, "
+            f"lr {cfg.learning_rate:g}, resolution {cfg.resolution}{loss}. Made with sd-webui-lora-train.")
+
+
+def publish(job: Job, result: TrainResult, family: str, model_name: str, root: Path) -> Path | None:
+    """Move the final file into ``root`` under a free name, then write its card (``.json``) and preview."""
+    from .export import write_sidecar
+
+    if result.output is None:
+        return None
+    target = free_path(root / f"{job.cfg.output_name}.safetensors", overwrite=False)
+    if Path(result.output).resolve() != target.resolve():
+        os.replace(result.output, target)
+    write_sidecar(target, family, job.cfg.trigger_word, describe_run(job.cfg, result, model_name), PREFERRED_WEIGHT)
+    if job.sample is not None:
+        image = job.sample
+        job.preview = atomic_write(target.with_suffix(".preview.png"), lambda tmp: image.save(tmp, format="PNG"))
+    return target
+
+
+class JobRunner:
+    """Starts jobs one at a time on a thread; keeps the last few for status queries."""
+
+    def __init__(self, host: TrainHost, policy: PathPolicy):
+        self.host = host
+        self.policy = policy
+        self.jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> Job | None:
+        """The running job, else the most recent one."""
+        with self._lock:
+            jobs = list(self.jobs.values())
+        active = [j for j in jobs if j.active]
+        return active[-1] if active else (jobs[-1] if jobs else None)
+
+    def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
+    def submit(self, data: dict[str, Any] | TrainConfig) -> Job:
+        """Validate and start a job; raises ConfigError (with .key), HostError or BusyError and starts nothing."""
+        cfg = prepare_config(data, self.policy)
+        self.host.check(cfg)
+        with self._lock:
+            if any(j.active for j in self.jobs.values()):
+                raise BusyError("a LoRA is already training; wait for it or press Stop")
+            job = Job(id=uuid.uuid4().hex[:12], cfg=cfg)
+            self.jobs[job.id] = job
+            for old in list(self.jobs)[:-MAX_KEPT_JOBS]:
+                del self.jobs[old]
+        threading.Thread(target=self._run, args=(job,), name=f"lora-train-{job.id}", daemon=True).start()
+        return job
+
+    def stop(self, job_id: str) -> bool:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return False
+        job.stop_event.set()
+        if job.active:
+            job.add_log("stop requested; saving after the current step")
+        return True
+
+    def _run(self, job: Job) -> None:
+        job.add_log(f"job {job.id}: {job.cfg.output_name} from {job.cfg.train_data_dir}")
+        try:
+            job.state = "waiting"
+            with self.host.session(job.cfg, job) as (bundle, sample_fn):
+                job.state = "running"
+                result = train(job.cfg, bundle, _JobCallbacks(job, self.host), sample_fn)
+                family, model_name = bundle.family, bundle.model_name
+            job.output = publish(job, result, family, model_name, self.policy.output_root)
+            job.state = "stopped" if result.stopped else "done"
+            job.add_log(f"{job.state}: {result.steps}/{result.total_steps} steps -> {job.output}")
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the UI, not die with the thread
+            job.state = "failed"
+            job.error = str(exc)
+            job.error_key = getattr(exc, "key", None)
+            job.add_log(f"failed: {exc}")
+            traceback.print_exc()
+        finally:
+            job.finished_at = time.time()
+            try:
+                self.host.finished(job)
+            finally:
+                job.done_event.set()

@@ -1,0 +1,69 @@
+"""Starting points for the three usual kinds of LoRA, per model family.
+
+Values follow common community practice for kohya-style LoRAs: characters need a mid rank and some text-encoder
+help (SD1 only: the WebUI's SD2/SDXL text encoders are OpenCLIP, which kohya-format text LoRA cannot address);
+styles want a higher rank and more steps; SDXL trains at 1024 with bf16, gradient checkpointing and cached
+latents so it fits a 12-16 GB card. Everything here is plain data the user can override in Advanced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .model import Family
+
+PRESET_NAMES = ("Character", "Style", "Concept")
+DEFAULT_PRESET = "Character"
+
+_COMMON: dict[str, Any] = {
+    "optimizer": "adamw",
+    "lr_scheduler": "cosine",
+    "lr_warmup_steps": 50,
+    "min_snr_gamma": 5.0,
+    "cache_latents": True,
+    "enable_bucket": True,
+}
+
+_FAMILY: dict[str, dict[str, Any]] = {
+    "sd1": {"resolution": "512", "min_bucket_reso": 256, "max_bucket_reso": 1024, "mixed_precision": "fp16"},
+    "sd2": {"resolution": "768", "min_bucket_reso": 384, "max_bucket_reso": 1536, "mixed_precision": "fp16"},
+    "sdxl": {"resolution": "1024", "min_bucket_reso": 512, "max_bucket_reso": 2048, "mixed_precision": "bf16",
+             "gradient_checkpointing": True},
+}
+
+# (kind, family group) -> values; SD2 uses the SD1 numbers at its own resolution.
+_KIND: dict[tuple[str, str], dict[str, Any]] = {
+    ("Character", "sd1"): {"lora_rank": 16, "lora_alpha": 8.0, "learning_rate": 1e-4, "max_train_steps": 1500,
+                           "train_text_encoder": True, "text_encoder_lr": 5e-5, "batch_size": 2},
+    ("Character", "sdxl"): {"lora_rank": 16, "lora_alpha": 16.0, "learning_rate": 1e-4, "max_train_steps": 1500,
+                            "train_text_encoder": False, "batch_size": 1},
+    ("Style", "sd1"): {"lora_rank": 32, "lora_alpha": 16.0, "learning_rate": 1e-4, "max_train_steps": 3000,
+                       "train_text_encoder": False, "batch_size": 2, "shuffle_caption": True, "keep_tokens": 1},
+    ("Style", "sdxl"): {"lora_rank": 32, "lora_alpha": 16.0, "learning_rate": 8e-5, "max_train_steps": 3000,
+                        "train_text_encoder": False, "batch_size": 1, "shuffle_caption": True, "keep_tokens": 1},
+    ("Concept", "sd1"): {"lora_rank": 16, "lora_alpha": 8.0, "learning_rate": 1e-4, "max_train_steps": 2000,
+                         "train_text_encoder": False, "batch_size": 2, "noise_offset": 0.05},
+    ("Concept", "sdxl"): {"lora_rank": 16, "lora_alpha": 8.0, "learning_rate": 1e-4, "max_train_steps": 2000,
+                          "train_text_encoder": False, "batch_size": 1, "noise_offset": 0.0357},
+}
+
+
+def preset_values(name: str, family: Family | str | None) -> dict[str, Any]:
+    """Config values for preset ``name`` on ``family`` (SD1 when the family is unknown).
+
+    Raises ValueError naming the preset when it does not exist.
+    """
+    if name not in PRESET_NAMES:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    family = family if family in _FAMILY else "sd1"
+    group = "sdxl" if family == "sdxl" else "sd1"
+    values = {**_COMMON, **_FAMILY[family], **_KIND[(name, group)]}
+    if family == "sd2":
+        values["train_text_encoder"] = False
+        values.pop("text_encoder_lr", None)
+    return values
+
+
+def all_presets(family: Family | str | None) -> dict[str, dict[str, Any]]:
+    """Every preset for ``family`` (the REST API's presets listing)."""
+    return {name: preset_values(name, family) for name in PRESET_NAMES}

@@ -1,0 +1,509 @@
+"""The LoRA Train tab: dataset, captions, settings, live training view. The only engine module importing gradio.
+
+Written against what both gradio 3.41 (the WebUI's pin) and current gradio accept: ``gr.update``, no
+``Component.update``, keyword arguments filtered by each component's signature (``_make``), generators for
+live progress (the WebUI's queue and ours are enabled), and ``_js``/``js`` chosen by version. Every
+TrainConfig field gets a widget generated from the dataclass, so a new config key shows up without UI work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import tempfile
+import time
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import gradio as gr
+import pandas as pd
+import yaml
+
+from . import caption_files
+from . import config as config_module
+from .config import ConfigError, TrainConfig
+from .jobs import BusyError, HostError, Job, JobRunner
+from .paths import free_dir, sanitize_name
+from .presets import DEFAULT_PRESET, PRESET_NAMES, preset_values
+from .uploads import UploadError, import_upload
+
+GRADIO_MAJOR = int(gr.__version__.split(".")[0])
+POLL_SECONDS = 1.0
+MAIN_FIELDS = ("train_data_dir", "output_name", "trigger_word")
+FIELD_HELP = {
+    "base_model": "Standalone only: tiny, a .safetensors/.ckpt checkpoint or a diffusers folder. The WebUI trains "
+                  "the checkpoint it has loaded.",
+    "device": "Standalone only: auto, cpu, cuda, cuda:1 ...",
+    "sample_prompts": "One prompt per line; a sample image every 'sample_every_n_steps' steps.",
+    "optimizer_args": "YAML mapping, e.g. {weight_decay: 0.01}",
+}
+SECTIONS = (
+    ("Data", ("metadata_path", "caption_extension", "reg_data_dir", "prior_loss_weight", "resolution",
+              "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "shuffle_caption",
+              "keep_tokens", "caption_dropout_rate", "cache_latents", "cache_latents_to_disk")),
+    ("Model and network", ("base_model", "v_parameterization", "clip_skip", "lora_rank", "lora_alpha",
+                           "lora_dropout", "train_text_encoder", "network_weights")),
+)
+
+
+@dataclass
+class UISettings:
+    """What the host decides about the tab: where uploads go, the captioner's weights, the default preset."""
+
+    datasets_root: Path
+    captioner_weights: str | None = None
+    default_preset: str = DEFAULT_PRESET
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ compatibility
+def _make(cls: type, **kwargs: Any) -> Any:
+    """Build a component with only the keyword arguments this gradio version's constructor accepts."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def _js(code: str) -> dict[str, str]:
+    return {"js": code} if GRADIO_MAJOR >= 4 else {"_js": code}
+
+
+def _file_path(item: Any) -> str:
+    """An uploaded file as a path: gradio 3 gives a tempfile wrapper, gradio 4+ a str or a FileData."""
+    return str(getattr(item, "name", None) or getattr(item, "path", None) or item)
+
+
+# ------------------------------------------------------------------------------------------ config widgets
+def _annotation(name: str) -> Any:
+    return typing.get_type_hints(TrainConfig)[name]
+
+
+def _optional(annotation: Any) -> tuple[Any, bool]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return inner[0], True
+    return annotation, False
+
+
+def _widget(name: str, value: Any) -> Any:
+    """One widget for a config field, chosen from its type annotation."""
+    kind, optional = _optional(_annotation(name))
+    label = name
+    info = FIELD_HELP.get(name)
+    common = {"label": label, "info": info, "elem_id": f"lora_train_cfg_{name}"}
+    if typing.get_origin(kind) is Literal:
+        return _make(gr.Dropdown, choices=list(typing.get_args(kind)), value=value, **common)
+    if kind is bool and optional:
+        return _make(gr.Dropdown, choices=["auto", "true", "false"], value=_to_widget(name, value), **common)
+    if kind is bool:
+        return _make(gr.Checkbox, value=bool(value), **common)
+    if kind in (int, float) and not optional:
+        return _make(gr.Number, value=value, precision=0 if kind is int else None, **common)
+    lines = 3 if typing.get_origin(kind) in (list, dict) else 1
+    placeholder = "not set" if optional else None
+    return _make(gr.Textbox, value=_to_widget(name, value), lines=lines, placeholder=placeholder, **common)
+
+
+def _to_widget(name: str, value: Any) -> Any:
+    """A config value as its widget shows it."""
+    kind, optional = _optional(_annotation(name))
+    if kind is bool and optional:
+        return "auto" if value is None else str(bool(value)).lower()
+    if typing.get_origin(kind) is list:
+        return "\n".join(value or [])
+    if typing.get_origin(kind) is dict:
+        return yaml.safe_dump(value, default_flow_style=True).strip() if value else ""
+    if optional and value is None:
+        return ""
+    if kind in (int, float) and optional:
+        return str(value)
+    return value
+
+
+def _from_widget(name: str, value: Any) -> Any:
+    """A widget's value as config data (config.from_dict then checks and coerces it, naming the field)."""
+    kind, optional = _optional(_annotation(name))
+    if kind is bool and optional:
+        return None if value in (None, "", "auto") else value == "true"
+    if typing.get_origin(kind) is list:
+        return [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    if typing.get_origin(kind) is dict:
+        try:
+            parsed = yaml.safe_load(value) if str(value or "").strip() else {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(name, f"not a YAML mapping: {exc}") from None
+        return parsed if parsed is not None else {}
+    if isinstance(value, str) and not value.strip() and optional:
+        return None
+    if isinstance(value, float) and kind is int and value.is_integer():
+        return int(value)
+    return value
+
+
+FIELD_NAMES = [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def values_to_config(values: list[Any]) -> dict[str, Any]:
+    """Widget values, in FIELD_NAMES order, as config data."""
+    return {name: _from_widget(name, value) for name, value in zip(FIELD_NAMES, values, strict=True)}
+
+
+def config_to_values(cfg: TrainConfig | dict[str, Any]) -> list[Any]:
+    data = cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg
+    return [_to_widget(name, data.get(name)) for name in FIELD_NAMES]
+
+
+def initial_config(settings: UISettings, family: str | None) -> dict[str, Any]:
+    """The form's starting values: config defaults, then the default preset for the family, then the host's."""
+    data = TrainConfig().to_dict()
+    data.update(preset_values(settings.default_preset, family))
+    data.update(settings.defaults)
+    return data
+
+
+# ------------------------------------------------------------------------------------------ dataset helpers
+def _rows(folder: str) -> list[caption_files.CaptionRow]:
+    return caption_files.list_rows(folder)
+
+
+def dataset_view(folder: str, runner: JobRunner) -> tuple[list[list[str]], list[tuple[str, str]], str, list]:
+    """(caption table, gallery, missing-caption note, tag frequency) for a dataset folder."""
+    if not str(folder or "").strip():
+        return [], [], "Pick a dataset folder or upload images.", []
+    path = runner.policy.check_input(folder, "train_data_dir")
+    rows = _rows(str(path))
+    table = [[row.name, row.caption or ""] for row in rows]
+    gallery = [(str(row.image), row.name) for row in rows[:200]]
+    missing = caption_files.missing_captions(rows)
+    if not rows:
+        note = f"No images in {path}."
+    elif missing:
+        note = f"**{len(missing)} of {len(rows)} image(s) have no caption:** {', '.join(missing[:10])}"
+    else:
+        note = f"{len(rows)} image(s), all captioned."
+    tags = [[tag, count] for tag, count in caption_files.tag_frequency(row.caption for row in rows)[:50]]
+    return table, gallery, note, tags
+
+
+def _table_rows(table: Any) -> list[list[str]]:
+    if table is None:
+        return []
+    if isinstance(table, pd.DataFrame):
+        table = table.values.tolist()
+    if isinstance(table, dict):  # gradio 4+ may send {"headers": [...], "data": [...]}
+        table = table.get("data", [])
+    return [[str(r[0]), "" if r[1] is None else str(r[1])] for r in table if r and str(r[0]).strip()]
+
+
+def save_table(folder: str, table: Any, runner: JobRunner) -> str:
+    """Write edited captions back (only rows that changed)."""
+    path = runner.policy.check_input(folder, "train_data_dir")
+    current = {row.name: row.caption or "" for row in _rows(str(path))}
+    edits = {name: caption for name, caption in _table_rows(table) if name in current
+             and caption.strip() != current[name].strip() and caption.strip()}
+    written = caption_files.save_captions(path, edits)
+    return f"Saved {len(edits)} caption(s) to {len(written)} file(s)." if edits else "No caption changed."
+
+
+def loss_frame(job: Job | None) -> pd.DataFrame:
+    points = list(job.losses) if job else []
+    return pd.DataFrame({"step": [p[0] for p in points], "loss": [p[1] for p in points]})
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def progress_text(job: Job | None) -> str:
+    if job is None:
+        return "Idle."
+    if job.state in ("queued", "waiting"):
+        return f"**{job.cfg.output_name}**: waiting for the GPU."
+    if job.state == "failed":
+        where = f" (field `{job.error_key}`)" if job.error_key else ""
+        return f"**Failed**{where}: {job.error}"
+    loss = f" · loss {job.loss:.4f}" if job.loss is not None else ""
+    text = f"**{job.cfg.output_name}**: step {job.step}/{job.total} · {job.it_per_s:.2f} it/s · ETA " \
+           f"{_duration(job.eta_s)}{loss}"
+    if job.state == "running":
+        return text
+    return f"**{job.state.capitalize()}** — {text}"
+
+
+# ------------------------------------------------------------------------------------------ the Blocks
+def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
+    """The tab's Blocks over ``runner`` (the WebUI host or the standalone diffusers host)."""
+    host = runner.host
+    family = host.family()
+    start = initial_config(settings, family)
+    widgets: dict[str, Any] = {}
+
+    with gr.Blocks(analytics_enabled=False, title="LoRA Train") as demo:
+        with gr.Row(elem_id="lora_train_top"):
+            with gr.Column(scale=3):
+                with gr.Row():
+                    widgets["train_data_dir"] = _make(
+                        gr.Textbox, label="Dataset folder", value=start.get("train_data_dir") or "",
+                        placeholder="folder with images (+ .txt captions or metadata.csv)", scale=4,
+                        elem_id="lora_train_cfg_train_data_dir")
+                    load_button = _make(gr.Button, value="Load", scale=1, elem_id="lora_train_load")
+                with gr.Accordion("Upload images or a zip into a new dataset folder", open=False):
+                    upload_name = _make(gr.Textbox, label="New dataset name", value="dataset",
+                                        elem_id="lora_train_upload_name")
+                    upload_files = _make(gr.File, label="Images, captions or .zip", file_count="multiple",
+                                         elem_id="lora_train_upload")
+                with gr.Row():
+                    widgets["output_name"] = _make(gr.Textbox, label="LoRA name", value=start["output_name"],
+                                                   elem_id="lora_train_cfg_output_name")
+                    widgets["trigger_word"] = _make(gr.Textbox, label="Trigger word",
+                                                    value=start.get("trigger_word") or "",
+                                                    elem_id="lora_train_cfg_trigger_word")
+                    preset = _make(gr.Dropdown, label="Preset", choices=list(PRESET_NAMES),
+                                   value=settings.default_preset, elem_id="lora_train_preset")
+                family_note = _make(gr.Markdown, value=_family_text(family), elem_id="lora_train_family")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    train_button = _make(gr.Button, value="Train", variant="primary", elem_id="lora_train_train")
+                    stop_button = _make(gr.Button, value="Stop", elem_id="lora_train_stop")
+                    attach_button = _make(gr.Button, value="Show progress", elem_id="lora_train_attach")
+                progress = _make(gr.Markdown, value=progress_text(runner.current), elem_id="lora_train_progress")
+                status = _make(gr.Markdown, value="", elem_id="lora_train_status")
+                with _make(gr.Group, visible=False, elem_id="lora_train_result") as result_group:
+                    output_path = _make(gr.Textbox, label="Saved to", interactive=False,
+                                        elem_id="lora_train_output")
+                    snippet = _make(gr.Textbox, label="Prompt snippet", interactive=False,
+                                    show_copy_button=True, elem_id="lora_train_snippet")
+                    send_button = _make(gr.Button, value="Send to txt2img", visible=host.in_webui,
+                                        elem_id="lora_train_send")
+
+        with gr.Tabs():
+            with gr.Tab("Captions"):
+                with gr.Row():
+                    caption_button = _make(gr.Button, value="Caption images", elem_id="lora_train_caption")
+                    overwrite_captions = _make(gr.Checkbox, label="Replace existing captions", value=False)
+                    save_button = _make(gr.Button, value="Save captions", elem_id="lora_train_save_captions")
+                missing_note = _make(gr.Markdown, value="", elem_id="lora_train_missing")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        table = _make(gr.Dataframe, headers=["file", "caption"], datatype=["str", "str"],
+                                      type="array", interactive=True, wrap=True, label="Captions (editable)",
+                                      elem_id="lora_train_captions")
+                    with gr.Column(scale=2):
+                        gallery = _make(gr.Gallery, label="Images", columns=4, height=360, object_fit="contain",
+                                        elem_id="lora_train_gallery")
+                with gr.Row():
+                    find_text = _make(gr.Textbox, label="Find", elem_id="lora_train_find")
+                    replace_text = _make(gr.Textbox, label="Replace with", elem_id="lora_train_replace")
+                    regex = _make(gr.Checkbox, label="Regular expression", value=False)
+                    replace_button = _make(gr.Button, value="Replace in all captions", elem_id="lora_train_do_replace")
+                tags = _make(gr.Dataframe, headers=["tag", "count"], datatype=["str", "number"], type="array",
+                             interactive=False, label="Tag frequency", elem_id="lora_train_tags")
+            with gr.Tab("Training"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        loss_plot = _make(gr.LinePlot, value=loss_frame(None), x="step", y="loss",
+                                          title="Training loss", height=260, width=520,
+                                          elem_id="lora_train_loss")
+                    with gr.Column(scale=2):
+                        sample = _make(gr.Image, label="Latest sample", interactive=False, type="pil",
+                                       elem_id="lora_train_sample")
+                log = _make(gr.Textbox, label="Log", lines=8, max_lines=8, interactive=False,
+                            elem_id="lora_train_log")
+
+        with gr.Accordion("Advanced (every config field)", open=False, elem_id="lora_train_advanced"):
+            grouped = {name for _, names in SECTIONS for name in names} | set(MAIN_FIELDS)
+            sections = [*SECTIONS, ("Optimisation and output", tuple(n for n in FIELD_NAMES if n not in grouped))]
+            for title, names in sections:
+                _make(gr.Markdown, value=f"#### {title}")
+                for chunk in range(0, len(names), 4):
+                    with gr.Row():
+                        for name in names[chunk:chunk + 4]:
+                            widgets[name] = _widget(name, start.get(name))
+            with gr.Row():
+                config_file = _make(gr.File, label="Load config (YAML)", file_types=[".yaml", ".yml"],
+                                    elem_id="lora_train_config_in")
+                save_config_button = _make(gr.Button, value="Save config", elem_id="lora_train_save_config")
+                config_out = _make(gr.File, label="Saved config", interactive=False, elem_id="lora_train_config_out")
+
+        fields = [widgets[name] for name in FIELD_NAMES]
+        dataset_outputs = [table, gallery, missing_note, tags]
+        live_outputs = [progress, loss_plot, sample, log, result_group, output_path, snippet, status]
+
+        # -- dataset --------------------------------------------------------------------------------------
+        def load_dataset(folder: str):
+            try:
+                return (*dataset_view(folder, runner), "")
+            except (ConfigError, FileNotFoundError, caption_files.CaptionFileError) as exc:
+                return [], [], "", [], f"⚠️ {exc}"
+
+        load_button.click(load_dataset, [widgets["train_data_dir"]], [*dataset_outputs, status])
+        widgets["train_data_dir"].submit(load_dataset, [widgets["train_data_dir"]], [*dataset_outputs, status])
+
+        def upload(files: Any, name: str):
+            if not files:
+                return gr.update(), [], [], "", [], "Choose files to upload first."
+            try:
+                root = Path(settings.datasets_root)
+                folder = free_dir(root / sanitize_name(name or "dataset", fallback="dataset"))
+                report = import_upload([_file_path(f) for f in files], folder)
+            except (UploadError, ConfigError, OSError) as exc:
+                return gr.update(), [], [], "", [], f"⚠️ Upload refused: {exc}"
+            view = dataset_view(str(report.folder), runner)
+            return str(report.folder), *view, f"Uploaded {report.summary()}."
+
+        upload_files.upload(upload, [upload_files, upload_name],
+                            [widgets["train_data_dir"], *dataset_outputs, status])
+
+        def save(folder: str, rows: Any):
+            try:
+                message = save_table(folder, rows, runner)
+                return (*dataset_view(folder, runner), message)
+            except (ConfigError, FileNotFoundError, caption_files.CaptionFileError) as exc:
+                return gr.update(), gr.update(), gr.update(), gr.update(), f"⚠️ {exc}"
+
+        save_button.click(save, [widgets["train_data_dir"], table], [*dataset_outputs, status])
+
+        def replace(folder: str, rows: Any, find: str, replacement: str, use_regex: bool):
+            try:
+                runner.policy.check_input(folder, "train_data_dir")
+                captions = {name: caption for name, caption in _table_rows(rows)}
+                changed = caption_files.find_replace(captions, find, replacement, regex=use_regex)
+                caption_files.save_captions(folder, changed)
+                return (*dataset_view(folder, runner), f"Changed {len(changed)} caption(s).")
+            except (ConfigError, FileNotFoundError, caption_files.CaptionFileError) as exc:
+                return gr.update(), gr.update(), gr.update(), gr.update(), f"⚠️ {exc}"
+
+        replace_button.click(replace, [widgets["train_data_dir"], table, find_text, replace_text, regex],
+                             [*dataset_outputs, status])
+
+        def caption(folder: str, trigger: str, overwrite: bool):
+            try:
+                path = runner.policy.check_input(folder, "train_data_dir")
+                message = run_captioner(path, trigger, overwrite, settings.captioner_weights, runner)
+                return (*dataset_view(str(path), runner), message)
+            except Exception as exc:  # noqa: BLE001 - missing weights, bad images: show, don't crash the tab
+                return gr.update(), gr.update(), gr.update(), gr.update(), f"⚠️ Captioning failed: {exc}"
+
+        caption_button.click(caption, [widgets["train_data_dir"], widgets["trigger_word"], overwrite_captions],
+                             [*dataset_outputs, status])
+
+        # -- presets and config files ---------------------------------------------------------------------
+        preset_names = list(preset_values(DEFAULT_PRESET, None))
+
+        def apply_preset(name: str):
+            values = preset_values(name, host.family())
+            return [gr.update(value=_to_widget(key, values[key])) for key in preset_names] + \
+                [_family_text(host.family())]
+
+        preset.change(apply_preset, [preset], [widgets[k] for k in preset_names] + [family_note])
+
+        def load_config(file: Any):
+            if file is None:
+                return [gr.update() for _ in FIELD_NAMES] + [""]
+            try:
+                cfg = config_module.load(_file_path(file))
+            except ConfigError as exc:
+                return [gr.update() for _ in FIELD_NAMES] + [f"⚠️ {exc}"]
+            return config_to_values(cfg) + [f"Loaded {Path(_file_path(file)).name}."]
+
+        config_file.upload(load_config, [config_file], [*fields, status])
+
+        def save_config(*values: Any):
+            try:
+                cfg = config_module.from_dict(values_to_config(list(values)))
+            except ConfigError as exc:
+                return None, f"⚠️ {exc}"
+            folder = Path(tempfile.mkdtemp(prefix="lora-train-config-"))
+            path = folder / f"{sanitize_name(cfg.output_name, fallback='lora')}.yaml"
+            path.write_text(config_module.dump(cfg), encoding="utf-8")
+            return str(path), f"Config written: {path.name}"
+
+        save_config_button.click(save_config, fields, [config_out, status])
+
+        # -- training -------------------------------------------------------------------------------------
+        def live(job: Job | None, message: str = "") -> list[Any]:
+            done = job is not None and not job.active and job.output is not None
+            log_text = "\n".join(job.log[-200:]) if job else ""
+            return [
+                progress_text(job), loss_frame(job), job.sample if job else None, log_text,
+                gr.update(visible=done), str(job.output) if done else "", job.snippet if done else "", message,
+            ]
+
+        def follow(job: Job) -> Iterator[list[Any]]:
+            yield live(job)
+            while job.active:
+                time.sleep(POLL_SECONDS)
+                yield live(job)
+            yield live(job, _finish_message(job))
+
+        def start(*values: Any) -> Iterator[list[Any]]:
+            try:
+                job = runner.submit(values_to_config(list(values)))
+            except ConfigError as exc:
+                yield live(runner.current, f"⚠️ {exc}")
+                return
+            except (HostError, BusyError) as exc:
+                yield live(runner.current, f"⚠️ {exc}")
+                return
+            yield from follow(job)
+
+        train_button.click(start, fields, live_outputs)
+
+        def attach() -> Iterator[list[Any]]:
+            job = runner.current
+            if job is None:
+                yield live(None, "No training job yet.")
+                return
+            yield from follow(job)
+
+        attach_button.click(attach, [], live_outputs)
+
+        def stop() -> str:
+            job = runner.current
+            if job is None or not job.active:
+                return "Nothing is training."
+            runner.stop(job.id)
+            return "Stopping after the current step; the LoRA trained so far is saved."
+
+        stop_button.click(stop, [], [status])
+        send_button.click(None, [snippet], [], **_js("(text) => { loraTrainSendToTxt2img(text); return []; }"))
+    return demo
+
+
+def _finish_message(job: Job) -> str:
+    if job.state == "failed":
+        return f"⚠️ Training failed: {job.error}"
+    if job.output is None:
+        return "Stopped before the first step; nothing was saved."
+    return f"Saved {job.output.name}. Use it in a prompt: `{job.snippet}`"
+
+
+def _family_text(family: str | None) -> str:
+    if family is None:
+        return "Model: not known yet (presets use SD1 values)."
+    return f"Model family: **{family.upper()}** (presets tuned for it)."
+
+
+def run_captioner(folder: Path, trigger: str, overwrite: bool, weights: str | None, runner: JobRunner) -> str:
+    """Caption a folder with the open_clip captioner; refuses while a LoRA trains (they share the GPU)."""
+    current = runner.current
+    if current is not None and current.active:
+        raise BusyError("a LoRA is training; caption after it finishes")
+    import torch
+
+    from . import captioner
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = captioner.get_captioner(weights=weights or None, device=device)
+    options = captioner.CaptionOptions(trigger=trigger or None)
+    mode = caption_files.detect_mode(folder)
+    report = captioner.caption_images(folder, model, options, mode=mode, overwrite=overwrite, progress=False)
+    text = f"Captioned {len(report.written)} image(s), kept {len(report.kept)}."
+    failure = report.failure_message()
+    return f"{text}\n{failure}" if failure else text
+

@@ -1,0 +1,107 @@
+"""``python -m lora_train ui``: the tab's Blocks served on their own, over a diffusers bundle.
+
+The same Blocks as in the WebUI; the model comes from ``base_model`` (the built-in tiny model by default, any
+checkpoint file or diffusers folder) and stays loaded between runs (the trainer leaves its weights untouched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+from .jobs import HostError, Job, JobRunner, TrainHost
+from .model import ModelBundle
+from .paths import PathPolicy, resolve
+from .trainer import SampleFn
+
+
+class DiffusersHost(TrainHost):
+    """Loads ``cfg.base_model`` with the CLI's loader and keeps the last one for the next run."""
+
+    def __init__(self, base_model: str = "tiny"):
+        self.base_model = base_model
+        self._key: tuple | None = None
+        self._bundle: ModelBundle | None = None
+        self._lock = threading.Lock()
+
+    def family(self) -> str | None:
+        from .architectures import BUILTIN
+
+        if self._bundle is not None:
+            return self._bundle.family
+        arch = BUILTIN.get(self.base_model)
+        return arch.family if arch else None
+
+    def check(self, cfg: TrainConfig) -> None:
+        model = cfg.base_model or self.base_model
+        from .architectures import BUILTIN
+
+        if model not in BUILTIN and not Path(model).expanduser().exists():
+            raise HostError(f"base_model {model!r}: no such checkpoint file or folder")
+
+    @contextmanager
+    def session(self, cfg: TrainConfig, job: Job) -> Iterator[tuple[ModelBundle, SampleFn | None]]:
+        from .cli import load_model
+
+        key = (cfg.base_model, cfg.device, cfg.mixed_precision, cfg.clip_skip, cfg.v_parameterization)
+        with self._lock:
+            if key != self._key:
+                job.add_log(f"loading {cfg.base_model}")
+                self._bundle, self._key = None, None
+                self._bundle, self._key = load_model(cfg), key
+            yield self._bundle, None
+
+
+def make_app(args: argparse.Namespace) -> tuple[Any, JobRunner]:
+    """The Blocks and the runner for the standalone UI (tests build it without serving)."""
+    from .ui import UISettings, build_ui
+
+    output = resolve(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    roots = [resolve(p) for p in args.allow_dir] if args.allow_dir else None
+    if roots is not None:
+        roots.append(output)
+    runner = JobRunner(DiffusersHost(args.base_model), PathPolicy(output_root=output, input_roots=roots))
+    defaults: dict[str, Any] = {"base_model": args.base_model}
+    if args.config:
+        from . import config as config_module
+
+        defaults = {**config_module.load(args.config).to_dict(), "base_model": args.base_model}
+        defaults.pop("output_dir", None)
+    settings = UISettings(datasets_root=output / "datasets", captioner_weights=args.captioner_weights,
+                          defaults=defaults)
+    return build_ui(runner, settings), runner
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    demo, _ = make_app(args)
+    demo.queue()
+    css = (Path(__file__).resolve().parent.parent / "style.css")
+    launch: dict[str, Any] = {"server_name": args.host, "server_port": args.port, "show_error": True}
+    if css.is_file():
+        import inspect
+
+        if "css" in inspect.signature(demo.launch).parameters:
+            launch["css"] = css.read_text(encoding="utf-8")
+    print(f"LoRA Train UI on http://{args.host}:{args.port} (outputs in {resolve(args.output_dir)})", flush=True)
+    demo.launch(**launch)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``ui`` on the CLI's subcommands."""
+    parser = sub.add_parser("ui", help="serve the LoRA Train tab in a browser without the WebUI")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7861)
+    parser.add_argument("--base-model", default="tiny", help="tiny, a checkpoint file or a diffusers folder")
+    parser.add_argument("--output-dir", default="output", help="where LoRAs, checkpoints and uploads go")
+    parser.add_argument("--config", help="YAML config whose values pre-fill the form")
+    parser.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
+                        help="only accept dataset/config paths inside these folders (repeatable)")
+    parser.add_argument("--captioner-weights", help="open_clip CoCa weights file for the Caption button")
+    parser.set_defaults(func=run_ui)

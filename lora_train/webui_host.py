@@ -1,0 +1,157 @@
+"""The WebUI as a TrainHost: train on the checkpoint it has loaded, politely.
+
+Nothing here imports A1111: the glue script hands in ``modules.shared``, the GPU ``queue_lock`` and a getter
+for the built-in Lora extension's ``networks`` module, so the same code runs in tests over stand-ins.
+While a job trains it holds the queue lock (txt2img waits instead of fighting for VRAM), shows progress in
+the WebUI's own progress fields, and treats the Interrupt button as Stop. The built-in Lora loader's merged
+weights are undone first, so the trainer sees the checkpoint's own weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+from .config import ConfigError, TrainConfig
+from .hosts.ldm import LdmBundle, detect_family, reset_builtin_lora
+from .jobs import HostError, Job, TrainHost
+from .model import ModelBundle
+from .trainer import SampleFn
+
+NO_MODEL = ("No checkpoint is loaded in the WebUI. Pick an SD1, SD2 or SDXL checkpoint in the dropdown at the "
+            "top of the page, then press Train again.")
+JOB_NAME = "LoRA training"
+
+
+class WebUIHost(TrainHost):
+    """Adapter over ``modules.shared`` (``sd_model``, ``state``), the queue lock and the Lora extension."""
+
+    in_webui = True
+
+    def __init__(
+        self,
+        shared: Any,
+        queue_lock: AbstractContextManager,
+        networks: Callable[[], Any | None] = lambda: None,
+        sample_fn: Callable[[TrainConfig], SampleFn | None] | None = None,
+    ):
+        self.shared = shared
+        self.queue_lock = queue_lock
+        self.networks = networks
+        self.make_sample_fn = sample_fn
+
+    @property
+    def state(self) -> Any:
+        return self.shared.state
+
+    def family(self) -> str | None:
+        model = getattr(self.shared, "sd_model", None)
+        if model is None:
+            return None
+        try:
+            return detect_family(model)
+        except ValueError:
+            return None
+
+    def _bundle(self, cfg: TrainConfig) -> LdmBundle:
+        model = getattr(self.shared, "sd_model", None)
+        if model is None:
+            raise HostError(NO_MODEL)
+        parameterization = None if cfg.v_parameterization is None else ("v" if cfg.v_parameterization else "eps")
+        try:
+            bundle = LdmBundle(model, clip_skip=cfg.clip_skip, parameterization=parameterization)
+        except ValueError as exc:
+            raise HostError(f"The loaded checkpoint cannot be trained here: {exc}") from None
+        if cfg.train_text_encoder and not bundle.supports_text_encoder_lora:
+            raise ConfigError("train_text_encoder", bundle.text_encoder_note or "not supported on this model")
+        return bundle
+
+    def check(self, cfg: TrainConfig) -> None:
+        self._bundle(cfg)
+
+    @contextmanager
+    def session(self, cfg: TrainConfig, job: Job) -> Iterator[tuple[ModelBundle, SampleFn | None]]:
+        locked = getattr(self.queue_lock, "locked", lambda: False)()
+        if locked:
+            job.add_log("waiting for the WebUI to finish its current generation")
+        with self.queue_lock:
+            state = self.state
+            if hasattr(state, "begin"):
+                state.begin(job=JOB_NAME)
+            try:
+                self._reset_builtin_lora()
+                _unload_captioner()
+                bundle = self._bundle(cfg)  # the model may have changed while we waited for the lock
+                job.add_log(f"training on the loaded {bundle.family.upper()} checkpoint {bundle.model_name}")
+                sample_fn = self.make_sample_fn(cfg) if self.make_sample_fn else None
+                yield bundle, sample_fn
+            finally:
+                state.textinfo = None
+                if hasattr(state, "end"):
+                    state.end()
+
+    def _reset_builtin_lora(self) -> None:
+        networks = self.networks()
+        loaded = getattr(networks, "loaded_networks", None) if networks is not None else None
+        reset_builtin_lora(self.shared.sd_model, loaded if isinstance(loaded, list) else None)
+
+    def report(self, job: Job) -> None:
+        state = self.state
+        state.job = JOB_NAME
+        state.job_count = 1
+        state.job_no = 0
+        state.sampling_step = job.step
+        state.sampling_steps = job.total
+        loss = f", loss {job.loss:.4f}" if job.loss is not None else ""
+        state.textinfo = f"LoRA {job.cfg.output_name}: step {job.step}/{job.total}{loss}"
+
+    def interrupted(self) -> bool:
+        return bool(getattr(self.state, "interrupted", False))
+
+    def finished(self, job: Job) -> None:
+        """Rescan models/Lora so the new card shows and ``<lora:name>`` resolves even for a replaced name."""
+        networks = self.networks()
+        refresh = getattr(networks, "list_available_networks", None) if networks is not None else None
+        if refresh is None:
+            return
+        with self.queue_lock:
+            try:
+                refresh()
+            except Exception as exc:  # noqa: BLE001 - a failed rescan must not turn a good run into a failure
+                job.add_log(f"could not refresh the Lora list ({exc}); press the refresh button in Lora tab")
+
+
+def _unload_captioner() -> None:
+    try:
+        from . import captioner
+    except ImportError:
+        return
+    captioner.unload()
+
+
+def txt2img_sampler(processing: Any, shared: Any, cfg: TrainConfig) -> SampleFn:
+    """Preview images made by the WebUI's own txt2img pipeline, so they look as txt2img will.
+
+    ``processing`` is ``modules.processing``. Called from the training thread, which already holds the queue
+    lock, so it uses ``process_images`` directly (it takes no lock itself).
+    """
+    height, width = cfg.resolution_hw
+
+    def sample(bundle: ModelBundle, prompts: list[str], step: int) -> list:
+        images = []
+        for prompt in prompts:
+            p = processing.StableDiffusionProcessingTxt2Img(
+                sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=cfg.sample_steps,
+                cfg_scale=cfg.sample_cfg_scale, width=width, height=height, seed=cfg.seed, batch_size=1, n_iter=1,
+                do_not_save_samples=True, do_not_save_grid=True,
+            )
+            try:
+                processed = processing.process_images(p)
+            finally:
+                if hasattr(p, "close"):
+                    p.close()
+            images.extend(processed.images[:1])
+        return images
+
+    return sample
