@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from . import config as config_module
+from . import ui_cli
 from .config import ConfigError, TrainConfig
 from .dataset import DatasetError
 from .export import read_lora
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         caption_cli.add_parser(sub)
+    ui_cli.add_parser(sub)
     return parser
 
 
