@@ -67,7 +67,7 @@ def build_router(
             named = [key for key in INPUT_KEYS if data.get(key)]
             raise _error(403, named[0] if named else "train_data_dir",
                          "training from server paths over the API is disabled while the WebUI listens on the "
-                         f"network without authentication; restart it with {INSECURE_FLAG} or --api-auth")
+                         f"network without authentication; start it with {INSECURE_FLAG} to allow it")
         preset = data.pop("preset", None)
         if preset:
             try:

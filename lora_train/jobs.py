@@ -15,7 +15,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +78,7 @@ class Job:
 
     id: str
     cfg: TrainConfig
+    output_root: Path = Path(".")
     state: str = "queued"  # queued, waiting, running, done, stopped, failed
     step: int = 0
     total: int = 0
@@ -239,11 +240,16 @@ def publish(job: Job, result: TrainResult, family: str, model_name: str, root: P
 class JobRunner:
     """Starts jobs one at a time on a thread; keeps the last few for status queries."""
 
-    def __init__(self, host: TrainHost, policy: PathPolicy):
+    def __init__(self, host: TrainHost, policy: PathPolicy | Callable[[], PathPolicy]):
         self.host = host
-        self.policy = policy
+        self._policy = policy
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+
+    @property
+    def policy(self) -> PathPolicy:
+        """The path rules now (the WebUI's are read from its settings at each use, so edits apply at once)."""
+        return self._policy if isinstance(self._policy, PathPolicy) else self._policy()
 
     @property
     def current(self) -> Job | None:
@@ -258,12 +264,13 @@ class JobRunner:
 
     def submit(self, data: dict[str, Any] | TrainConfig) -> Job:
         """Validate and start a job; raises ConfigError (with .key), HostError or BusyError and starts nothing."""
-        cfg = prepare_config(data, self.policy)
+        policy = self.policy
+        cfg = prepare_config(data, policy)
         self.host.check(cfg)
         with self._lock:
             if any(j.active for j in self.jobs.values()):
                 raise BusyError("a LoRA is already training; wait for it or press Stop")
-            job = Job(id=uuid.uuid4().hex[:12], cfg=cfg)
+            job = Job(id=uuid.uuid4().hex[:12], cfg=cfg, output_root=policy.output_root)
             self.jobs[job.id] = job
             for old in list(self.jobs)[:-MAX_KEPT_JOBS]:
                 del self.jobs[old]
@@ -287,7 +294,7 @@ class JobRunner:
                 job.state = "running"
                 result = train(job.cfg, bundle, _JobCallbacks(job, self.host), sample_fn)
                 family, model_name = bundle.family, bundle.model_name
-            job.output = publish(job, result, family, model_name, self.policy.output_root)
+            job.output = publish(job, result, family, model_name, job.output_root)
             job.state = "stopped" if result.stopped else "done"
             job.add_log(f"{job.state}: {result.steps}/{result.total_steps} steps -> {job.output}")
         except Exception as exc:  # noqa: BLE001 - every failure must reach the UI, not die with the thread

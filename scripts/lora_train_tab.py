@@ -1,0 +1,116 @@
+"""A1111 glue for sd-webui-lora-train: the LoRA Train tab, its settings and its REST routes.
+
+The only file that imports the WebUI's ``modules``; everything else lives in the host-agnostic ``lora_train``
+package, which gets the WebUI's objects (shared, queue lock, Lora extension) handed in.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import gradio as gr
+from modules import call_queue, script_callbacks, shared
+
+EXTENSION_DIR = Path(__file__).resolve().parent.parent
+if str(EXTENSION_DIR) not in sys.path:
+    sys.path.insert(0, str(EXTENSION_DIR))
+
+from lora_train.api import build_router, parse_credentials  # noqa: E402
+from lora_train.jobs import JobRunner  # noqa: E402
+from lora_train.paths import PathPolicy, is_inside, resolve  # noqa: E402
+from lora_train.presets import DEFAULT_PRESET, PRESET_NAMES  # noqa: E402
+from lora_train.webui_host import WebUIHost, txt2img_sampler  # noqa: E402
+
+SECTION = ("lora_train", "LoRA Train")
+
+
+def _opt(key: str, default: str = "") -> str:
+    return str(getattr(shared.opts, key, default) or default)
+
+
+def lora_dir() -> Path:
+    """The WebUI's Lora folder (``--lora-dir`` honoured)."""
+    configured = getattr(shared.cmd_opts, "lora_dir", None)
+    if configured:
+        return resolve(configured)
+    from modules import paths
+
+    return resolve(os.path.join(paths.models_path, "Lora"))
+
+
+def data_dir() -> Path:
+    return resolve(getattr(shared.cmd_opts, "data_dir", None) or os.getcwd())
+
+
+def output_dir() -> Path:
+    """The output folder from Settings when it lies inside the Lora folder, else the Lora folder itself."""
+    base = lora_dir()
+    chosen = _opt("lora_train_output_dir").strip()
+    if chosen and is_inside(chosen, base):
+        return resolve(chosen)
+    if chosen:
+        print(f"[lora-train] output folder {chosen} is outside {base}; using {base}", file=sys.stderr)
+    return base
+
+
+def policy() -> PathPolicy:
+    extra = [p.strip() for p in _opt("lora_train_allowed_dirs").replace(";", "\n").splitlines() if p.strip()]
+    rules = PathPolicy.for_webui(data_dir(), lora_dir(), extra)
+    rules.output_root = output_dir()
+    return rules
+
+
+def _networks():
+    """The built-in Lora extension's ``networks`` module, when it is enabled."""
+    try:
+        import networks
+    except ImportError:
+        return None
+    return networks if hasattr(networks, "list_available_networks") else None
+
+
+def _sampler(cfg):
+    from modules import processing
+
+    return txt2img_sampler(processing, shared, cfg)
+
+
+RUNNER = JobRunner(WebUIHost(shared, call_queue.queue_lock, _networks, _sampler), policy)
+
+
+def on_ui_tabs():
+    from lora_train.ui import UISettings, build_ui
+
+    settings = UISettings(
+        datasets_root=data_dir() / "lora_train_datasets",
+        captioner_weights=_opt("lora_train_captioner_weights") or None,
+        default_preset=_opt("lora_train_default_preset", DEFAULT_PRESET),
+    )
+    return [(build_ui(RUNNER, settings), "LoRA Train", "lora_train")]
+
+
+def on_ui_settings():
+    def add(key: str, default, label: str, component=None, args=None):
+        shared.opts.add_option(key, shared.OptionInfo(default, label, component, args, section=SECTION))
+
+    add("lora_train_output_dir", "", "Output folder (blank: the WebUI's Lora folder; must lie inside it)")
+    add("lora_train_default_preset", DEFAULT_PRESET, "Default preset", gr.Dropdown, {"choices": list(PRESET_NAMES)})
+    add("lora_train_captioner_weights", "", "Captioner weights (open_clip CoCa .safetensors/.bin)")
+    add("lora_train_allowed_dirs", "", "Extra allowed dataset folders (one per line or ;-separated)", gr.Textbox,
+        {"lines": 3})
+
+
+def on_app_started(_demo, app):
+    """REST routes, only under --api, with the same basic auth as the WebUI's API under --api-auth."""
+    if not getattr(shared.cmd_opts, "api", False):
+        return
+    credentials = parse_credentials(getattr(shared.cmd_opts, "api_auth", None)) or None
+    allow_paths = not getattr(shared.cmd_opts, "disable_extension_access", False)
+    app.include_router(build_router(RUNNER, credentials=credentials, allow_paths=allow_paths))
+
+
+script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_app_started(on_app_started)
