@@ -122,6 +122,8 @@ def _extract_zip(archive: Path, folder: Path, report: UploadReport, budget: _Bud
                     _copy_stream(source, target, label, budget)
                 except FileExistsError:
                     raise UploadError(f"{label}: the zip holds this name twice") from None
+                except (zipfile.BadZipFile, EOFError, OSError) as exc:
+                    raise UploadError(f"{label}: corrupt zip entry ({exc})") from None
             report.written.append(relative.as_posix())
 
 
