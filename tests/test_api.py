@@ -1,0 +1,303 @@
+"""The WebUI glue and REST API over a stand-in ``modules`` namespace holding a tiny real LDM model.
+
+The stand-ins are what the glue touches in A1111: ``shared`` (cmd_opts, opts, state, sd_model), the GPU
+``call_queue.queue_lock``, ``script_callbacks``, ``processing`` (txt2img for sample previews) and the built-in
+Lora extension's ``networks`` (loaded list, rescan). Requests go through FastAPI's TestClient.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import os
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+pytest.importorskip("ldm", reason="needs stable-diffusion-sdkit (requirements/ldm-test.txt)")
+pytest.importorskip("pytorch_lightning", reason="needs pytorch_lightning<2 (requirements/ldm-test.txt)")
+pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx")
+
+import ldm_models as M  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from lora_train.hosts.ldm import HostSnapshot  # noqa: E402
+
+GLUE = Path(__file__).resolve().parent.parent / "scripts" / "lora_train_tab.py"
+SMALL = dict(resolution="64", min_bucket_reso=64, max_bucket_reso=128, bucket_reso_steps=32, lora_rank=4,
+             lora_alpha=4, learning_rate=1e-3, batch_size=2, log_every_n_steps=1, save_precision="float")
+
+
+class FakeState:
+    """shared.state: records what training reported."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self.job = ""
+        self.job_count = 0
+        self.job_no = 0
+        self.sampling_step = 0
+        self.sampling_steps = 0
+        self.textinfo = None
+        self.events: list[str] = []
+        self.texts: list[str] = []
+
+    def __setattr__(self, name, value) -> None:
+        if name == "textinfo" and value:
+            self.texts.append(value)
+        object.__setattr__(self, name, value)
+
+    def begin(self, job: str = "(unknown)") -> None:
+        self.events.append(f"begin:{job}")
+        self.interrupted = False
+        self.job = job
+
+    def end(self) -> None:
+        self.events.append("end")
+        self.job = ""
+
+
+class FakeNetworks(types.ModuleType):
+    def __init__(self) -> None:
+        super().__init__("networks")
+        self.loaded_networks = ["some_lora"]
+        self.rescans = 0
+
+    def list_available_networks(self) -> None:
+        self.rescans += 1
+
+
+def _namespace(tmp_path: Path, model, **cmd) -> SimpleNamespace:
+    webui = tmp_path / "webui"
+    lora_dir = webui / "models" / "Lora"
+    lora_dir.mkdir(parents=True)
+    lock = threading.Lock()
+    samples: list[dict] = []
+
+    class Txt2Img:
+        def __init__(self, **kwargs) -> None:
+            self.kwargs = kwargs
+
+        def close(self) -> None:
+            pass
+
+    def process_images(p):
+        assert lock.locked(), "samples are made while training holds the queue lock"
+        samples.append(p.kwargs)
+        return SimpleNamespace(images=[Image.new("RGB", (p.kwargs["width"], p.kwargs["height"]), "blue")])
+
+    callbacks: dict[str, list] = {"ui_tabs": [], "ui_settings": [], "app_started": []}
+    options: dict[str, object] = {}
+    opts = SimpleNamespace(add_option=lambda key, info: options.__setitem__(key, info))
+    cmd_opts = SimpleNamespace(api=True, api_auth=None, lora_dir=str(lora_dir), data_dir=str(webui),
+                               disable_extension_access=False)
+    cmd_opts.__dict__.update(cmd)
+    shared = SimpleNamespace(cmd_opts=cmd_opts, opts=opts, state=FakeState(), sd_model=model,
+                             OptionInfo=lambda *a, **k: SimpleNamespace(args=a, kwargs=k))
+    modules = types.ModuleType("modules")
+    modules.__path__ = []
+    parts = {
+        "shared": shared,
+        "call_queue": SimpleNamespace(queue_lock=lock),
+        "script_callbacks": SimpleNamespace(**{f"on_{k}": callbacks[k].append for k in callbacks}),
+        "processing": SimpleNamespace(StableDiffusionProcessingTxt2Img=Txt2Img, process_images=process_images),
+        "paths": SimpleNamespace(models_path=str(webui / "models")),
+    }
+    for name, value in parts.items():
+        setattr(modules, name, value)
+    return SimpleNamespace(modules=modules, parts=parts, shared=shared, lock=lock, callbacks=callbacks,
+                           options=options, lora_dir=lora_dir, webui=webui, samples=samples,
+                           networks=FakeNetworks())
+
+
+@pytest.fixture(scope="module")
+def sd1_model():
+    return M.tiny_sd1()
+
+
+@pytest.fixture
+def webui(tmp_path, monkeypatch, sd1_model, dataset_dir):
+    """Loads the glue script against the stand-ins; ``make(**cmd_opts)`` gives (namespace, TestClient)."""
+
+    def make(model=sd1_model, **cmd):
+        ns = _namespace(tmp_path / f"w{len(made)}", model, **cmd)
+        monkeypatch.setitem(sys.modules, "modules", ns.modules)
+        for name, value in ns.parts.items():
+            monkeypatch.setitem(sys.modules, f"modules.{name}", value)
+        monkeypatch.setitem(sys.modules, "networks", ns.networks)
+        spec = importlib.util.spec_from_file_location(f"lora_train_tab_{len(made)}", GLUE)
+        glue = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(glue)
+        app = FastAPI()
+        for callback in ns.callbacks["app_started"]:
+            callback(None, app)
+        data = ns.webui / "datasets" / "shapes"
+        data.parent.mkdir(parents=True)
+        import shutil
+
+        shutil.copytree(dataset_dir, data)
+        ns.glue, ns.data = glue, data
+        made.append(ns)
+        return ns, TestClient(app)
+
+    made: list = []
+    yield make
+    for ns in made:
+        for job in ns.glue.RUNNER.jobs.values():
+            job.stop_event.set()
+            job.done_event.wait(60)
+
+
+def _wait(client, job_id: str, headers=None, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get(f"/lora-train/v1/jobs/{job_id}", headers=headers).json()
+        if status["state"] in ("done", "stopped", "failed"):
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish: {status}")
+
+
+def test_train_on_the_loaded_model_into_the_lora_folder(webui, sd1_model) -> None:
+    ns, client = webui()
+    snapshot = HostSnapshot.take(sd1_model)
+    body = {**SMALL, "train_data_dir": str(ns.data), "output_name": "shapes", "trigger_word": "shapez",
+            "max_train_steps": 4, "sample_prompts": ["shapez, a red circle"], "sample_every_n_steps": 2,
+            "sample_steps": 3}
+    response = client.post("/lora-train/v1/jobs", json=body)
+    assert response.status_code == 200, response.text
+    status = _wait(client, response.json()["id"])
+    assert status["state"] == "done", status
+    assert (status["step"], status["total"]) == (4, 4) and status["loss"] > 0
+    output = Path(status["output"])
+    assert output == ns.lora_dir / "shapes.safetensors" and output.is_file()
+    card = json.loads(output.with_suffix(".json").read_text())
+    assert card["activation text"] == "shapez" and card["sd version"] == "SD1" and card["preferred weight"] == 0.7
+    assert "4/4 steps" in card["description"]
+    assert (ns.lora_dir / "shapes.preview.png").is_file()
+    assert status["snippet"] == "<lora:shapes:0.7> shapez"
+    assert (ns.lora_dir / "shapes-checkpoints").is_dir()
+    # the WebUI's own machinery was used
+    assert ns.shared.state.events == ["begin:LoRA training", "end"]
+    assert any("step 4/4" in text for text in ns.shared.state.texts)
+    assert [s["steps"] for s in ns.samples] == [3, 3] and ns.samples[0]["width"] == 64
+    assert ns.networks.loaded_networks == [] and ns.networks.rescans == 1
+    assert not ns.lock.locked()
+    snapshot.verify()
+    # the same name again never overwrites
+    again = client.post("/lora-train/v1/jobs", json={**body, "sample_every_n_steps": 0, "max_train_steps": 1})
+    assert _wait(client, again.json()["id"])["output"] == str(ns.lora_dir / "shapes-2.safetensors")
+
+
+def test_stop_and_webui_interrupt_keep_what_was_trained(webui) -> None:
+    ns, client = webui()
+    body = {**SMALL, "train_data_dir": str(ns.data), "output_name": "long", "max_train_steps": 5000}
+    job_id = client.post("/lora-train/v1/jobs", json=body).json()["id"]
+    while client.get(f"/lora-train/v1/jobs/{job_id}").json()["step"] < 1:
+        time.sleep(0.05)
+    busy = client.post("/lora-train/v1/jobs", json=body)
+    assert busy.status_code == 409
+    assert client.post(f"/lora-train/v1/jobs/{job_id}/stop").status_code == 200
+    status = _wait(client, job_id)
+    assert status["state"] == "stopped" and 0 < status["step"] < 5000 and Path(status["output"]).is_file()
+
+    job_id = client.post("/lora-train/v1/jobs", json={**body, "output_name": "interrupted"}).json()["id"]
+    while client.get(f"/lora-train/v1/jobs/{job_id}").json()["step"] < 1:
+        time.sleep(0.05)
+    ns.shared.state.interrupted = True  # the WebUI's Interrupt button
+    assert _wait(client, job_id)["state"] == "stopped"
+
+
+def test_auth_when_api_auth_is_set(webui) -> None:
+    _, client = webui(api_auth="alice:s3cr:et,bob:pw")
+    assert client.get("/lora-train/v1/presets").status_code == 401
+    wrong = base64.b64encode(b"alice:nope").decode()
+    assert client.get("/lora-train/v1/presets", headers={"Authorization": f"Basic {wrong}"}).status_code == 401
+    unknown = base64.b64encode(b"eve:pw").decode()
+    assert client.get("/lora-train/v1/presets", headers={"Authorization": f"Basic {unknown}"}).status_code == 401
+    right = base64.b64encode(b"alice:s3cr:et").decode()
+    response = client.get("/lora-train/v1/presets", headers={"Authorization": f"Basic {right}"})
+    assert response.status_code == 200
+    assert response.json()["family"] == "sd1" and set(response.json()["names"]) == {"Character", "Style", "Concept"}
+    assert client.post("/lora-train/v1/jobs", json={}).status_code == 401
+
+
+def test_routes_only_with_api_flag(webui) -> None:
+    _, client = webui(api=False)
+    assert client.get("/lora-train/v1/presets").status_code == 404
+
+
+def test_paths_outside_allowed_roots_are_refused(webui, tmp_path) -> None:
+    ns, client = webui()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    response = client.post("/lora-train/v1/jobs", json={"train_data_dir": str(outside)})
+    assert response.status_code == 403
+    detail = response.json()["detail"]
+    assert detail["field"] == "train_data_dir" and "Extra allowed dataset folders" in detail["message"]
+    ns.shared.opts.lora_train_allowed_dirs = str(outside)  # the Settings entry, read at each request
+    response = client.post("/lora-train/v1/jobs", json={"train_data_dir": str(outside)})
+    assert response.status_code != 403
+    assert response.status_code == 422 or response.json()["state"] in ("waiting", "running", "queued")
+
+
+def test_insecure_access_rule(webui) -> None:
+    ns, client = webui(disable_extension_access=True)
+    response = client.post("/lora-train/v1/jobs", json={"train_data_dir": str(ns.data)})
+    assert response.status_code == 403
+    assert "--enable-insecure-extension-access" in response.json()["detail"]["message"]
+    assert client.get("/lora-train/v1/presets").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"learning_rate": "fast"}, "learning_rate"),
+        ({"lora_rank": 0}, "lora_rank"),
+        ({"learnig_rate": 1e-4}, "learnig_rate"),
+        ({"optimizer": "adamq"}, "optimizer"),
+        ({"preset": "Portrait"}, "preset"),
+        ({"train_data_dir": ""}, "train_data_dir"),
+    ],
+)
+def test_bad_fields_answer_422_naming_the_field(webui, body, field) -> None:
+    ns, client = webui()
+    response = client.post("/lora-train/v1/jobs", json={"train_data_dir": str(ns.data), **body})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"]["field"] == field
+    assert field in response.json()["detail"]["message"] or field == "preset"
+
+
+def test_no_model_loaded_starts_nothing(webui) -> None:
+    ns, client = webui(model=None)
+    response = client.post("/lora-train/v1/jobs", json={"train_data_dir": str(ns.data)})
+    assert response.status_code == 409
+    assert "No checkpoint is loaded" in response.json()["detail"]["message"]
+    assert ns.glue.RUNNER.jobs == {} and ns.shared.state.events == []
+    assert client.get("/lora-train/v1/jobs/nope").status_code == 404
+
+
+def test_settings_and_tab_registered(webui) -> None:
+    ns, _ = webui()
+    for callback in ns.callbacks["ui_settings"]:
+        callback()
+    assert set(ns.options) == {"lora_train_output_dir", "lora_train_default_preset", "lora_train_captioner_weights",
+                               "lora_train_allowed_dirs"}
+    assert all(info.kwargs["section"] == ("lora_train", "LoRA Train") for info in ns.options.values())
+    assert ns.glue.output_dir() == ns.lora_dir.resolve()
+    ns.shared.opts.lora_train_output_dir = str(ns.lora_dir / "mine")
+    assert ns.glue.output_dir() == (ns.lora_dir / "mine").resolve()
+    ns.shared.opts.lora_train_output_dir = str(ns.webui)  # outside the Lora folder: ignored
+    assert ns.glue.output_dir() == ns.lora_dir.resolve()
+    tabs = [tab for callback in ns.callbacks["ui_tabs"] for tab in callback()]
+    assert [(title, elem_id) for _, title, elem_id in tabs] == [("LoRA Train", "lora_train")]
