@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .config import TrainConfig
 from .model import Family
 
 PRESET_NAMES = ("Character", "Style", "Concept")
@@ -48,19 +49,26 @@ _KIND: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
-def preset_values(name: str, family: Family | str | None) -> dict[str, Any]:
-    """Config values for preset ``name`` on ``family`` (SD1 when the family is unknown).
+def preset_keys() -> list[str]:
+    """Every key any preset sets; each preset gives all of them (config defaults where it has no opinion)."""
+    keys = dict.fromkeys([*_COMMON, *(k for v in _FAMILY.values() for k in v), *(k for v in _KIND.values() for k in v)])
+    return list(keys)
 
-    Raises ValueError naming the preset when it does not exist.
+
+def preset_values(name: str, family: Family | str | None) -> dict[str, Any]:
+    """Config values for preset ``name`` on ``family`` (SD1 when the family is unknown), for every preset key,
+    so switching presets resets what the previous one set. Raises ValueError naming an unknown preset.
     """
     if name not in PRESET_NAMES:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
     family = family if family in _FAMILY else "sd1"
     group = "sdxl" if family == "sdxl" else "sd1"
-    values = {**_COMMON, **_FAMILY[family], **_KIND[(name, group)]}
+    defaults = TrainConfig().to_dict()
+    values = {key: defaults[key] for key in preset_keys()}
+    values.update({**_COMMON, **_FAMILY[family], **_KIND[(name, group)]})
     if family == "sd2":
         values["train_text_encoder"] = False
-        values.pop("text_encoder_lr", None)
+        values["text_encoder_lr"] = None
     return values
 
 
