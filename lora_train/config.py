@@ -80,6 +80,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: Precision = "no"
     gradient_checkpointing: bool = False
+    channels_last: bool = False
+    torch_compile: bool = False
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
     seed: int = 42
@@ -110,6 +112,17 @@ class TrainConfig:
         width = int(parts[0])
         height = int(parts[1]) if len(parts) > 1 else width
         return height, width
+
+    @property
+    def prompts(self) -> list[str]:
+        """``sample_prompts`` as a list, or read one per line from a .txt file (kohya's form)."""
+        if len(self.sample_prompts) == 1 and self.sample_prompts[0].endswith(".txt"):
+            path = Path(self.sample_prompts[0])
+            if not path.is_file():
+                raise ConfigError("sample_prompts", f"file {path} not found")
+            lines = path.read_text(encoding="utf-8").splitlines()
+            return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        return list(self.sample_prompts)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

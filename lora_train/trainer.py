@@ -329,10 +329,10 @@ class Trainer:
     def _sample(self, step: int) -> list[Path]:
         height, width = self.cfg.resolution_hw
         if self.sample_fn:
-            images = self.sample_fn(self.bundle, self.cfg.sample_prompts, step)
+            images = self.sample_fn(self.bundle, self.cfg.prompts, step)
         else:
             with _autocast(self.cfg, self.device):
-                images = sample_images(self.bundle, self.cfg.sample_prompts, height, width, self.cfg.sample_steps,
+                images = sample_images(self.bundle, self.cfg.prompts, height, width, self.cfg.sample_steps,
                                        self.cfg.sample_cfg_scale, seed=self.cfg.seed)
         saved = []
         for index, image in enumerate(images):
@@ -383,6 +383,10 @@ class Trainer:
         scaler = _grad_scaler(self.device, cfg.mixed_precision == "fp16")
         bundle.set_gradient_checkpointing(cfg.gradient_checkpointing)
         bundle.unet.train(cfg.gradient_checkpointing)  # diffusers only checkpoints in train mode
+        if cfg.channels_last:
+            bundle.unet.to(memory_format=torch.channels_last)
+        if cfg.torch_compile:
+            bundle.unet.forward = torch.compile(bundle.unet.forward)
         step, history = 0, []
         if cfg.resume:
             step, history = self._resume(network, optimizer, scheduler, scaler)
@@ -433,6 +437,10 @@ class Trainer:
             if writer:
                 writer.close()
             bundle.set_gradient_checkpointing(False)
+            if cfg.torch_compile:
+                del bundle.unet.forward  # back to the class's forward
+            if cfg.channels_last:  # same values, the host's original memory layout
+                bundle.unet.to(memory_format=torch.contiguous_format)
         if stopped:
             self.callbacks.on_log(f"stopped at step {step}/{self.total_steps}; saving what was trained")
             self._save_state(network, optimizer, scheduler, scaler, step, history)

@@ -187,3 +187,23 @@ def test_disk_latent_cache_is_reused_by_the_next_run(tiny, dataset_dir, tmp_path
     (dataset_dir / "00_red_circle.png").touch()  # a changed image is encoded again
     train(make_config(dataset_dir, tmp_path, max_train_steps=1, cache_latents_to_disk=True, overwrite=True), tiny)
     assert len(calls) == 1
+
+
+def test_tensorboard_prompts_file_and_fast_path_switches(tiny, dataset_dir, tmp_path):
+    before = state_hashes(tiny.unet)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# previews\na red circle\n\na blue square\n")
+    cfg = make_config(dataset_dir, tmp_path, max_train_steps=2, logging_dir=str(tmp_path / "logs"),
+                      sample_prompts=[str(prompts)], sample_every_n_steps=2, sample_steps=2, channels_last=True)
+    result = train(cfg, tiny)
+    assert len(result.samples) == 2
+    assert list((tmp_path / "logs").rglob("events.out.tfevents*"))
+    assert state_hashes(tiny.unet) == before
+    assert all(p.is_contiguous() for p in tiny.unet.parameters())
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_and_restores_forward(tiny, dataset_dir, tmp_path):
+    result = train(make_config(dataset_dir, tmp_path, max_train_steps=2, torch_compile=True), tiny)
+    assert result.steps == 2
+    assert "forward" not in vars(tiny.unet)
