@@ -245,7 +245,7 @@ class LdmBundle:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.vae
         latents = latents.to(next(vae.parameters()).device, next(vae.parameters()).dtype)
-        return vae.decode(latents / self.scale_factor)
+        return vae.decode(latents * (1.0 / self.scale_factor))  # as ldm/sgm decode_first_stage: same bits
 
     # -- the UNet -------------------------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
