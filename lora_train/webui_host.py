@@ -34,7 +34,7 @@ class WebUIHost(TrainHost):
         shared: Any,
         queue_lock: AbstractContextManager,
         networks: Callable[[], Any | None] = lambda: None,
-        sample_fn: Callable[[TrainConfig], SampleFn | None] | None = None,
+        sample_fn: Callable[[TrainConfig, Callable[[str], None]], SampleFn | None] | None = None,
     ):
         self.shared = shared
         self.queue_lock = queue_lock
@@ -84,7 +84,7 @@ class WebUIHost(TrainHost):
                 _unload_captioner()
                 bundle = self._bundle(cfg)  # the model may have changed while we waited for the lock
                 job.add_log(f"training on the loaded {bundle.family.upper()} checkpoint {bundle.model_name}")
-                sample_fn = self.make_sample_fn(cfg) if self.make_sample_fn else None
+                sample_fn = self.make_sample_fn(cfg, job.add_log) if self.make_sample_fn else None
                 yield bundle, sample_fn
             finally:
                 state.textinfo = None
@@ -130,15 +130,26 @@ def _unload_captioner() -> None:
     captioner.unload()
 
 
-def txt2img_sampler(processing: Any, shared: Any, cfg: TrainConfig) -> SampleFn:
+def txt2img_sampler(processing: Any, shared: Any, cfg: TrainConfig, log: Callable[[str], None] = print) -> SampleFn:
     """Preview images made by the WebUI's own txt2img pipeline, so they look as txt2img will.
 
     ``processing`` is ``modules.processing``. Called from the training thread, which already holds the queue
-    lock, so it uses ``process_images`` directly (it takes no lock itself).
+    lock, so it uses ``process_images`` directly (it takes no lock itself). Should the WebUI's pipeline fail
+    (an extension hooked into it, a changed signature), previews come from the engine's own sampler instead of
+    failing the run: a preview is never worth losing a training run for.
     """
     height, width = cfg.resolution_hw
 
     def sample(bundle: ModelBundle, prompts: list[str], step: int) -> list:
+        try:
+            return webui_sample(bundle, prompts, step)
+        except Exception as exc:  # noqa: BLE001 - see above
+            from .sampler import sample_images
+
+            log(f"txt2img preview failed ({type(exc).__name__}: {exc}); using the built-in sampler")
+            return sample_images(bundle, prompts, height, width, cfg.sample_steps, cfg.sample_cfg_scale, cfg.seed)
+
+    def webui_sample(bundle: ModelBundle, prompts: list[str], step: int) -> list:
         images = []
         for prompt in prompts:
             p = processing.StableDiffusionProcessingTxt2Img(

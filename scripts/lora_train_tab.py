@@ -71,10 +71,10 @@ def _networks():
     return networks if hasattr(networks, "list_available_networks") else None
 
 
-def _sampler(cfg):
+def _sampler(cfg, log):
     from modules import processing
 
-    return txt2img_sampler(processing, shared, cfg)
+    return txt2img_sampler(processing, shared, cfg, log)
 
 
 RUNNER = JobRunner(WebUIHost(shared, call_queue.queue_lock, _networks, _sampler), policy)

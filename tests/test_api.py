@@ -93,6 +93,8 @@ def _namespace(tmp_path: Path, model, **cmd) -> SimpleNamespace:
 
     def process_images(p):
         assert lock.locked(), "samples are made while training holds the queue lock"
+        if p.kwargs["prompt"] == "break txt2img":
+            raise RuntimeError("an extension broke txt2img")
         samples.append(p.kwargs)
         return SimpleNamespace(images=[Image.new("RGB", (p.kwargs["width"], p.kwargs["height"]), "blue")])
 
@@ -197,6 +199,16 @@ def test_train_on_the_loaded_model_into_the_lora_folder(webui, sd1_model) -> Non
     # the same name again never overwrites
     again = client.post("/lora-train/v1/jobs", json={**body, "sample_every_n_steps": 0, "max_train_steps": 1})
     assert _wait(client, again.json()["id"])["output"] == str(ns.lora_dir / "shapes-2.safetensors")
+
+
+def test_a_failing_txt2img_preview_falls_back_to_the_engine_sampler(webui) -> None:
+    ns, client = webui()
+    body = {**SMALL, "train_data_dir": str(ns.data), "output_name": "fallback", "max_train_steps": 2,
+            "sample_prompts": ["break txt2img"], "sample_every_n_steps": 2, "sample_steps": 2}
+    status = _wait(client, client.post("/lora-train/v1/jobs", json=body).json()["id"])
+    assert status["state"] == "done", status
+    assert any("using the built-in sampler" in line for line in status["log"])
+    assert Path(status["preview"]).is_file()
 
 
 def test_stop_and_webui_interrupt_keep_what_was_trained(webui) -> None:
