@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 from transformers import CLIPTokenizer
-from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 MAX_LENGTH = 77
 _MERGES = 49152 - 256 - 2  # as in OpenAI's and open_clip's SimpleTokenizer
@@ -31,12 +30,27 @@ def bpe_vocab_path() -> Path:
     return path
 
 
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP's reversible byte → printable character table (transformers 5 no longer exports it)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            codes.append(byte)
+        else:
+            codes.append(256 + extra)
+            extra += 1
+    order = printable + [b for b in range(256) if b not in printable]
+    return [chr(codes[b]) for b in order]
+
+
 @functools.lru_cache(maxsize=2)
 def build_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """A CLIPTokenizer identical to the hub's; SD1/CLIP-L pad with ``<|endoftext|>``, OpenCLIP with ``!``."""
     lines = gzip.open(bpe_vocab_path()).read().decode("utf-8").split("\n")
     merges = lines[1 : _MERGES + 1]
-    symbols = list(bytes_to_unicode().values())
+    symbols = _byte_symbols()
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     with tempfile.TemporaryDirectory() as folder:

@@ -117,6 +117,8 @@ def _open_clip_to_hf(state: dict[str, torch.Tensor], prefix: str, layers: int) -
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
     """Assign converted weights into an empty (meta) module, naming the file and part on a mismatch."""
     expected = set(module.state_dict())
+    if not any(k.startswith("text_model.") for k in expected):  # transformers 5 dropped CLIP's text_model level
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
     missing = sorted(expected - set(state))
     # position_ids is a buffer some transformers versions keep and others drop
     missing = [k for k in missing if not k.endswith("position_ids")]

@@ -85,7 +85,8 @@ class DiffusersBundle:
         if self.clip_skip == 1:
             return Conditioning(context=encoder(tokens[0]).last_hidden_state)
         hidden = encoder(tokens[0], output_hidden_states=True).hidden_states[-self.clip_skip]
-        return Conditioning(context=encoder.text_model.final_layer_norm(hidden))
+        final_norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers 5: no text_model
+        return Conditioning(context=final_norm(hidden))
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         # The distribution's mean, not a sample: cached latents then do not depend on an RNG draw.

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,8 +252,16 @@ class LdmBundle:
         kwargs: dict[str, torch.Tensor] = {}
         if self.family == "sdxl":
             kwargs["y"] = self.vector(cond, noisy)
-        with self._checkpoint_mode():
+        with self._checkpoint_mode(), self._autocast():
             return self.unet(noisy, timesteps, context=cond.context, **kwargs)
+
+    def _autocast(self) -> Any:
+        """fp16/bf16 host weights (the WebUI's default) need autocast: ldm's timestep embedding is fp32. The
+        trainer normally provides it; this is the safety net when it does not (mixed_precision "no")."""
+        device_type = self.device.type
+        if self.dtype == torch.float32 or _autocast_enabled(device_type):
+            return nullcontext()
+        return torch.autocast(device_type, dtype=self.dtype)
 
     def vector(self, cond: Conditioning, noisy: torch.Tensor) -> torch.Tensor:
         """SDXL's ``y``: pooled text features, then each size embedder on its (h, w) / (top, left) pair."""
@@ -323,6 +331,13 @@ class LdmBundle:
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recorded only; ``predict`` applies it around each UNet call (text encoders are not checkpointed)."""
         self.gradient_checkpointing = enabled
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 (the WebUI's 2.1): no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def _checkpointed(function: Any, *args: Any, **kwargs: Any) -> Any:
