@@ -143,3 +143,17 @@ def test_sdxl_checkpoint(tmp_path):
         y = torch.cat([out_g["pooled"], embedders[2](sizes), embedders[3](torch.zeros(2, 2)), embedders[4](sizes)], 1)
     size_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
     compare_unet(engine.model.diffusion_model, bundle, context, y=y, size_ids=size_ids, pooled=out_g["pooled"])
+
+
+def test_ckpt_files_load_weights_only_and_refuse_pickled_objects(tmp_path):
+    model = M.tiny_sd1(webui=False).eval()
+    path = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": model.state_dict(), "global_step": 10}, path)
+    arch = architecture("sd1", M.SD1_UNET, [M.CLIP_CONFIG], ["<|endoftext|>"])
+    with torch.no_grad():
+        context = model.cond_stage_model(CAPTIONS)
+    compare_unet(model.model.diffusion_model, load_single_file(path, arch=arch), context)
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save({"state_dict": {}, "callback": ValueError("not a tensor")}, unsafe)
+    with pytest.raises(ValueError, match="safetensors"):
+        checkpoint_convert.read_state_dict(unsafe)

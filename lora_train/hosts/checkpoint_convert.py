@@ -7,6 +7,7 @@ key mapping itself is short and has not changed since SD2.
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file(str(path))
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ValueError(
+                f"{path}: this .ckpt stores Python objects besides the weights, which we do not unpickle (they can "
+                f"run code). Convert it to .safetensors (e.g. with the WebUI's Checkpoint Merger) and use that. "
+                f"Detail: {str(exc).splitlines()[0]}"
+            ) from None
         return data.get("state_dict", data)
     raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; use .safetensors or .ckpt")
 
