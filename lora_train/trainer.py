@@ -29,6 +29,10 @@ from .files import atomic_write, atomic_write_text, free_path
 from .model import Conditioning, ModelBundle, Parameterization
 from .sampler import sample_images
 
+# safetensors content under an extension the WebUI's Lora list ignores, so a state folder inside models/Lora does
+# not show up as a card
+STATE_WEIGHTS = "adapter.safetensors-state"
+
 SampleFn = Callable[[ModelBundle, list[str], int], list[Image.Image]]
 
 
@@ -315,7 +319,7 @@ class Trainer:
         """Everything resume needs; state.json is written last so a half-written state is never used."""
         state = self.paths.state
         tensors = lora.kohya_state_dict(network, torch.float32)
-        export.write_lora(state / "lora.safetensors", tensors, {})
+        export.write_lora(state / STATE_WEIGHTS, tensors, {})
         for name, obj in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler), ("scaler.pt", scaler)):
             atomic_write(state / name, lambda tmp, obj=obj: torch.save(obj.state_dict(), tmp))
         info = {"step": step, "output_name": self.paths.name, "loss_history": history}
@@ -472,7 +476,7 @@ class Trainer:
     def _resume(self, network, optimizer, scheduler, scaler) -> tuple[int, list[float]]:
         state = Path(self.cfg.resume)
         info = _resume_info(self.cfg)
-        lora.load_kohya(network, export.read_lora(state / "lora.safetensors")[0], str(state))
+        lora.load_kohya(network, export.read_lora(state / STATE_WEIGHTS)[0], str(state))
         optimizer.load_state_dict(torch.load(state / "optimizer.pt", map_location=self.device, weights_only=True))
         scheduler.load_state_dict(torch.load(state / "scheduler.pt", weights_only=True))
         scaler.load_state_dict(torch.load(state / "scaler.pt", weights_only=True))

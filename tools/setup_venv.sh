@@ -13,6 +13,13 @@ if [ "${1:-}" = "--current" ]; then VENV=.venv-current; REQUIREMENTS=requirement
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" -r "$REQUIREMENTS"
 if [ "${1:-}" = "--current" ]; then "${PIP[@]}" -r requirements/test.txt; fi
+if [ "${1:-}" = "--test" ] || [ "${1:-}" = "--current" ]; then
+  # the browser test drives Debian's chromium; skipped where it cannot be installed
+  if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "chromium not installed: the browser test will skip"
+  fi
+fi
 if [ "${1:-}" = "--test" ]; then
   "${PIP[@]}" -r requirements/test.txt
   # Stability's ldm as the WebUI vendors it; --no-deps or it replaces torch/transformers (see requirements/ldm-test.txt)
