@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import re
 
-from .model import Family, UnetLayout
+from torch import nn
+
+from .model import Family, LoraTarget, UnetLayout
 
 # kohya's default targets inside a UNet transformer (Transformer2DModel / SpatialTransformer).
 UNET_TARGET_SUFFIXES = (
@@ -83,3 +85,22 @@ def text_encoder_key(path: str, family: Family, index: int) -> str | None:
         return None
     prefix = f"lora_te{index + 1}" if family == "sdxl" else "lora_te"
     return f"{prefix}_text_model_encoder_layers_{m.group(1)}_{m.group(2).replace('.', '_')}"
+
+
+def find_targets(
+    unet: nn.Module, text_encoders: list[nn.Module], family: Family, layout: UnetLayout, layers_per_block: int,
+    text_encoder: bool,
+) -> list[LoraTarget]:
+    """Every module kohya's default LoRA wraps in a live model, with its kohya key (shared by all hosts)."""
+    targets = [
+        LoraTarget(unet, name, unet_key(name, family, layout, layers_per_block))
+        for name, module in unet.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and is_unet_target(name)
+    ]
+    if text_encoder:
+        for index, encoder in enumerate(text_encoders):
+            for name, module in encoder.named_modules():
+                key = text_encoder_key(name, family, index)
+                if key and isinstance(module, nn.Linear):
+                    targets.append(LoraTarget(encoder, name, key))
+    return targets

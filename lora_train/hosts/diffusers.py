@@ -103,19 +103,9 @@ class DiffusersBundle:
         return self.unet(noisy, timesteps, encoder_hidden_states=cond.context, **extra).sample
 
     def lora_targets(self, text_encoder: bool) -> list[LoraTarget]:
-        blocks = self.arch.layers_per_block
-        targets = [
-            LoraTarget(self.unet, name, kohya_names.unet_key(name, self.family, "diffusers", blocks))
-            for name, module in self.unet.named_modules()
-            if isinstance(module, (nn.Linear, nn.Conv2d)) and kohya_names.is_unet_target(name)
-        ]
-        if text_encoder:
-            for index, encoder in enumerate(self.text_encoders):
-                for name, module in encoder.named_modules():
-                    key = kohya_names.text_encoder_key(name, self.family, index)
-                    if key and isinstance(module, nn.Linear):
-                        targets.append(LoraTarget(encoder, name, key))
-        return targets
+        return kohya_names.find_targets(
+            self.unet, self.text_encoders, self.family, "diffusers", self.arch.layers_per_block, text_encoder
+        )
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         if enabled:
