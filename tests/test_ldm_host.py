@@ -268,6 +268,36 @@ def test_lora_targets_and_kohya_names(build, unet, te_count):
         assert "lora_te_text_model_encoder_layers_1_mlp_fc2" in {t.kohya_key for t in te}
 
 
+# The released configs (v1-inference.yaml, v2-inference-v.yaml, sd_xl_base.yaml), built on the meta device.
+_FULL_SD1 = {
+    "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320, "attention_resolutions": [4, 2, 1],
+    "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4], "num_heads": 8, "use_spatial_transformer": True,
+    "transformer_depth": 1, "context_dim": 768, "use_checkpoint": True, "legacy": False,
+}
+_FULL_SD2 = {**{k: v for k, v in _FULL_SD1.items() if k != "num_heads"}, "num_head_channels": 64,
+             "use_linear_in_transformer": True, "context_dim": 1024}
+_FULL_SDXL = {
+    **{k: v for k, v in _FULL_SD2.items() if k != "transformer_depth"}, "attention_resolutions": [4, 2],
+    "channel_mult": [1, 2, 4], "transformer_depth": [1, 2, 10], "transformer_depth_middle": 10, "context_dim": 2048,
+    "adm_in_channels": 2816, "num_classes": "sequential",
+}
+
+
+@pytest.mark.parametrize("build,cls,config,expected,params", [
+    (M.tiny_sd1, "UNetModel", _FULL_SD1, 192, 859.5), (M.tiny_sd2, "UNetModel", _FULL_SD2, 192, 865.9),
+    (M.tiny_sdxl, "SDXLUNetModel", _FULL_SDXL, 722, 2567.5),
+])
+def test_full_size_unets_give_kohyas_module_counts(build, cls, config, expected, params):
+    bundle = LdmBundle(build())
+    with torch.device("meta"):
+        bundle.unet = getattr(M, cls)(**config)
+    assert round(sum(p.numel() for p in bundle.unet.parameters()) / 1e6, 1) == params  # the real architecture
+    targets = bundle.lora_targets(text_encoder=False)
+    assert len(targets) == expected == M.unet_target_count(config)
+    assert targets[0].kohya_key == ("lora_unet_input_blocks_4_1_proj_in" if bundle.family == "sdxl"
+                                    else "lora_unet_down_blocks_0_attentions_0_proj_in")
+
+
 def test_sd1_lora_is_the_same_in_memory_in_diffusers_and_in_the_webui(tmp_path):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 
