@@ -41,18 +41,22 @@ def inject(targets: list[LoraTarget], rank: int, alpha: float, dropout: float) -
     by_root: dict[int, tuple[nn.Module, list[str]]] = {}
     for target in targets:
         by_root.setdefault(id(target.root), (target.root, []))[1].append(target.path)
-    for root, paths in by_root.values():
-        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=paths)
-        inject_adapter_in_model(config, root, adapter_name=ADAPTER)
-    layers: dict[str, BaseTunerLayer] = {}
-    for target in targets:
-        layer = target.root.get_submodule(target.path)
-        if not isinstance(layer, BaseTunerLayer):
-            raise RuntimeError(f"peft did not wrap {target.path} ({type(layer).__name__})")
-        for module in (layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]):
-            module.float()  # adapters train in fp32 even over fp16 host weights
-        layers[target.kohya_key] = layer
-    return LoraNetwork(layers=layers, roots=[root for root, _ in by_root.values()])
+    network = LoraNetwork(layers={}, roots=[root for root, _ in by_root.values()])
+    try:
+        for root, paths in by_root.values():
+            config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=paths)
+            inject_adapter_in_model(config, root, adapter_name=ADAPTER)
+        for target in targets:
+            layer = target.root.get_submodule(target.path)
+            if not isinstance(layer, BaseTunerLayer):
+                raise RuntimeError(f"peft did not wrap {target.path} ({type(layer).__name__})")
+            for module in (layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]):
+                module.float()  # adapters train in fp32 even over fp16 host weights
+            network.layers[target.kohya_key] = layer
+    except BaseException:
+        remove(network)  # a half-injected host is restored before the error goes on
+        raise
+    return network
 
 
 def remove(network: LoraNetwork) -> None:

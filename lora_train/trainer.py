@@ -356,20 +356,22 @@ class Trainer:
             self.callbacks.on_log(f"network_weights: continuing with the file's rank {rank} and alpha {alpha}")
         self.dims = (rank, alpha)
         has_te_weights = bool(file_weights) and any(k.startswith("lora_te") for k in file_weights)
-        for module in (bundle.unet, *bundle.text_encoders):
-            module.requires_grad_(False)
-            module.eval()
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(cfg.seed)
-            network = lora.inject(bundle.lora_targets(cfg.train_text_encoder or has_te_weights), rank, alpha,
-                                  cfg.lora_dropout)
-            try:
+        targets = bundle.lora_targets(cfg.train_text_encoder or has_te_weights)  # may refuse: nothing changed yet
+        network = None
+        try:
+            for module in (bundle.unet, *bundle.text_encoders):
+                module.requires_grad_(False)
+                module.eval()
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(cfg.seed)
+                network = lora.inject(targets, rank, alpha, cfg.lora_dropout)
                 if file_weights is not None:
                     lora.load_kohya(network, file_weights, str(cfg.network_weights))
                 return self._loop(network)
-            finally:
+        finally:
+            if network is not None:
                 lora.remove(network)
-                flags.restore()
+            flags.restore()
 
     def _loop(self, network: lora.LoraNetwork) -> TrainResult:
         cfg, bundle = self.cfg, self.bundle
@@ -387,7 +389,10 @@ class Trainer:
         scaler = _grad_scaler(self.device, cfg.mixed_precision == "fp16")
         bundle.set_gradient_checkpointing(cfg.gradient_checkpointing)
         bundle.unet.train(cfg.gradient_checkpointing)  # diffusers only checkpoints in train mode
-        if cfg.channels_last:
+        channels_last = cfg.channels_last and not getattr(bundle, "shares_host_weights", False)
+        if cfg.channels_last and not channels_last:
+            self.callbacks.on_log("channels_last is skipped on the WebUI's live model: it would copy the UNet")
+        if channels_last:
             bundle.unet.to(memory_format=torch.channels_last)
         if cfg.torch_compile:
             bundle.unet.forward = torch.compile(bundle.unet.forward)
@@ -443,7 +448,7 @@ class Trainer:
             bundle.set_gradient_checkpointing(False)
             if cfg.torch_compile:
                 del bundle.unet.forward  # back to the class's forward
-            if cfg.channels_last:  # same values, the host's original memory layout
+            if channels_last:  # same values, the host's original memory layout
                 bundle.unet.to(memory_format=torch.contiguous_format)
         if stopped:
             self.callbacks.on_log(f"stopped at step {step}/{self.total_steps}; saving what was trained")

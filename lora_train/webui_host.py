@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
+import torch
+
 from .config import ConfigError, TrainConfig
-from .hosts.ldm import LdmBundle, detect_family, reset_builtin_lora
+from .hosts.ldm import HostSnapshot, LdmBundle, detect_family, reset_builtin_lora
 from .jobs import HostError, Job, TrainHost
 from .model import ModelBundle
 from .trainer import SampleFn
@@ -58,6 +60,14 @@ class WebUIHost(TrainHost):
         model = getattr(self.shared, "sd_model", None)
         if model is None:
             raise HostError(NO_MODEL)
+        options = getattr(self.shared, "cmd_opts", None)
+        offload = [flag for flag in ("lowvram", "medvram") if getattr(options, flag, False)]
+        if offload:
+            raise HostError(
+                f"The WebUI runs with --{offload[0]}, which moves parts of the model between GPU and CPU during "
+                "generation; training needs the whole model on the GPU. Restart without it to train here, or "
+                "use `python -m lora_train train` outside the WebUI."
+            )
         parameterization = None if cfg.v_parameterization is None else ("v" if cfg.v_parameterization else "eps")
         try:
             bundle = LdmBundle(model, clip_skip=cfg.clip_skip, parameterization=parameterization)
@@ -84,8 +94,15 @@ class WebUIHost(TrainHost):
                 _unload_captioner()
                 bundle = self._bundle(cfg)  # the model may have changed while we waited for the lock
                 job.add_log(f"training on the loaded {bundle.family.upper()} checkpoint {bundle.model_name}")
+                if cfg.mixed_precision == "no" and bundle.dtype in (torch.float16, torch.bfloat16):
+                    # fp32 LoRA over half-precision host weights needs autocast to match their dtype
+                    cfg.mixed_precision = "bf16" if bundle.dtype == torch.bfloat16 else "fp16"
+                    job.add_log(f"mixed_precision set to {cfg.mixed_precision} to match the loaded weights")
+                snapshot = HostSnapshot.take(self.shared.sd_model)
                 sample_fn = self.make_sample_fn(cfg, job.add_log) if self.make_sample_fn else None
                 yield bundle, sample_fn
+                job.add_log("checking that the loaded model is bit-identical to before training")
+                snapshot.verify()
             finally:
                 state.textinfo = None
                 if hasattr(state, "end"):

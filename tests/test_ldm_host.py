@@ -436,8 +436,6 @@ def test_host_is_bit_identical_after_a_trainer_run(build, how, options, dataset_
     assert snapshot.diff() == []
 
 
-@pytest.mark.xfail(strict=True, reason="trainer.run freezes the host before bundle.lora_targets() can raise, "
-                   "outside its try/finally, so the flags are not restored; remove this mark once fixed")
 def test_trainer_refuses_text_encoder_training_on_openclip_hosts_before_touching_them(dataset_dir, tmp_path):
     model = M.tiny_sd2()
     snapshot = HostSnapshot.take(model)

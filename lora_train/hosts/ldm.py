@@ -83,6 +83,9 @@ def detect_family(sd_model: Any) -> Family:
 class LdmBundle:
     """The WebUI's live ldm/sgm model behind the ModelBundle interface; every module is the host's own."""
 
+    # the trainer must not re-layout these weights (channels_last would copy the whole UNet)
+    shares_host_weights = True
+
     def __init__(
         self,
         sd_model: Any,
@@ -315,18 +318,9 @@ class LdmBundle:
         """
         if text_encoder and not self.supports_text_encoder_lora:
             raise ValueError(self.text_encoder_note)
-        targets = [
-            LoraTarget(self.unet, name, kohya_names.unet_key(name, self.family, "ldm", self.layers_per_block))
-            for name, module in self.unet.named_modules()
-            if isinstance(module, (nn.Linear, nn.Conv2d)) and kohya_names.is_unet_target(name)
-        ]
-        if text_encoder:
-            for index, encoder in enumerate(self.text_encoders):
-                for name, module in encoder.named_modules():
-                    key = kohya_names.text_encoder_key(name, self.family, index)
-                    if key and isinstance(module, nn.Linear):
-                        targets.append(LoraTarget(encoder, name, key))
-        return targets
+        return kohya_names.find_targets(
+            self.unet, self.text_encoders, self.family, "ldm", self.layers_per_block, text_encoder
+        )
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recorded only; ``predict`` applies it around each UNet call (text encoders are not checkpointed)."""
