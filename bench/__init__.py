@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): step time and overhead of our trainer against a bare diffusers + peft loop."""

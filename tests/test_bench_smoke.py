@@ -1,0 +1,55 @@
+"""The benchmarks in bench/ still run: each at its smallest size for a step or two. No timing is asserted."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import cpu_step, end_to_end, gpu_step  # noqa: E402
+
+THREADS = ["--threads", "1"]  # one thread: no OpenMP oversubscription stalls on a busy CI runner
+
+
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    """The benches set torch's thread count; give the rest of the session back what it had."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cpu_step_prints_a_ratio(capsys):
+    result = cpu_step.main(["--model", "tiny", "--steps", "1", "--warmup", "1", "--repeats", "1", "--images", "2",
+                            *THREADS])
+    out = capsys.readouterr().out
+    assert "ratio ours/reference = " in out
+    assert result.ratio > 0 and len(result.ours) == len(result.reference) == 1
+
+
+def test_end_to_end_prints_the_overhead(capsys):
+    fraction = end_to_end.main(["--model", "tiny", "--steps", "2", "--images", "2", "--profile", "--top", "3",
+                                *THREADS])
+    out = capsys.readouterr().out
+    assert "overhead = " in out and "(ratio " in out and "cProfile" in out
+    assert 0 < fraction < 1
+
+
+def test_gpu_step_counts_flops_anywhere(capsys):
+    gpu_step.main(["--flops-only", "--flops-model", "tiny-sdxl", "--flops-batch", "2"])
+    assert "TFLOP per sample" in capsys.readouterr().out
+    assert gpu_step.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert gpu_step.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_step.peak_tflops("Some Future Card") is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_gpu_step_exits_cleanly_without_cuda(capsys):
+    assert gpu_step.main(["--skip-sdxl"]) == []
+    assert "CUDA is not available" in capsys.readouterr().out
