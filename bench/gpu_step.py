@@ -190,7 +190,7 @@ def sd1_part(args, tmp: Path, peak: float | None) -> list[dict]:
     data = common.make_dataset(tmp / "sd1", args.images, 512)
     flops = {bs: count_flops("sd1", bs, "meta") for bs in args.batch_sizes}
     for precision in args.precisions:
-        bundle.to("cuda", DTYPES[precision])
+        bundle.to(bundle.device, DTYPES[precision])
         for batch in args.batch_sizes:
             cfg = common.bench_config(data, tmp / "out", 512, batch_size=batch, mixed_precision=precision)
             rows.append(compare(f"SD1.5 512px b{batch} {precision}", cfg, bundle, {"precision": precision},
