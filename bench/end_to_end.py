@@ -50,6 +50,7 @@ class Timers:
     @contextlib.contextmanager
     def wrap(self, owner: object, attr: str, label: str) -> Iterator[None]:
         original = getattr(owner, attr)
+        owned = attr in vars(owner)  # a module's function or a class's method, not one found on the class
 
         @functools.wraps(original)
         def timed(*args, **kwargs):
@@ -71,7 +72,7 @@ class Timers:
         try:
             yield
         finally:
-            if isinstance(owner, type) or attr not in vars(owner):
+            if owned:
                 setattr(owner, attr, original)
             else:  # an instance attribute we added: drop it so the class's method shows through again
                 delattr(owner, attr)

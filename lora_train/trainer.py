@@ -204,6 +204,9 @@ class Trainer:
         self.started_at = time.time()
         self.latents: dict[int, torch.Tensor] = {}
         self.text_cache: dict[str, Conditioning] = {}
+        self.size_ids: dict[int, torch.Tensor] = {}
+        self.alphas = bundle.alphas_cumprod.to(self.device)
+        self.has_reg = any(item.is_reg for item in self.dataset.items)
 
     # -- data -----------------------------------------------------------------------------------
     def _micro_batches(self, start_micro: int) -> Iterator[tuple[int, list[int]]]:
@@ -217,8 +220,8 @@ class Trainer:
                 micro += 1
 
     @torch.no_grad()
-    def _encode_latents(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents for a batch (from the cache when enabled) and SDXL's per-sample size ids."""
+    def _encode_latents(self, indices: list[int]) -> torch.Tensor:
+        """Latents for a batch, from the memory or disk cache when enabled."""
         latents = []
         for index in indices:
             latent = self.latents.get(index)
@@ -227,14 +230,22 @@ class Trainer:
                 if latent is None:
                     item = self.dataset.items[index]
                     pixels, item.crop = data.load_pixels(item)
-                    latent = self.bundle.encode_images(pixels[None].to(self.device))[0].float().cpu()
+                    latent = self.bundle.encode_images(pixels[None].to(self.device))[0].float()
                     if self.cfg.cache_latents_to_disk:
-                        self._latent_to_disk(index, latent)
+                        self._latent_to_disk(index, latent.cpu())
+                latent = latent.to(self.device)  # cached on the device: no host-to-device copy per step
                 if self.cfg.cache_latents:
                     self.latents[index] = latent
             latents.append(latent)
-        size_ids = [self.dataset.items[i].size_ids() for i in indices]
-        return torch.stack(latents).to(self.device), torch.tensor(size_ids, dtype=torch.float32, device=self.device)
+        return torch.stack(latents)
+
+    def _size_ids(self, indices: list[int]) -> torch.Tensor:
+        """SDXL's per-sample size conditioning, built on the device once per item."""
+        for index in indices:
+            if index not in self.size_ids:
+                ids = self.dataset.items[index].size_ids()
+                self.size_ids[index] = torch.tensor(ids, dtype=torch.float32, device=self.device)
+        return torch.stack([self.size_ids[i] for i in indices])
 
     def _latent_path(self, index: int) -> Path:
         """Keyed by image file, its mtime and size, the bucket and the model, so stale entries are never used."""
@@ -284,16 +295,16 @@ class Trainer:
         torch.manual_seed(seed)  # LoRA dropout draws from the global generator
         generator = torch.Generator(self.device).manual_seed(seed)
         rng = random.Random(seed)
-        latents, size_ids = self._encode_latents(indices)
+        latents = self._encode_latents(indices)
         items = [self.dataset.items[i] for i in indices]
         cond = self._text([data.process_caption(item.caption, cfg, rng) for item in items])
         if cond.pooled is not None:
-            cond.size_ids = size_ids
+            cond.size_ids = self._size_ids(indices)
         noise = torch.randn(latents.shape, generator=generator, device=self.device)
         if cfg.noise_offset:
             noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
                                                     device=self.device)
-        alphas = bundle.alphas_cumprod.to(self.device)
+        alphas = self.alphas
         timesteps = torch.randint(0, len(alphas), (len(indices),), generator=generator, device=self.device)
         noisy = add_noise(latents, noise, timesteps, alphas)
         with _autocast(cfg, self.device):
@@ -302,6 +313,8 @@ class Trainer:
         loss = torch.nn.functional.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:
             loss = loss * min_snr_weights(timesteps, alphas, cfg.min_snr_gamma, bundle.parameterization)
+        if not self.has_reg:
+            return loss.mean()
         weights = torch.tensor([cfg.prior_loss_weight if it.is_reg else 1.0 for it in items], device=self.device)
         return (loss * weights).mean()
 
