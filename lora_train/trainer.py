@@ -13,6 +13,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,6 +206,9 @@ class Trainer:
         self.latents: dict[int, torch.Tensor] = {}
         self.text_cache: dict[str, Conditioning] = {}
         self.size_ids: dict[int, torch.Tensor] = {}
+        uncached = not (cfg.cache_latents or cfg.cache_latents_to_disk)
+        self.loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lora-images") if uncached else None
+        self.pending: dict[int, Future] = {}
         self.alphas = bundle.alphas_cumprod.to(self.device)
         self.has_reg = any(item.is_reg for item in self.dataset.items)
 
@@ -219,6 +223,17 @@ class Trainer:
                 yield epoch, batch
                 micro += 1
 
+    def _prefetched(self, batches: Iterator[tuple[int, list[int]]]) -> Iterator[tuple[int, list[int]]]:
+        """Without a latent cache, decode the next batch's images in a thread while this step trains."""
+        upcoming = next(batches)
+        while True:
+            current, upcoming = upcoming, next(batches)
+            if self.loader is not None:
+                for index in upcoming[1]:
+                    if index not in self.pending:
+                        self.pending[index] = self.loader.submit(data.load_pixels, self.dataset.items[index])
+            yield current
+
     @torch.no_grad()
     def _encode_latents(self, indices: list[int]) -> torch.Tensor:
         """Latents for a batch, from the memory or disk cache when enabled."""
@@ -229,7 +244,8 @@ class Trainer:
                 latent = self._latent_from_disk(index) if self.cfg.cache_latents_to_disk else None
                 if latent is None:
                     item = self.dataset.items[index]
-                    pixels, item.crop = data.load_pixels(item)
+                    pending = self.pending.pop(index, None)
+                    pixels, item.crop = pending.result() if pending else data.load_pixels(item)
                     latent = self.bundle.encode_images(pixels[None].to(self.device))[0].float()
                     if self.cfg.cache_latents_to_disk:
                         self._latent_to_disk(index, latent.cpu())
@@ -416,7 +432,7 @@ class Trainer:
         self._cache_all_latents()
         self.callbacks.on_start(self.total_steps, step)
         accumulation = cfg.gradient_accumulation_steps
-        batches = self._micro_batches(step * accumulation)
+        batches = self._prefetched(self._micro_batches(step * accumulation))
         params = network.parameters()
         start_time, start_step = time.time(), step
         epoch, stopped, samples = 0, False, []
@@ -458,6 +474,8 @@ class Trainer:
         finally:
             if writer:
                 writer.close()
+            if self.loader is not None:
+                self.loader.shutdown(wait=False, cancel_futures=True)
             bundle.set_gradient_checkpointing(False)
             if cfg.torch_compile:
                 del bundle.unet.forward  # back to the class's forward

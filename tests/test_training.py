@@ -207,3 +207,12 @@ def test_torch_compile_trains_and_restores_forward(tiny, dataset_dir, tmp_path):
     result = train(make_config(dataset_dir, tmp_path, max_train_steps=2, torch_compile=True), tiny)
     assert result.steps == 2
     assert "forward" not in vars(tiny.unet)
+
+
+def test_uncached_images_stream_through_the_loader_with_the_same_result(tiny, dataset_dir, tmp_path):
+    cached = train(make_config(dataset_dir, tmp_path / "a", max_train_steps=5), tiny)
+    streamed = train(make_config(dataset_dir, tmp_path / "b", max_train_steps=5, cache_latents=False), tiny)
+    a, _ = read_lora(cached.output)
+    b, _ = read_lora(streamed.output)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
