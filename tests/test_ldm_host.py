@@ -34,6 +34,7 @@ from lora_train import (
 from lora_train.export import read_lora  # noqa: E402
 from lora_train.hosts.ldm import HostSnapshot, LdmBundle, detect_family, reset_builtin_lora  # noqa: E402
 from lora_train.model import Conditioning  # noqa: E402
+from lora_train.sampler import sample_images  # noqa: E402
 from lora_train.trainer import TrainCallbacks, train  # noqa: E402
 
 CAPTIONS = ["a photo of a red cat", "a painting of a house by the sea"]
@@ -422,6 +423,7 @@ def test_host_is_bit_identical_after_a_trainer_run(build, how, options, dataset_
     _as_the_webui_leaves_it(model)
     bundle = LdmBundle(model)
     snapshot = HostSnapshot.take(model)
+    generation_before = sample_images(bundle, ["a red circle"], 64, 64, steps=2, seed=7)[0]
     cfg = make_config(dataset_dir, tmp_path, max_train_steps=3, **options)
     if how == "crashed":
         with pytest.raises(RuntimeError, match="crash mid-run"):
@@ -434,6 +436,8 @@ def test_host_is_bit_identical_after_a_trainer_run(build, how, options, dataset_
         unet = {"sd1": M.SD1_UNET, "sd2": M.SD2_UNET, "sdxl": M.SDXL_UNET}[bundle.family]
         assert len(_modules(tensors)) == M.unet_target_count(unet) + te
     assert snapshot.diff() == []
+    generation_after = sample_images(bundle, ["a red circle"], 64, 64, steps=2, seed=7)[0]
+    assert generation_after.tobytes() == generation_before.tobytes()  # the next image is the same as before
 
 
 def test_trainer_refuses_text_encoder_training_on_openclip_hosts_before_touching_them(dataset_dir, tmp_path):
