@@ -42,17 +42,22 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def free_path(path: str | Path, overwrite: bool = False) -> Path:
-    """Return ``path`` if it is free (or ``overwrite``), else the first free ``stem-N.suffix`` beside it.
+def free_name(folder: str | Path, name: str, suffixes: tuple[str, ...] = ("",)) -> str:
+    """``name``, or the first ``name-N``, for which no ``folder/<candidate><suffix>`` exists for any suffix.
 
-    kohya overwrites silently; we keep the old file and write a versioned name instead.
+    kohya overwrites silently; every place we create an output (file, checkpoint folder, dataset folder)
+    picks its name here instead, so existing work is never replaced.
     """
+    folder = Path(folder)
+    candidate, n = name, 2
+    while any((folder / f"{candidate}{suffix}").exists() for suffix in suffixes):
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
+
+
+def free_path(path: str | Path, overwrite: bool = False) -> Path:
+    """Return ``path`` if it is free (or ``overwrite``), else the first free ``stem-N.suffix`` beside it."""
     path = Path(path)
-    if overwrite or not path.exists():
+    if overwrite:
         return path
-    n = 2
-    while True:
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-        if not candidate.exists():
-            return candidate
-        n += 1
+    return path.with_name(free_name(path.parent, path.stem, (path.suffix,)) + path.suffix)

@@ -25,7 +25,7 @@ from PIL import Image
 
 from . import config as config_module
 from .config import ConfigError, TrainConfig
-from .files import atomic_write, free_path
+from .files import atomic_write, free_name, free_path
 from .model import ModelBundle
 from .paths import PathPolicy, resolve, sanitize_name
 from .trainer import SampleFn, StepInfo, TrainCallbacks, TrainResult, train
@@ -195,21 +195,13 @@ def prepare_config(data: dict[str, Any] | TrainConfig, policy: PathPolicy) -> Tr
         state = resolve(cfg.resume)
         changes["output_dir"] = str(policy.check_output(state.parent, "resume"))
     else:
-        name = free_name(root, name)
+        name = free_name(root, name, (".safetensors", "-checkpoints"))
         changes["output_dir"] = str(root / f"{name}-checkpoints")
     changes["output_name"] = name
     changes["overwrite"] = False
     if cfg.logging_dir:
         changes["logging_dir"] = str(policy.check_output(cfg.logging_dir, "logging_dir"))
     return dataclasses.replace(cfg, **changes)
-
-
-def free_name(root: Path, name: str) -> str:
-    """``name``, or ``name-N``, such that neither ``<name>.safetensors`` nor ``<name>-checkpoints`` exists."""
-    candidate, n = name, 2
-    while (root / f"{candidate}.safetensors").exists() or (root / f"{candidate}-checkpoints").exists():
-        candidate, n = f"{name}-{n}", n + 1
-    return candidate
 
 
 def describe_run(cfg: TrainConfig, result: TrainResult, model_name: str) -> str:

@@ -100,14 +100,3 @@ class PathPolicy:
             value = getattr(cfg, key)
             if value:
                 self.check_output(value, key)
-
-
-def free_dir(path: str | Path) -> Path:
-    """``path`` if no such file or folder exists, else the first free ``path-N``."""
-    path = Path(path)
-    if not path.exists():
-        return path
-    n = 2
-    while (candidate := path.with_name(f"{path.name}-{n}")).exists():
-        n += 1
-    return candidate

@@ -26,8 +26,9 @@ import yaml
 from . import caption_files
 from . import config as config_module
 from .config import ConfigError, TrainConfig
+from .files import free_name
 from .jobs import BusyError, HostError, Job, JobRunner
-from .paths import free_dir, sanitize_name
+from .paths import sanitize_name
 from .presets import DEFAULT_PRESET, PRESET_NAMES, preset_values
 from .uploads import UploadError, import_upload
 
@@ -351,7 +352,7 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
                 return gr.update(), [], [], "", [], "Choose files to upload first."
             try:
                 root = Path(settings.datasets_root)
-                folder = free_dir(root / sanitize_name(name or "dataset", fallback="dataset"))
+                folder = root / free_name(root, sanitize_name(name or "dataset", fallback="dataset"))
                 report = import_upload([_file_path(f) for f in files], folder)
             except (UploadError, ConfigError, OSError) as exc:
                 return gr.update(), [], [], "", [], f"⚠️ Upload refused: {exc}"

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from lora_train.config import ConfigError, TrainConfig
-from lora_train.jobs import free_name, prepare_config
-from lora_train.paths import SETTING_NAME, PathNotAllowed, PathPolicy, free_dir, sanitize_name
+from lora_train.files import free_name
+from lora_train.jobs import prepare_config
+from lora_train.paths import SETTING_NAME, PathNotAllowed, PathPolicy, sanitize_name
 
 
 @pytest.mark.parametrize(
@@ -102,7 +103,7 @@ def test_prepare_config_never_reuses_an_existing_name(tmp_path: Path, dataset_di
     root.mkdir()
     (root / "mine.safetensors").write_bytes(b"x")
     (root / "mine-2-checkpoints").mkdir()
-    assert free_name(root, "mine") == "mine-3"
+    assert free_name(root, "mine", (".safetensors", "-checkpoints")) == "mine-3"
     cfg = prepare_config(TrainConfig(train_data_dir=str(dataset_dir), output_name="mine"),
                          PathPolicy(output_root=root))
     assert cfg.output_name == "mine-3" and not cfg.overwrite
@@ -114,8 +115,8 @@ def test_prepare_config_uses_metadata_csv_when_present(tmp_path: Path, dataset_d
     assert cfg.metadata_path == str((dataset_dir / "metadata.csv").resolve())
 
 
-def test_free_dir(tmp_path: Path) -> None:
-    assert free_dir(tmp_path / "a") == tmp_path / "a"
+def test_free_folder_name(tmp_path: Path) -> None:
+    assert free_name(tmp_path, "a") == "a"
     (tmp_path / "a").mkdir()
     (tmp_path / "a-2").mkdir()
-    assert free_dir(tmp_path / "a") == tmp_path / "a-3"
+    assert free_name(tmp_path, "a") == "a-3"
