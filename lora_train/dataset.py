@@ -6,7 +6,6 @@ user fixes the folder once instead of once per image.
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 import re
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from . import caption_files
 from .config import TrainConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -86,12 +86,13 @@ def _subsets(root: Path) -> list[tuple[Path, int]]:
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
-    """``filename,prompt`` CSV (lora-scripts / our captioner), keys as written."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or not {"filename", "prompt"} <= set(reader.fieldnames):
-            raise DatasetError(f"{path}: needs a header line 'filename,prompt'")
-        return {row["filename"].strip(): (row["prompt"] or "").strip() for row in reader}
+    """The captioner's ``filename,prompt`` CSV, read by the same code that writes it."""
+    if not path.is_file():
+        raise DatasetError(f"metadata_path {str(path)!r} is not a file")
+    try:
+        return {name: caption.strip() for name, caption in caption_files.read_metadata_csv(path).items()}
+    except caption_files.CaptionFileError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 def _image_size(path: Path) -> tuple[int, int]:
