@@ -158,9 +158,8 @@ class _Paths:
     A resumed run keeps the name of the run it continues (and may replace that run's stopped output).
     """
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, resumed: str | None):
         self.dir = Path(cfg.output_dir)
-        resumed = _resume_info(cfg).get("output_name") if cfg.resume else None
         if resumed:
             self.final = self.dir / f"{resumed}.safetensors"
         else:
@@ -201,7 +200,8 @@ class Trainer:
         self.batches_per_epoch = len(data.epoch_batches(self.dataset, cfg.batch_size, cfg.seed, 0))
         micro_total = cfg.epochs * self.batches_per_epoch
         self.total_steps = cfg.max_train_steps or math.ceil(micro_total / cfg.gradient_accumulation_steps)
-        self.paths = _Paths(cfg)
+        self.resume_info = _resume_info(cfg) if cfg.resume else {}
+        self.paths = _Paths(cfg, self.resume_info.get("output_name"))
         self.started_at = time.time()
         self.latents: dict[int, torch.Tensor] = {}
         self.text_cache: dict[str, Conditioning] = {}
@@ -511,7 +511,7 @@ class Trainer:
 
     def _resume(self, network, optimizer, scheduler, scaler) -> tuple[int, list[float]]:
         state = Path(self.cfg.resume)
-        info = _resume_info(self.cfg)
+        info = self.resume_info
         lora.load_kohya(network, export.read_lora(state / STATE_WEIGHTS)[0], str(state))
         optimizer.load_state_dict(torch.load(state / "optimizer.pt", map_location=self.device, weights_only=True))
         scheduler.load_state_dict(torch.load(state / "scheduler.pt", weights_only=True))
