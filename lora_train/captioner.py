@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lora_train import caption_files
+from lora_train.weights import load_tensors
 
 DEFAULT_MODEL = "coca_ViT-L-14"
 VOCAB_DIR = Path(__file__).parent / "vocab"
@@ -114,16 +115,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a state dict from .safetensors or a torch pickle (weights only), unwrapping common containers."""
     path = Path(path)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors(path)
     except Exception as exc:  # corrupt or truncated download: say which file, not a pickle traceback
         raise CaptionerError(f"Cannot read weights file {path}: {exc}") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
     if not isinstance(state, dict) or not state:
         raise CaptionerError(f"{path} holds no state dict")
     if all(k.startswith("module.") for k in state):
@@ -560,10 +554,7 @@ def get_captioner(
 
 
 def unload() -> None:
-    """Free the cached captioner's memory (call before training starts)."""
+    """Free the cached captioner's memory (call before training starts); each unload collects and frees."""
     while _LOADED:
         _, captioner = _LOADED.popitem()
         captioner.unload()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ..model import Family
+from ..weights import load_tensors
 
 try:  # diffusers >= 0.28 moved the module
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
@@ -39,18 +39,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors or .ckpt file (``state_dict`` unwrapped); .ckpt loads without pickled code."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+    if path.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         try:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
+            return load_tensors(path)
         except pickle.UnpicklingError as exc:
             raise ValueError(
                 f"{path}: this .ckpt stores Python objects besides the weights, which we do not unpickle (they can "
                 f"run code). Convert it to .safetensors (e.g. with the WebUI's Checkpoint Merger) and use that. "
                 f"Detail: {str(exc).splitlines()[0]}"
             ) from None
-        return data.get("state_dict", data)
     raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; use .safetensors or .ckpt")
 
 
