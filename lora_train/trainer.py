@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers.optimization import get_scheduler
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -28,7 +27,7 @@ from . import export, lora
 from .config import ConfigError, TrainConfig
 from .files import atomic_write, atomic_write_text, free_path
 from .model import Conditioning, ModelBundle, Parameterization
-from .sampler import sample_images
+from .optim import make_grad_scaler, make_optimizer, make_scheduler
 
 # safetensors content under an extension the WebUI's Lora list ignores, so a state folder inside models/Lora does
 # not show up as a card
@@ -120,31 +119,6 @@ class ModuleFlags:
             module.train(flag)
 
 
-def _optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    args = dict(cfg.optimizer_args)
-    cuda = groups[0]["params"][0].is_cuda
-    if cfg.optimizer == "adamw":
-        args.setdefault("weight_decay", 1e-2)
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=cuda or None, foreach=None if cuda else True,
-                                 **args)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.learning_rate, **args)
-    if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise ConfigError("optimizer", "adamw8bit needs bitsandbytes (pip install bitsandbytes); "
-                              "or set optimizer: adamw") from None
-        args.setdefault("weight_decay", 1e-2)
-        return bitsandbytes.optim.AdamW8bit(groups, lr=cfg.learning_rate, **args)
-    try:
-        from prodigyopt import Prodigy
-    except ImportError:
-        raise ConfigError("optimizer", "prodigy needs prodigyopt (pip install prodigyopt); "
-                          "or set optimizer: adamw") from None
-    return Prodigy(groups, lr=cfg.learning_rate, **args)
-
-
 def _autocast(cfg: TrainConfig, device: torch.device):
     if cfg.mixed_precision == "no":
         return contextlib.nullcontext()
@@ -176,13 +150,6 @@ def _resume_info(cfg: TrainConfig) -> dict:
     if not info_path.is_file():
         raise ConfigError("resume", f"{cfg.resume} has no state.json; point it at a '<name>-state' folder")
     return json.loads(info_path.read_text())
-
-
-def _grad_scaler(device: torch.device, enabled: bool):
-    """torch >= 2.3 has torch.amp.GradScaler; the WebUI's torch 2.1 only torch.cuda.amp's."""
-    if hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler(device.type, enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -364,6 +331,8 @@ class Trainer:
         if self.sample_fn:
             images = self.sample_fn(self.bundle, self.cfg.prompts, step)
         else:
+            from .sampler import sample_images  # diffusers: the CLI's venv has it, the WebUI's need not
+
             with _autocast(self.cfg, self.device):
                 images = sample_images(self.bundle, self.cfg.prompts, height, width, self.cfg.sample_steps,
                                        self.cfg.sample_cfg_scale, seed=self.cfg.seed)
@@ -410,12 +379,9 @@ class Trainer:
         groups = [{"params": network.parameters("lora_unet"), "lr": cfg.unet_lr or cfg.learning_rate}]
         if cfg.train_text_encoder:
             groups.append({"params": network.parameters("lora_te"), "lr": cfg.text_encoder_lr or cfg.learning_rate})
-        optimizer = _optimizer(cfg, groups)
-        scheduler = get_scheduler(
-            cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=self.total_steps,
-            num_cycles=cfg.lr_scheduler_num_cycles, power=cfg.lr_scheduler_power,
-        )
-        scaler = _grad_scaler(self.device, cfg.mixed_precision == "fp16")
+        optimizer = make_optimizer(cfg, groups)
+        scheduler = make_scheduler(cfg, optimizer, self.total_steps)
+        scaler = make_grad_scaler(self.device, cfg.mixed_precision == "fp16")
         bundle.set_gradient_checkpointing(cfg.gradient_checkpointing)
         bundle.unet.train(cfg.gradient_checkpointing)  # diffusers only checkpoints in train mode
         channels_last = cfg.channels_last and not getattr(bundle, "shares_host_weights", False)

@@ -161,8 +161,11 @@ def txt2img_sampler(processing: Any, shared: Any, cfg: TrainConfig, log: Callabl
         try:
             return webui_sample(bundle, prompts, step)
         except Exception as exc:  # noqa: BLE001 - see above
-            from .sampler import sample_images
-
+            try:
+                from .sampler import sample_images  # needs diffusers, which the WebUI's venv may lack
+            except ImportError:
+                log(f"txt2img preview failed ({type(exc).__name__}: {exc}); no preview at step {step}")
+                return []
             log(f"txt2img preview failed ({type(exc).__name__}: {exc}); using the built-in sampler")
             return sample_images(bundle, prompts, height, width, cfg.sample_steps, cfg.sample_cfg_scale, cfg.seed)
 

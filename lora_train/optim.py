@@ -1,0 +1,70 @@
+"""Optimizer, learning-rate schedule and gradient scaler for a run, built from the config.
+
+The schedules are transformers' (``transformers.optimization``): transformers is in every venv we run in, the
+WebUI's included, while diffusers is not in the WebUI's venv and its versions that import next to the WebUI's
+huggingface_hub differ by host. The formulas are the ones diffusers and kohya use (cosine with half a cycle,
+hard restarts, polynomial decay to 1e-7).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ConfigError, TrainConfig
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` names over the parameter groups (lr per group)."""
+    args = dict(cfg.optimizer_args)
+    cuda = groups[0]["params"][0].is_cuda
+    if cfg.optimizer == "adamw":
+        args.setdefault("weight_decay", 1e-2)
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=cuda or None, foreach=None if cuda else True,
+                                 **args)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, **args)
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ConfigError("optimizer", "adamw8bit needs bitsandbytes (pip install bitsandbytes); "
+                              "or set optimizer: adamw") from None
+        args.setdefault("weight_decay", 1e-2)
+        return bitsandbytes.optim.AdamW8bit(groups, lr=cfg.learning_rate, **args)
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise ConfigError("optimizer", "prodigy needs prodigyopt (pip install prodigyopt); "
+                          "or set optimizer: adamw") from None
+    return Prodigy(groups, lr=cfg.learning_rate, **args)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The ``cfg.lr_scheduler`` schedule with ``cfg.lr_warmup_steps`` warmup over ``total_steps``."""
+    from transformers import optimization as schedules
+
+    warmup = cfg.lr_warmup_steps
+    name = cfg.lr_scheduler
+    if name == "constant":
+        return schedules.get_constant_schedule(optimizer)
+    if name == "constant_with_warmup":
+        return schedules.get_constant_schedule_with_warmup(optimizer, warmup)
+    if name == "linear":
+        return schedules.get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    if name == "cosine":
+        return schedules.get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    if name == "cosine_with_restarts":
+        return schedules.get_cosine_with_hard_restarts_schedule_with_warmup(
+            optimizer, warmup, total_steps, num_cycles=cfg.lr_scheduler_num_cycles)
+    if name == "polynomial":
+        return schedules.get_polynomial_decay_schedule_with_warmup(
+            optimizer, warmup, total_steps, power=cfg.lr_scheduler_power)
+    raise ConfigError("lr_scheduler", f"unknown schedule {name!r}")
+
+
+def make_grad_scaler(device: torch.device, enabled: bool):
+    """torch >= 2.3 has torch.amp.GradScaler; the WebUI's torch 2.1 only torch.cuda.amp's."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
