@@ -17,7 +17,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from .config import ConfigError
 from .jobs import BusyError, HostError, JobRunner
 from .paths import INPUT_KEYS, PathNotAllowed
-from .presets import DEFAULT_PRESET, PRESET_NAMES, all_presets, preset_values
+from .presets import DEFAULT_PRESET, PRESET_NAMES, all_presets
 
 PREFIX = "/lora-train/v1"
 INSECURE_FLAG = "--enable-insecure-extension-access"
@@ -71,7 +71,7 @@ def build_router(
         preset = data.pop("preset", None)
         if preset:
             try:
-                data = {**preset_values(str(preset), runner.host.family()), **data}
+                data = {**runner.host.preset(str(preset)), **data}
             except ValueError as exc:
                 raise _error(422, "preset", str(exc)) from None
         try:
@@ -103,6 +103,6 @@ def build_router(
     def presets() -> dict[str, Any]:
         family = runner.host.family()
         return {"family": family, "default": DEFAULT_PRESET, "names": list(PRESET_NAMES),
-                "presets": all_presets(family)}
+                "presets": all_presets(family, runner.host.device_type())}
 
     return router

@@ -28,6 +28,7 @@ from .config import ConfigError, TrainConfig
 from .files import atomic_write, free_name, free_path
 from .model import ModelBundle
 from .paths import PathPolicy, resolve, sanitize_name
+from .presets import preset_values
 from .trainer import SampleFn, StepInfo, TrainCallbacks, TrainResult, train
 
 PREFERRED_WEIGHT = 0.7
@@ -51,6 +52,16 @@ class TrainHost:
     def family(self) -> str | None:
         """The loaded model's family ("sd1", "sd2", "sdxl") for presets, or None when unknown."""
         return None
+
+    def device_type(self) -> str:
+        """The torch device type training would run on ("cuda", "cpu", ...); presets depend on it."""
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def preset(self, name: str) -> dict[str, Any]:
+        """Preset ``name`` for the model and device this host trains (ValueError naming an unknown preset)."""
+        return preset_values(name, self.family(), self.device_type())
 
     def check(self, cfg: TrainConfig) -> None:
         """Raise HostError/ConfigError when ``cfg`` cannot be trained now (called before the thread starts)."""

@@ -55,9 +55,12 @@ def preset_keys() -> list[str]:
     return list(keys)
 
 
-def preset_values(name: str, family: Family | str | None) -> dict[str, Any]:
+def preset_values(name: str, family: Family | str | None, device: str = "cuda") -> dict[str, Any]:
     """Config values for preset ``name`` on ``family`` (SD1 when the family is unknown), for every preset key,
     so switching presets resets what the previous one set. Raises ValueError naming an unknown preset.
+
+    Mixed precision only where ``device`` (a torch device type) runs it fast: on a CPU fp16 autocast is slow or
+    unsupported, so CPU presets train in full precision.
     """
     if name not in PRESET_NAMES:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
@@ -69,9 +72,11 @@ def preset_values(name: str, family: Family | str | None) -> dict[str, Any]:
     if family == "sd2":
         values["train_text_encoder"] = False
         values["text_encoder_lr"] = None
+    if device != "cuda":
+        values["mixed_precision"] = "no"
     return values
 
 
-def all_presets(family: Family | str | None) -> dict[str, dict[str, Any]]:
-    """Every preset for ``family`` (the REST API's presets listing)."""
-    return {name: preset_values(name, family) for name in PRESET_NAMES}
+def all_presets(family: Family | str | None, device: str = "cuda") -> dict[str, dict[str, Any]]:
+    """Every preset for ``family`` on ``device`` (the REST API's presets listing)."""
+    return {name: preset_values(name, family, device) for name in PRESET_NAMES}

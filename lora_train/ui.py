@@ -159,10 +159,11 @@ def config_to_values(cfg: TrainConfig | dict[str, Any]) -> list[Any]:
     return [_to_widget(name, data.get(name)) for name in FIELD_NAMES]
 
 
-def initial_config(settings: UISettings, family: str | None) -> dict[str, Any]:
-    """The form's starting values: config defaults, then the default preset for the family, then the host's."""
+def initial_config(settings: UISettings, family: str | None, device: str = "cuda") -> dict[str, Any]:
+    """The form's starting values: config defaults, then the default preset for the family and device, then the
+    host's."""
     data = TrainConfig().to_dict()
-    data.update(preset_values(settings.default_preset, family))
+    data.update(preset_values(settings.default_preset, family, device))
     data.update(settings.defaults)
     return data
 
@@ -243,7 +244,7 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
     """The tab's Blocks over ``runner`` (the WebUI host or the standalone diffusers host)."""
     host = runner.host
     family = host.family()
-    start = initial_config(settings, family)
+    start = initial_config(settings, family, host.device_type())
     widgets: dict[str, Any] = {}
 
     with gr.Blocks(analytics_enabled=False, title="LoRA Train") as demo:
@@ -399,7 +400,7 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
         preset_names = list(preset_values(DEFAULT_PRESET, None))
 
         def apply_preset(name: str):
-            values = preset_values(name, host.family())
+            values = host.preset(name)
             return [gr.update(value=_to_widget(key, values[key])) for key in preset_names] + \
                 [_family_text(host.family())]
 

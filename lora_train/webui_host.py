@@ -56,6 +56,11 @@ class WebUIHost(TrainHost):
         except ValueError:
             return None
 
+    def device_type(self) -> str:
+        model = getattr(self.shared, "sd_model", None)
+        parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+        return parameter.device.type if parameter is not None else super().device_type()
+
     def _bundle(self, cfg: TrainConfig) -> LdmBundle:
         model = getattr(self.shared, "sd_model", None)
         if model is None:
