@@ -46,6 +46,26 @@ def _basic_auth(credentials: dict[str, str]) -> Callable[..., None]:
     return check
 
 
+# the WebUI's own rule (modules/shared_cmd_options.py): any of these makes it "non-local"
+NON_LOCAL_FLAGS = (("share", "--share"), ("listen", "--listen"), ("ngrok", "--ngrok"), ("server_name", "--server-name"))
+
+
+def path_refusal(cmd_opts: Any) -> str | None:
+    """Why requests naming server paths are refused under these WebUI flags, or None when they are allowed.
+
+    The WebUI sets ``disable_extension_access`` when any of --share/--listen/--ngrok/--server-name is given
+    (even ``--server-name 127.0.0.1``) without --enable-insecure-extension-access; the message names the flag
+    that did it and both ways out. Requests that passed --api-auth are the owner's and are never refused.
+    """
+    if not getattr(cmd_opts, "disable_extension_access", False):
+        return None
+    given = [flag for attr, flag in NON_LOCAL_FLAGS if getattr(cmd_opts, attr, None)]
+    cause = f"the WebUI was started with {' and '.join(given)}" if given else "the WebUI listens beyond localhost"
+    return (f"training from server paths over the API is disabled because {cause}, which the WebUI treats as "
+            f"reachable from the network; add {INSECURE_FLAG} to allow it, or --api-auth user:password so that "
+            "only authenticated requests are served")
+
+
 def _error(status: int, field: str | None, message: str) -> HTTPException:
     return HTTPException(status, {"field": field, "message": message})
 
@@ -53,21 +73,20 @@ def _error(status: int, field: str | None, message: str) -> HTTPException:
 def build_router(
     runner: JobRunner,
     credentials: dict[str, str] | None = None,
-    allow_paths: bool = True,
+    path_refusal: str | None = None,
 ) -> APIRouter:
-    """Routes over ``runner``. ``credentials`` turns on HTTP basic auth; ``allow_paths`` False refuses requests
-    naming server paths (the WebUI listens beyond localhost without auth and without the insecure flag)."""
+    """Routes over ``runner``. ``credentials`` turns on HTTP basic auth; ``path_refusal`` (see ``path_refusal()``)
+    refuses requests naming server paths with that message, unless credentials authenticate every request."""
     dependencies = [Depends(_basic_auth(credentials))] if credentials else []
     router = APIRouter(prefix=PREFIX, dependencies=dependencies)
+    refusal = None if credentials else path_refusal
 
     @router.post("/jobs")
     def create_job(payload: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's idiom
         data = dict(payload)
-        if not allow_paths:
+        if refusal:
             named = [key for key in INPUT_KEYS if data.get(key)]
-            raise _error(403, named[0] if named else "train_data_dir",
-                         "training from server paths over the API is disabled while the WebUI listens on the "
-                         f"network without authentication; start it with {INSECURE_FLAG} to allow it")
+            raise _error(403, named[0] if named else "train_data_dir", refusal)
         preset = data.pop("preset", None)
         if preset:
             try:

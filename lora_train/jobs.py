@@ -25,7 +25,7 @@ from PIL import Image
 
 from . import config as config_module
 from .config import ConfigError, TrainConfig
-from .files import atomic_write, free_name, free_path
+from .files import atomic_write, free_path
 from .model import ModelBundle
 from .paths import PathPolicy, resolve, sanitize_name
 from .presets import preset_values
@@ -179,11 +179,12 @@ class _JobCallbacks(TrainCallbacks):
 
 
 def prepare_config(data: dict[str, Any] | TrainConfig, policy: PathPolicy) -> TrainConfig:
-    """A validated config whose paths pass ``policy`` and whose outputs go to the output root.
+    """A validated config whose paths exist and pass ``policy``, and whose outputs go to the policy's roots.
 
-    The final file will be ``<root>/<name>.safetensors`` with a name that is free now (never overwriting);
-    intermediate checkpoints, resumable state and samples go to ``<root>/<name>-checkpoints/``. A caption
-    ``metadata.csv`` in the dataset folder is used when no ``metadata_path`` is given.
+    The final file will be ``<output root>/<name>.safetensors`` with a name that is free now (never
+    overwriting); intermediate checkpoints, resumable state and samples go to ``<run root>/<name>/``. A caption
+    ``metadata.csv`` in the dataset folder is used when no ``metadata_path`` is given. Everything that can be
+    wrong with a path is found here, before a job starts, with the config key it came from.
     """
     if not isinstance(data, TrainConfig):
         data = dict(data)
@@ -195,24 +196,31 @@ def prepare_config(data: dict[str, Any] | TrainConfig, policy: PathPolicy) -> Tr
     for key in ("train_data_dir", "reg_data_dir", "metadata_path", "network_weights", "resume"):
         value = getattr(cfg, key)
         if value:
-            changes[key] = str(policy.check_input(value, key))
+            changes[key] = str(policy.check_exists(value, key))
     if not cfg.metadata_path:
         csv_path = Path(changes["train_data_dir"]) / "metadata.csv"
         if csv_path.is_file():
             changes["metadata_path"] = str(csv_path)
     name = sanitize_name(cfg.output_name, fallback="lora")
-    root = policy.output_root
     if cfg.resume:
         state = resolve(cfg.resume)
         changes["output_dir"] = str(policy.check_output(state.parent, "resume"))
     else:
-        name = free_name(root, name, (".safetensors", "-checkpoints"))
-        changes["output_dir"] = str(root / f"{name}-checkpoints")
+        name = _free_run_name(policy, name)
+        changes["output_dir"] = str(policy.run_root / name)
     changes["output_name"] = name
     changes["overwrite"] = False
     if cfg.logging_dir:
         changes["logging_dir"] = str(policy.check_output(cfg.logging_dir, "logging_dir"))
     return dataclasses.replace(cfg, **changes)
+
+
+def _free_run_name(policy: PathPolicy, name: str) -> str:
+    """``name`` or ``name-N``: free both as a LoRA in the output root and as a run folder in the run root."""
+    candidate, n = name, 2
+    while (policy.output_root / f"{candidate}.safetensors").exists() or (policy.run_root / candidate).exists():
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
 
 
 def describe_run(cfg: TrainConfig, result: TrainResult, model_name: str) -> str:

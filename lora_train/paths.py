@@ -1,8 +1,10 @@
 """Which files a training request may touch, and safe output names.
 
 The WebUI may listen on a network, so every dataset, config and output path that arrives from the tab or the
-REST API is resolved (symlinks included) and must lie inside an allowed root; outputs always land in the Lora
-folder. A refusal is a ``PathNotAllowed`` (a ``ConfigError``) naming the config key and the setting to change.
+REST API is resolved (symlinks included) and must lie inside an allowed root. Finished LoRAs land in the Lora
+folder; everything else a run writes (resumable state, step checkpoints, samples) goes to the run folder, because
+the WebUI lists every .safetensors/.pt/.ckpt under models/Lora as a card. A refusal is a ``PathNotAllowed`` (a
+``ConfigError``) naming the config key and the setting to change.
 """
 
 from __future__ import annotations
@@ -58,21 +60,29 @@ def is_inside(path: str | Path, root: str | Path) -> bool:
 
 @dataclass
 class PathPolicy:
-    """Allowed roots for inputs and the one root for outputs.
+    """Allowed roots for inputs, the root for finished LoRAs and the root for run files.
 
     ``input_roots`` None means unrestricted (the standalone UI on localhost); the WebUI passes its data folder,
-    its Lora folder and the folders listed in Settings. ``output_root`` is where results go (the Lora folder).
+    its Lora folder, the run folder and the folders listed in Settings. ``output_root`` is where finished LoRAs go
+    (the Lora folder); ``work_root`` where state, checkpoints and samples go (None: the output root, as the CLI).
     """
 
     output_root: Path
     input_roots: list[Path] | None = None
     setting: str = SETTING_NAME
+    work_root: Path | None = None
+
+    @property
+    def run_root(self) -> Path:
+        """Where a run's state, step checkpoints and samples go."""
+        return self.work_root or self.output_root
 
     @classmethod
-    def for_webui(cls, data_dir: str | Path, lora_dir: str | Path, extra: Iterable[str | Path] = ()) -> PathPolicy:
+    def for_webui(cls, data_dir: str | Path, lora_dir: str | Path, run_dir: str | Path,
+                  extra: Iterable[str | Path] = ()) -> PathPolicy:
         extra_roots = [resolve(p) for p in extra if str(p).strip()]
-        roots = [resolve(data_dir), resolve(lora_dir), *extra_roots]
-        return cls(output_root=resolve(lora_dir), input_roots=roots)
+        roots = [resolve(data_dir), resolve(lora_dir), resolve(run_dir), *extra_roots]
+        return cls(output_root=resolve(lora_dir), input_roots=roots, work_root=resolve(run_dir))
 
     def check_input(self, path: str | Path, key: str) -> Path:
         """The resolved path if it lies inside an allowed root, else PathNotAllowed naming ``key``."""
@@ -85,10 +95,22 @@ class PathPolicy:
 
     def check_output(self, path: str | Path, key: str) -> Path:
         resolved = resolve(path)
-        if is_inside(resolved, self.output_root):
+        if is_inside(resolved, self.output_root) or is_inside(resolved, self.run_root):
             return resolved
-        raise PathNotAllowed(key, f"{str(path)!r} is outside the output folder {self.output_root}; outputs always "
-                                  "go there (Settings > LoRA Train > Output folder)")
+        raise PathNotAllowed(key, f"{str(path)!r} is outside the output folder {self.output_root} and the run "
+                                  f"folder {self.run_root}; outputs always go there (Settings > LoRA Train)")
+
+    def check_exists(self, path: str | Path, key: str) -> Path:
+        """``check_input``, and the path must exist: a folder for the ``*_dir`` keys and ``resume``, else a file."""
+        resolved = self.check_input(path, key)
+        wants_folder = key.endswith("_dir") or key == "resume"
+        if wants_folder and not resolved.is_dir():
+            what = "is a file, not a folder" if resolved.exists() else "does not exist"
+            raise ConfigError(key, f"{str(path)!r} {what}; pick an existing folder")
+        if not wants_folder and not resolved.is_file():
+            what = "is a folder, not a file" if resolved.exists() else "does not exist"
+            raise ConfigError(key, f"{str(path)!r} {what}; pick an existing file")
+        return resolved
 
     def check_config(self, cfg: TrainConfig) -> None:
         """Every path field of ``cfg``: inputs inside the allowed roots, outputs inside the output root."""

@@ -9,6 +9,7 @@ weights are undone first, so the trainer sees the checkpoint's own weights.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -16,14 +17,44 @@ from typing import Any
 import torch
 
 from .config import ConfigError, TrainConfig
-from .hosts.ldm import HostSnapshot, LdmBundle, detect_family, reset_builtin_lora
-from .jobs import HostError, Job, TrainHost
+from .host_snapshot import HostSnapshot
+from .hosts.ldm import LdmBundle, detect_family, reset_builtin_lora
+from .jobs import HostError, Job, JobRunner, TrainHost
 from .model import ModelBundle
 from .trainer import SampleFn
 
 NO_MODEL = ("No checkpoint is loaded in the WebUI. Pick an SD1, SD2 or SDXL checkpoint in the dropdown at the "
             "top of the page, then press Train again.")
 JOB_NAME = "LoRA training"
+FP8_DTYPES = {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)}
+_RUNNERS: dict[int, tuple[Any, JobRunner]] = {}
+
+
+def persistent_runner(shared: Any, make: Callable[[], JobRunner]) -> JobRunner:
+    """The one job runner of this WebUI process, made on first use.
+
+    "Reload UI" executes the extension's scripts again, but this package stays imported: keeping the runner here
+    means a running job can still be seen and stopped afterwards, and the one-job-at-a-time guard holds.
+    """
+    kept = _RUNNERS.get(id(shared))
+    if kept is None or kept[0] is not shared:
+        kept = _RUNNERS[id(shared)] = (shared, make())
+    return kept[1]
+
+
+@contextmanager
+def holding(lock: Any, on_wait: Callable[[], None]) -> Iterator[None]:
+    """Hold the WebUI's queue lock, calling ``on_wait`` first when someone else holds it.
+
+    The WebUI's lock is a FIFOLock, which has no ``locked()``: a non-blocking acquire is the only honest test.
+    """
+    if not lock.acquire(blocking=False):
+        on_wait()
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class WebUIHost(TrainHost):
@@ -37,11 +68,13 @@ class WebUIHost(TrainHost):
         queue_lock: AbstractContextManager,
         networks: Callable[[], Any | None] = lambda: None,
         sample_fn: Callable[[TrainConfig, Callable[[str], None]], SampleFn | None] | None = None,
+        full_host_check: Callable[[], bool] = lambda: False,
     ):
         self.shared = shared
         self.queue_lock = queue_lock
         self.networks = networks
         self.make_sample_fn = sample_fn
+        self.full_host_check = full_host_check
 
     @property
     def state(self) -> Any:
@@ -65,14 +98,9 @@ class WebUIHost(TrainHost):
         model = getattr(self.shared, "sd_model", None)
         if model is None:
             raise HostError(NO_MODEL)
-        options = getattr(self.shared, "cmd_opts", None)
-        offload = [flag for flag in ("lowvram", "medvram") if getattr(options, flag, False)]
-        if offload:
-            raise HostError(
-                f"The WebUI runs with --{offload[0]}, which moves parts of the model between GPU and CPU during "
-                "generation; training needs the whole model on the GPU. Restart without it to train here, or "
-                "use `python -m lora_train train` outside the WebUI."
-            )
+        problem = _untrainable_storage(self.shared, model)
+        if problem:
+            raise HostError(problem)
         parameterization = None if cfg.v_parameterization is None else ("v" if cfg.v_parameterization else "eps")
         try:
             bundle = LdmBundle(model, clip_skip=cfg.clip_skip, parameterization=parameterization)
@@ -87,10 +115,10 @@ class WebUIHost(TrainHost):
 
     @contextmanager
     def session(self, cfg: TrainConfig, job: Job) -> Iterator[tuple[ModelBundle, SampleFn | None]]:
-        locked = getattr(self.queue_lock, "locked", lambda: False)()
-        if locked:
+        def waiting() -> None:
             job.add_log("waiting for the WebUI to finish its current generation")
-        with self.queue_lock:
+
+        with holding(self.queue_lock, waiting):
             state = self.state
             if hasattr(state, "begin"):
                 state.begin(job=JOB_NAME)
@@ -103,10 +131,14 @@ class WebUIHost(TrainHost):
                     # fp32 LoRA over half-precision host weights needs autocast to match their dtype
                     cfg.mixed_precision = "bf16" if bundle.dtype == torch.bfloat16 else "fp16"
                     job.add_log(f"mixed_precision set to {cfg.mixed_precision} to match the loaded weights")
-                snapshot = HostSnapshot.take(self.shared.sd_model)
+                full = self.full_host_check()
+                started = time.perf_counter()
+                snapshot = HostSnapshot.take(self.shared.sd_model, full=full)
+                kind = "full hash" if full else "quick check"
+                job.add_log(f"host snapshot ({kind}) in {time.perf_counter() - started:.1f} s")
                 sample_fn = self.make_sample_fn(cfg, job.add_log) if self.make_sample_fn else None
                 yield bundle, sample_fn
-                job.add_log("checking that the loaded model is bit-identical to before training")
+                job.add_log(f"checking that the loaded model is unchanged ({kind})")
                 snapshot.verify()
             finally:
                 state.textinfo = None
@@ -144,6 +176,27 @@ class WebUIHost(TrainHost):
                 job.add_log(f"could not refresh the Lora list ({exc}); press the refresh button in Lora tab")
 
 
+def _untrainable_storage(shared: Any, model: Any) -> str | None:
+    """Why the loaded model's weights cannot be trained where they are, or None.
+
+    --lowvram/--medvram (and --medvram-sdxl on an SDXL model, which sets ``sd_model.lowvram``) move parts of the
+    model between GPU and CPU around each forward; FP8 weight storage keeps weights in a dtype no optimizer
+    step or autograd pass through them supports.
+    """
+    options = getattr(shared, "cmd_opts", None)
+    flags = [f"--{flag}" for flag in ("lowvram", "medvram") if getattr(options, flag, False)]
+    if not flags and getattr(model, "lowvram", False):
+        flags = ["--medvram-sdxl" if getattr(options, "medvram_sdxl", False) else "low-VRAM offloading"]
+    if flags:
+        return (f"The WebUI runs with {flags[0]}, which moves parts of the model between GPU and CPU during "
+                "generation; training needs the whole model on the GPU. Restart without it to train here, or use "
+                "`python -m lora_train train` outside the WebUI.")
+    if FP8_DTYPES and any(p.dtype in FP8_DTYPES for p in model.parameters()):
+        return ("The loaded checkpoint's weights are stored in FP8 (Settings > Optimizations > FP8 weight); training "
+                "needs fp16, bf16 or fp32 weights. Set FP8 weight to Disable, reload the checkpoint, then train.")
+    return None
+
+
 def _unload_captioner() -> None:
     try:
         from . import captioner
@@ -175,19 +228,34 @@ def txt2img_sampler(processing: Any, shared: Any, cfg: TrainConfig, log: Callabl
             return sample_images(bundle, prompts, height, width, cfg.sample_steps, cfg.sample_cfg_scale, cfg.seed)
 
     def webui_sample(bundle: ModelBundle, prompts: list[str], step: int) -> list:
+        model = shared.sd_model
         images = []
         for prompt in prompts:
             p = processing.StableDiffusionProcessingTxt2Img(
-                sd_model=shared.sd_model, prompt=prompt, negative_prompt="", steps=cfg.sample_steps,
+                sd_model=model, prompt=prompt, negative_prompt="", steps=cfg.sample_steps,
                 cfg_scale=cfg.sample_cfg_scale, width=width, height=height, seed=cfg.seed, batch_size=1, n_iter=1,
-                do_not_save_samples=True, do_not_save_grid=True,
+                do_not_save_samples=True, do_not_save_grid=True, override_settings=_keep_loaded_model(model),
+                override_settings_restore_afterwards=True,
             )
             try:
                 processed = processing.process_images(p)
             finally:
                 if hasattr(p, "close"):
                     p.close()
+            if shared.sd_model is not model:
+                raise HostError("the WebUI swapped the model during a training preview")
             images.extend(processed.images[:1])
         return images
 
     return sample
+
+
+def _keep_loaded_model(model: Any) -> dict[str, str]:
+    """txt2img settings that pin the checkpoint under training.
+
+    ``process_images`` reloads whatever the checkpoint dropdown names when no override is given; a user who
+    changed the dropdown during training would get new weights loaded into the model being trained. Naming the
+    loaded checkpoint as the override makes that reload a no-op, and the dropdown's value is restored afterwards.
+    """
+    title = getattr(getattr(model, "sd_checkpoint_info", None), "title", None)
+    return {"sd_model_checkpoint": title} if title else {}

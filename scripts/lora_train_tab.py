@@ -17,13 +17,14 @@ EXTENSION_DIR = Path(__file__).resolve().parent.parent
 if str(EXTENSION_DIR) not in sys.path:
     sys.path.insert(0, str(EXTENSION_DIR))
 
-from lora_train.api import build_router, parse_credentials  # noqa: E402
+from lora_train.api import build_router, parse_credentials, path_refusal  # noqa: E402
 from lora_train.jobs import JobRunner  # noqa: E402
 from lora_train.paths import PathPolicy, is_inside, resolve  # noqa: E402
 from lora_train.presets import DEFAULT_PRESET, PRESET_NAMES  # noqa: E402
-from lora_train.webui_host import WebUIHost, txt2img_sampler  # noqa: E402
+from lora_train.webui_host import WebUIHost, persistent_runner, txt2img_sampler  # noqa: E402
 
 SECTION = ("lora_train", "LoRA Train")
+CATEGORY = "training"  # the WebUI's own "Training" settings category (v1.7+)
 
 
 def _opt(key: str, default: str = "") -> str:
@@ -55,9 +56,20 @@ def output_dir() -> Path:
     return base
 
 
+def run_dir() -> Path:
+    """Where runs keep state, step checkpoints and samples: never inside the Lora folder, whose every
+    .safetensors/.pt the WebUI lists as a card."""
+    default = data_dir() / "outputs" / "lora-train"
+    chosen = _opt("lora_train_run_dir").strip()
+    if chosen and is_inside(chosen, lora_dir()):
+        print(f"[lora-train] run folder {chosen} is inside the Lora folder; using {default}", file=sys.stderr)
+        return default
+    return resolve(chosen) if chosen else default
+
+
 def policy() -> PathPolicy:
     extra = [p.strip() for p in _opt("lora_train_allowed_dirs").replace(";", "\n").splitlines() if p.strip()]
-    rules = PathPolicy.for_webui(data_dir(), lora_dir(), extra)
+    rules = PathPolicy.for_webui(data_dir(), lora_dir(), run_dir(), extra)
     rules.output_root = output_dir()
     return rules
 
@@ -77,7 +89,13 @@ def _sampler(cfg, log):
     return txt2img_sampler(processing, shared, cfg, log)
 
 
-RUNNER = JobRunner(WebUIHost(shared, call_queue.queue_lock, _networks, _sampler), policy)
+def _full_host_check() -> bool:
+    return bool(getattr(shared.opts, "lora_train_full_host_check", False))
+
+
+# "Reload UI" runs this file again; the runner (and a job it is running) lives on in the engine package
+RUNNER = persistent_runner(shared, lambda: JobRunner(
+    WebUIHost(shared, call_queue.queue_lock, _networks, _sampler, _full_host_check), policy))
 
 
 def on_ui_tabs():
@@ -93,11 +111,17 @@ def on_ui_tabs():
 
 def on_ui_settings():
     def add(key: str, default, label: str, component=None, args=None):
-        shared.opts.add_option(key, shared.OptionInfo(default, label, component, args, section=SECTION))
+        info = shared.OptionInfo(default, label, component, args, section=SECTION)
+        info.category_id = CATEGORY  # older WebUIs ignore it; OptionInfo only takes it as an argument since 1.7
+        shared.opts.add_option(key, info)
 
     add("lora_train_output_dir", "", "Output folder (blank: the WebUI's Lora folder; must lie inside it)")
+    add("lora_train_run_dir", "", "Run folder for resumable state, step checkpoints and samples (blank: "
+        "outputs/lora-train; never inside the Lora folder)")
     add("lora_train_default_preset", DEFAULT_PRESET, "Default preset", gr.Dropdown, {"choices": list(PRESET_NAMES)})
     add("lora_train_captioner_weights", "", "Captioner weights (open_clip CoCa .safetensors/.bin)")
+    add("lora_train_full_host_check", False, "Hash every byte of the loaded model before and after training (slow "
+        "on big models; the default quick check compares tensor identity, version counters and sampled values)")
     add("lora_train_allowed_dirs", "", "Extra allowed dataset folders (one per line or ;-separated)", gr.Textbox,
         {"lines": 3})
 
@@ -107,8 +131,7 @@ def on_app_started(_demo, app):
     if not getattr(shared.cmd_opts, "api", False):
         return
     credentials = parse_credentials(getattr(shared.cmd_opts, "api_auth", None)) or None
-    allow_paths = not getattr(shared.cmd_opts, "disable_extension_access", False)
-    app.include_router(build_router(RUNNER, credentials=credentials, allow_paths=allow_paths))
+    app.include_router(build_router(RUNNER, credentials=credentials, path_refusal=path_refusal(shared.cmd_opts)))
 
 
 script_callbacks.on_ui_tabs(on_ui_tabs)

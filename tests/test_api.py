@@ -21,6 +21,7 @@ from types import SimpleNamespace
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 pytest.importorskip("ldm", reason="needs stable-diffusion-sdkit (requirements/ldm-test.txt)")
 pytest.importorskip("pytorch_lightning", reason="needs pytorch_lightning<2 (requirements/ldm-test.txt)")
@@ -31,7 +32,7 @@ from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lora_train.hosts.ldm import HostSnapshot  # noqa: E402
+from lora_train.host_snapshot import HostSnapshot  # noqa: E402
 
 GLUE = Path(__file__).resolve().parent.parent / "scripts" / "lora_train_tab.py"
 SMALL = dict(resolution="64", min_bucket_reso=64, max_bucket_reso=128, bucket_reso_steps=32, lora_rank=4,
@@ -67,6 +68,28 @@ class FakeState:
         self.job = ""
 
 
+class FIFOLikeLock:
+    """The WebUI's queue lock (modules/fifo_lock.FIFOLock): acquire/release and a context manager, no locked()."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.held = False
+
+    def acquire(self, blocking: bool = True) -> bool:
+        got = self._lock.acquire(blocking)
+        self.held = self.held or got
+        return got
+
+    def release(self) -> None:
+        self.held = False
+        self._lock.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *args) -> None:
+        self.release()
+
+
 class FakeNetworks(types.ModuleType):
     def __init__(self) -> None:
         super().__init__("networks")
@@ -81,7 +104,7 @@ def _namespace(tmp_path: Path, model, **cmd) -> SimpleNamespace:
     webui = tmp_path / "webui"
     lora_dir = webui / "models" / "Lora"
     lora_dir.mkdir(parents=True)
-    lock = threading.Lock()
+    lock = FIFOLikeLock()
     samples: list[dict] = []
 
     class Txt2Img:
@@ -92,7 +115,7 @@ def _namespace(tmp_path: Path, model, **cmd) -> SimpleNamespace:
             pass
 
     def process_images(p):
-        assert lock.locked(), "samples are made while training holds the queue lock"
+        assert lock.held, "samples are made while training holds the queue lock"
         if p.kwargs["prompt"] == "break txt2img":
             raise RuntimeError("an extension broke txt2img")
         samples.append(p.kwargs)
@@ -188,13 +211,17 @@ def test_train_on_the_loaded_model_into_the_lora_folder(webui, sd1_model) -> Non
     assert "4/4 steps" in card["description"]
     assert (ns.lora_dir / "shapes.preview.png").is_file()
     assert status["snippet"] == "<lora:shapes:0.7> shapez"
-    assert (ns.lora_dir / "shapes-checkpoints").is_dir()
+    # only the finished LoRA and its card go into models/Lora (the WebUI lists every .safetensors/.pt there)
+    assert sorted(p.name for p in ns.lora_dir.rglob("*")) == ["shapes.json", "shapes.preview.png",
+                                                               "shapes.safetensors"]
+    run_folder = ns.webui / "outputs" / "lora-train" / "shapes"
+    assert run_folder.is_dir() and any(run_folder.rglob("*.png"))
     # the WebUI's own machinery was used
     assert ns.shared.state.events == ["begin:LoRA training", "end"]
     assert any("step 4/4" in text for text in ns.shared.state.texts)
     assert [s["steps"] for s in ns.samples] == [3, 3] and ns.samples[0]["width"] == 64
     assert ns.networks.loaded_networks == [] and ns.networks.rescans == 1
-    assert not ns.lock.locked()
+    assert not ns.lock.held
     snapshot.verify()
     # the same name again never overwrites
     again = client.post("/lora-train/v1/jobs", json={**body, "sample_every_n_steps": 0, "max_train_steps": 1})
@@ -303,9 +330,12 @@ def test_settings_and_tab_registered(webui) -> None:
     ns, _ = webui()
     for callback in ns.callbacks["ui_settings"]:
         callback()
-    assert set(ns.options) == {"lora_train_output_dir", "lora_train_default_preset", "lora_train_captioner_weights",
-                               "lora_train_allowed_dirs"}
+    assert set(ns.options) == {"lora_train_output_dir", "lora_train_run_dir", "lora_train_default_preset",
+                               "lora_train_captioner_weights", "lora_train_full_host_check", "lora_train_allowed_dirs"}
     assert all(info.kwargs["section"] == ("lora_train", "LoRA Train") for info in ns.options.values())
+    assert all(info.category_id == "training" for info in ns.options.values())  # not "Uncategorized"
+    ns.shared.opts.lora_train_run_dir = str(ns.lora_dir / "runs")  # would put .pt/.safetensors state among cards
+    assert not ns.glue.run_dir().is_relative_to(ns.lora_dir)
     assert ns.glue.output_dir() == ns.lora_dir.resolve()
     ns.shared.opts.lora_train_output_dir = str(ns.lora_dir / "mine")
     assert ns.glue.output_dir() == (ns.lora_dir / "mine").resolve()
@@ -313,3 +343,106 @@ def test_settings_and_tab_registered(webui) -> None:
     assert ns.glue.output_dir() == ns.lora_dir.resolve()
     tabs = [tab for callback in ns.callbacks["ui_tabs"] for tab in callback()]
     assert [(title, elem_id) for _, title, elem_id in tabs] == [("LoRA Train", "lora_train")]
+
+
+def test_every_path_is_checked_at_submit(webui, tmp_path) -> None:
+    ns, client = webui()
+    cases = {
+        "train_data_dir": str(ns.webui / "datasets" / "missing"),
+        "reg_data_dir": str(ns.webui / "nothing-here"),
+        "network_weights": str(ns.lora_dir / "missing.safetensors"),
+        "metadata_path": str(ns.data),  # a folder where a file is expected
+    }
+    for key, value in cases.items():
+        response = client.post("/lora-train/v1/jobs", json={**SMALL, "train_data_dir": str(ns.data), key: value})
+        assert response.status_code == 422, (key, response.text)
+        detail = response.json()["detail"]
+        assert detail["field"] == key and value in detail["message"], detail
+    assert ns.glue.RUNNER.jobs == {} and ns.shared.state.events == []
+
+
+def test_progress_waits_visibly_for_the_webui_queue(webui) -> None:
+    ns, client = webui()
+    ns.lock.acquire()  # a txt2img is running
+    body = {**SMALL, "train_data_dir": str(ns.data), "output_name": "queued", "max_train_steps": 2}
+    job_id = client.post("/lora-train/v1/jobs", json=body).json()["id"]
+    deadline = time.time() + 30
+    url = f"/lora-train/v1/jobs/{job_id}"
+    while not any("waiting for the WebUI" in line for line in client.get(url).json()["log"]):
+        assert time.time() < deadline, "the job never said it waits for the WebUI"
+        time.sleep(0.05)
+    assert client.get(f"/lora-train/v1/jobs/{job_id}").json()["state"] == "waiting"
+    ns.lock.release()
+    assert _wait(client, job_id)["state"] == "done"
+
+
+@pytest.mark.parametrize(("flags", "named"), [({"server_name": "127.0.0.1"}, "--server-name"),
+                                              ({"listen": True}, "--listen"), ({"share": True}, "--share")])
+def test_path_refusal_names_the_flag_and_api_auth_lifts_it(webui, flags, named) -> None:
+    ns, client = webui(disable_extension_access=True, **flags)
+    response = client.post("/lora-train/v1/jobs", json={"train_data_dir": str(ns.data)})
+    assert response.status_code == 403
+    message = response.json()["detail"]["message"]
+    assert named in message and "--enable-insecure-extension-access" in message and "--api-auth" in message
+    ns, client = webui(disable_extension_access=True, api_auth="me:pw", **flags)
+    auth = {"Authorization": "Basic " + base64.b64encode(b"me:pw").decode()}
+    body = {**SMALL, "train_data_dir": str(ns.data), "max_train_steps": 1}
+    response = client.post("/lora-train/v1/jobs", json=body, headers=auth)
+    assert response.status_code == 200, response.text
+    assert _wait(client, response.json()["id"], headers=auth)["state"] == "done"
+
+
+def test_presets_on_a_cpu_host_train_in_full_precision(webui) -> None:
+    _, client = webui()
+    presets = client.get("/lora-train/v1/presets").json()["presets"]
+    assert {values["mixed_precision"] for values in presets.values()} == {"no"}
+
+
+def test_offloaded_or_fp8_models_are_refused(webui, sd1_model) -> None:
+    ns, client = webui()
+    sd1_model.lowvram = True  # what --medvram-sdxl sets on an SDXL model
+    try:
+        response = client.post("/lora-train/v1/jobs", json={**SMALL, "train_data_dir": str(ns.data)})
+    finally:
+        del sd1_model.lowvram
+    assert response.status_code == 409 and "moves parts of the model" in response.json()["detail"]["message"]
+    ns, client = webui(medvram_sdxl=True, lowvram=True)
+    response = client.post("/lora-train/v1/jobs", json={**SMALL, "train_data_dir": str(ns.data)})
+    assert response.status_code == 409 and "--lowvram" in response.json()["detail"]["message"]
+
+
+def test_fp8_weights_are_refused(webui) -> None:
+    fp8 = torch.nn.Linear(2, 2).to(torch.float8_e4m3fn)
+    model = torch.nn.Sequential(fp8)
+    ns, client = webui(model=model)
+    response = client.post("/lora-train/v1/jobs", json={**SMALL, "train_data_dir": str(ns.data)})
+    assert response.status_code == 409 and "FP8" in response.json()["detail"]["message"]
+
+
+def test_previews_pin_the_checkpoint_under_training(webui, sd1_model) -> None:
+    ns, client = webui()
+    sd1_model.sd_checkpoint_info = SimpleNamespace(title="tiny.safetensors [0123456789]")
+    try:
+        body = {**SMALL, "train_data_dir": str(ns.data), "output_name": "pinned", "max_train_steps": 1,
+                "sample_prompts": ["a red circle"], "sample_every_n_steps": 1, "sample_steps": 2}
+        assert _wait(client, client.post("/lora-train/v1/jobs", json=body).json()["id"])["state"] == "done"
+    finally:
+        del sd1_model.sd_checkpoint_info
+    assert ns.samples[0]["override_settings"] == {"sd_model_checkpoint": "tiny.safetensors [0123456789]"}
+    assert ns.samples[0]["override_settings_restore_afterwards"] is True
+
+
+def test_reload_ui_keeps_the_running_job(webui, sd1_model) -> None:
+    ns, client = webui()
+    body = {**SMALL, "train_data_dir": str(ns.data), "output_name": "survivor", "max_train_steps": 5000}
+    job_id = client.post("/lora-train/v1/jobs", json=body).json()["id"]
+    spec = importlib.util.spec_from_file_location("lora_train_tab_reloaded", GLUE)
+    reloaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reloaded)  # what "Reload UI" does: the script runs again
+    assert reloaded.RUNNER is ns.glue.RUNNER and reloaded.RUNNER.get(job_id) is not None
+    app = FastAPI()
+    ns.callbacks["app_started"][-1](None, app)
+    new_client = TestClient(app)
+    assert new_client.post("/lora-train/v1/jobs", json=body).status_code == 409
+    assert new_client.post(f"/lora-train/v1/jobs/{job_id}/stop").status_code == 200
+    assert _wait(new_client, job_id)["state"] == "stopped"

@@ -32,7 +32,8 @@ from lora_train import (
     trainer,  # noqa: E402
 )
 from lora_train.export import read_lora  # noqa: E402
-from lora_train.hosts.ldm import HostSnapshot, LdmBundle, detect_family, reset_builtin_lora  # noqa: E402
+from lora_train.host_snapshot import HostSnapshot  # noqa: E402
+from lora_train.hosts.ldm import LdmBundle, detect_family, reset_builtin_lora  # noqa: E402
 from lora_train.model import Conditioning  # noqa: E402
 from lora_train.sampler import sample_images  # noqa: E402
 from lora_train.trainer import TrainCallbacks, train  # noqa: E402
@@ -509,7 +510,7 @@ def test_ldm_checkpoint_flags_are_bypassed_for_one_call_and_left_as_they_were():
 
 def test_reset_builtin_lora_undoes_the_extensions_in_place_merge():
     model = M.tiny_sd2()  # its OpenCLIP text encoder has the MultiheadAttention case
-    snapshot = HostSnapshot.take(model)
+    snapshot = HostSnapshot.take(model, full=True)  # values, not version counters: restoring writes in place
     transformer = model.model.diffusion_model.input_blocks[1][1]
     to_q, proj_in = transformer.transformer_blocks[0].attn1.to_q, transformer.proj_in
     mha = model.cond_stage_model.wrapped.model.transformer.resblocks[0].attn
@@ -569,3 +570,20 @@ def test_unsupported_webui_models_fail_clearly():
     sd3.is_sd3 = True
     with pytest.raises(ValueError, match="SD3"):
         LdmBundle(sd3)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_quick_and_full_snapshots_see_writes_that_keep_shape_and_storage(full):
+    model = M.tiny_sd1()
+    weight = model.model.diffusion_model.input_blocks[1][1].proj_in.weight
+    snapshot = HostSnapshot.take(model, full=full)
+    with torch.no_grad():
+        weight.data.view(-1)[0] += 1  # through .data: its own version counter, but a sampled value
+    assert any("proj_in.weight" in line for line in snapshot.diff())
+    with torch.no_grad():
+        weight.data.view(-1)[0] -= 1
+    assert HostSnapshot.take(model, full=full).diff() == []
+    snapshot = HostSnapshot.take(model, full=full)
+    with torch.no_grad():
+        weight.view(-1)[1] += 1  # in place through the parameter: the version counter moves
+    assert any("proj_in.weight" in line for line in snapshot.diff())

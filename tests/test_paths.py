@@ -48,7 +48,8 @@ def test_sanitized_names_never_escape(tmp_path: Path) -> None:
 def _policy(tmp_path: Path) -> PathPolicy:
     (tmp_path / "webui" / "models" / "Lora").mkdir(parents=True)
     (tmp_path / "extra").mkdir()
-    return PathPolicy.for_webui(tmp_path / "webui", tmp_path / "webui" / "models" / "Lora", [str(tmp_path / "extra")])
+    return PathPolicy.for_webui(tmp_path / "webui", tmp_path / "webui" / "models" / "Lora",
+                                tmp_path / "webui" / "outputs" / "lora-train", [str(tmp_path / "extra")])
 
 
 def test_inputs_inside_roots_pass_and_outside_are_refused_naming_the_setting(tmp_path: Path) -> None:
@@ -75,19 +76,20 @@ def test_symlinks_are_resolved_before_the_check(tmp_path: Path) -> None:
         policy.check_input(link / "child", "train_data_dir")
 
 
-def test_outputs_only_in_the_lora_folder(tmp_path: Path) -> None:
+def test_outputs_only_in_the_lora_and_run_folders(tmp_path: Path) -> None:
     policy = _policy(tmp_path)
     lora = tmp_path / "webui" / "models" / "Lora"
     assert policy.check_output(lora / "sub", "output_dir")
+    assert policy.check_output(tmp_path / "webui" / "outputs" / "lora-train" / "run", "output_dir")
     with pytest.raises(PathNotAllowed) as info:
         policy.check_output(tmp_path / "webui", "output_dir")
     assert info.value.key == "output_dir"
 
 
-def test_prepare_config_puts_outputs_in_the_lora_folder_and_checks_every_path(tmp_path: Path, dataset_dir) -> None:
-    policy = PathPolicy(output_root=tmp_path / "Lora", input_roots=[dataset_dir.parent])
+def test_prepare_config_puts_outputs_in_the_run_folder_and_checks_every_path(tmp_path: Path, dataset_dir) -> None:
+    policy = PathPolicy(output_root=tmp_path / "Lora", input_roots=[dataset_dir.parent], work_root=tmp_path / "runs")
     cfg = prepare_config({"train_data_dir": str(dataset_dir), "output_name": "../evil", "output_dir": "/etc"}, policy)
-    assert Path(cfg.output_dir) == tmp_path / "Lora" / f"{cfg.output_name}-checkpoints"
+    assert Path(cfg.output_dir) == tmp_path / "runs" / cfg.output_name
     assert "/" not in cfg.output_name and ".." not in cfg.output_name
     for key in ("reg_data_dir", "network_weights", "metadata_path", "resume"):
         with pytest.raises(PathNotAllowed) as info:
@@ -102,10 +104,9 @@ def test_prepare_config_never_reuses_an_existing_name(tmp_path: Path, dataset_di
     root = tmp_path / "Lora"
     root.mkdir()
     (root / "mine.safetensors").write_bytes(b"x")
-    (root / "mine-2-checkpoints").mkdir()
-    assert free_name(root, "mine", (".safetensors", "-checkpoints")) == "mine-3"
+    (tmp_path / "runs" / "mine-2").mkdir(parents=True)  # a run that crashed before its LoRA was written
     cfg = prepare_config(TrainConfig(train_data_dir=str(dataset_dir), output_name="mine"),
-                         PathPolicy(output_root=root))
+                         PathPolicy(output_root=root, work_root=tmp_path / "runs"))
     assert cfg.output_name == "mine-3" and not cfg.overwrite
 
 

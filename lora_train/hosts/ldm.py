@@ -23,10 +23,8 @@ Lora extension's in-place merges before training.
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -338,86 +336,7 @@ def _checkpointed(function: Any, *args: Any, **kwargs: Any) -> Any:
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
-# -------------------------------------------------------------------------------------------- host integrity
-@dataclass
-class HostSnapshot:
-    """Everything about a host model that training must leave as it found it.
-
-    A digest of every parameter and buffer (with dtype, shape, device and storage address, so a copy or cast
-    counts as a change), requires_grad of every parameter, train/eval of every module, the module tree (a
-    leftover LoRA wrapper changes it) and per-instance ``forward`` overrides.
-    """
-
-    model: nn.Module
-    tensors: dict[str, tuple[str, str, tuple[int, ...], str, int]] = field(default_factory=dict)
-    requires_grad: dict[str, bool] = field(default_factory=dict)
-    training: dict[str, bool] = field(default_factory=dict)
-    modules: dict[str, str] = field(default_factory=dict)
-    forward_overrides: set[str] = field(default_factory=set)
-
-    @classmethod
-    def take(cls, model: nn.Module) -> HostSnapshot:
-        snap = cls(model)
-        snap.tensors = _tensor_records(model)
-        snap.requires_grad = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
-        snap.training = {n: m.training for n, m in model.named_modules(remove_duplicate=False)}
-        snap.modules = {n: type(m).__qualname__ for n, m in model.named_modules(remove_duplicate=False)}
-        snap.forward_overrides = {
-            n for n, m in model.named_modules(remove_duplicate=False) if "forward" in m.__dict__
-        }
-        return snap
-
-    def diff(self) -> list[str]:
-        """Human-readable differences between the snapshot and the model now (empty when identical)."""
-        now = HostSnapshot.take(self.model)
-        problems = []
-        for label, before, after in (
-            ("tensor", self.tensors, now.tensors),
-            ("requires_grad", self.requires_grad, now.requires_grad),
-            ("training", self.training, now.training),
-            ("module", self.modules, now.modules),
-        ):
-            for name in sorted(before.keys() | after.keys()):
-                if before.get(name) != after.get(name):
-                    problems.append(f"{label} {name}: {_short(before.get(name))} -> {_short(after.get(name))}")
-        for name in sorted(self.forward_overrides ^ now.forward_overrides):
-            state = "added" if name in now.forward_overrides else "removed"
-            problems.append(f"instance forward override on {name!r} {state}")
-        return problems
-
-    def verify(self) -> None:
-        """Raise RuntimeError listing the first differences if the host model changed."""
-        problems = self.diff()
-        if problems:
-            shown = "\n  ".join(problems[:20])
-            raise RuntimeError(f"host model changed in {len(problems)} place(s):\n  {shown}")
-
-
-def _short(value: Any) -> str:
-    return str(value[0])[:12] if isinstance(value, tuple) else str(value)
-
-
-def _tensor_records(model: nn.Module) -> dict[str, tuple[str, str, tuple[int, ...], str, int]]:
-    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    return {
-        name: (_digest(t), str(t.dtype), tuple(t.shape), str(t.device), t.data_ptr())
-        for name, t in named
-        if t is not None
-    }
-
-
-def _digest(tensor: torch.Tensor, chunk: int = 1 << 26) -> str:
-    """blake2b of the raw bytes, copied to the CPU in chunks so a GPU model is hashed without a second copy."""
-    digest = hashlib.blake2b(digest_size=16)
-    flat = tensor.detach().reshape(-1)
-    if flat.numel() == 0:
-        return digest.hexdigest()
-    raw = flat.contiguous().view(torch.uint8)
-    for start in range(0, raw.numel(), chunk):
-        digest.update(raw[start : start + chunk].cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
+# ------------------------------------------------------------------------------------ the built-in Lora extension
 def reset_builtin_lora(sd_model: nn.Module, loaded_networks: list | None = None) -> int:
     """Undo the WebUI's built-in Lora extension so training sees the checkpoint's own weights.
 
