@@ -63,6 +63,12 @@ class TrainHost:
         """Preset ``name`` for the model and device this host trains (ValueError naming an unknown preset)."""
         return preset_values(name, self.family(), self.device_type())
 
+    @contextmanager
+    def exclusive(self, what: str, on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
+        """Hold the GPU for other work than training (captioning), so it never runs beside a job or a generation.
+        ``on_wait`` is called first when that means waiting."""
+        yield
+
     def check(self, cfg: TrainConfig) -> None:
         """Raise HostError/ConfigError when ``cfg`` cannot be trained now (called before the thread starts)."""
 

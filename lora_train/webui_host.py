@@ -118,28 +118,34 @@ class WebUIHost(TrainHost):
         def waiting() -> None:
             job.add_log("waiting for the WebUI to finish its current generation")
 
-        with holding(self.queue_lock, waiting):
+        with self.exclusive(JOB_NAME, waiting):
+            self._reset_builtin_lora()
+            _unload_captioner()
+            bundle = self._bundle(cfg)  # the model may have changed while we waited for the lock
+            job.add_log(f"training on the loaded {bundle.family.upper()} checkpoint {bundle.model_name}")
+            if cfg.mixed_precision == "no" and bundle.dtype in (torch.float16, torch.bfloat16):
+                # fp32 LoRA over half-precision host weights needs autocast to match their dtype
+                cfg.mixed_precision = "bf16" if bundle.dtype == torch.bfloat16 else "fp16"
+                job.add_log(f"mixed_precision set to {cfg.mixed_precision} to match the loaded weights")
+            full = self.full_host_check()
+            started = time.perf_counter()
+            snapshot = HostSnapshot.take(self.shared.sd_model, full=full)
+            kind = "full hash" if full else "quick check"
+            job.add_log(f"host snapshot ({kind}) in {time.perf_counter() - started:.1f} s")
+            sample_fn = self.make_sample_fn(cfg, job.add_log) if self.make_sample_fn else None
+            yield bundle, sample_fn
+            job.add_log(f"checking that the loaded model is unchanged ({kind})")
+            snapshot.verify()
+
+    @contextmanager
+    def exclusive(self, what: str, on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
+        """Hold the queue lock and show ``what`` as the WebUI's current job (txt2img waits meanwhile)."""
+        with holding(self.queue_lock, on_wait):
             state = self.state
             if hasattr(state, "begin"):
-                state.begin(job=JOB_NAME)
+                state.begin(job=what)
             try:
-                self._reset_builtin_lora()
-                _unload_captioner()
-                bundle = self._bundle(cfg)  # the model may have changed while we waited for the lock
-                job.add_log(f"training on the loaded {bundle.family.upper()} checkpoint {bundle.model_name}")
-                if cfg.mixed_precision == "no" and bundle.dtype in (torch.float16, torch.bfloat16):
-                    # fp32 LoRA over half-precision host weights needs autocast to match their dtype
-                    cfg.mixed_precision = "bf16" if bundle.dtype == torch.bfloat16 else "fp16"
-                    job.add_log(f"mixed_precision set to {cfg.mixed_precision} to match the loaded weights")
-                full = self.full_host_check()
-                started = time.perf_counter()
-                snapshot = HostSnapshot.take(self.shared.sd_model, full=full)
-                kind = "full hash" if full else "quick check"
-                job.add_log(f"host snapshot ({kind}) in {time.perf_counter() - started:.1f} s")
-                sample_fn = self.make_sample_fn(cfg, job.add_log) if self.make_sample_fn else None
-                yield bundle, sample_fn
-                job.add_log(f"checking that the loaded model is unchanged ({kind})")
-                snapshot.verify()
+                yield
             finally:
                 state.textinfo = None
                 if hasattr(state, "end"):

@@ -446,3 +446,15 @@ def test_reload_ui_keeps_the_running_job(webui, sd1_model) -> None:
     assert new_client.post("/lora-train/v1/jobs", json=body).status_code == 409
     assert new_client.post(f"/lora-train/v1/jobs/{job_id}/stop").status_code == 200
     assert _wait(new_client, job_id)["state"] == "stopped"
+
+
+def test_captioning_holds_the_webui_queue_so_training_waits(webui) -> None:
+    ns, client = webui()
+    body = {**SMALL, "train_data_dir": str(ns.data), "output_name": "after-captions", "max_train_steps": 1}
+    with ns.glue.RUNNER.host.exclusive("LoRA captioning"):
+        assert ns.lock.held and ns.shared.state.job == "LoRA captioning"
+        job_id = client.post("/lora-train/v1/jobs", json=body).json()["id"]
+        time.sleep(0.5)
+        assert client.get(f"/lora-train/v1/jobs/{job_id}").json()["state"] == "waiting"
+    assert _wait(client, job_id)["state"] == "done"
+    assert ns.shared.state.events[:2] == ["begin:LoRA captioning", "end"]
