@@ -7,6 +7,8 @@ checkpoint given as network_weights, a LoRA of another family, a pickled .ckpt.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -225,3 +227,14 @@ def test_cli_names_a_non_utf8_caption(tmp_path, dataset_dir, monkeypatch, capsys
     caption.write_bytes("cercle rouge, tête".encode("cp1252"))
     err = run_cli(tmp_path, monkeypatch, capsys, f"base_model: tiny\ntrain_data_dir: {dataset_dir}\n")
     assert str(caption) in err and "re-save it as UTF-8" in err
+
+
+def test_preflight_runs_where_diffusers_is_missing(dataset_dir):
+    """The WebUI's venv has no diffusers: the job runner's checks must not import it."""
+    code = ("import sys; sys.modules['diffusers'] = None\n"
+            "from lora_train import preflight\nfrom lora_train.config import TrainConfig\n"
+            "preflight.check(TrainConfig(train_data_dir=sys.argv[1]), 'sd1')\n")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code, str(dataset_dir)], cwd=root, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
