@@ -308,7 +308,9 @@ def _resolve_paths(data: dict[str, Any], folder: Path) -> None:
             value = prompts_file(value)
         if not isinstance(value, str) or not value:
             continue
-        candidate = (folder / Path(value).expanduser()).resolve()  # an absolute path stays itself
+        candidate = Path(value).expanduser()
+        if not candidate.is_absolute():
+            candidate = (folder / candidate).resolve()
         if key != "base_model" or candidate.exists():
             data[raw_key] = str(candidate)
 
