@@ -164,7 +164,6 @@ def check_lora_family(path: str | Path, family: Family | None) -> None:
     shapes, metadata = lora_header(path, "network_weights")
     families = weight_kinds.lora_families(shapes, metadata)
     if family is not None and family not in families:
-        made_for = "/".join(FAMILY_NAMES[f] for f in sorted(families))
-        raise ConfigError("network_weights", f"{path} is a LoRA for {made_for}, but the model is "
-                          f"{FAMILY_NAMES[family]}; pick a LoRA trained on {FAMILY_NAMES[family]} or a "
-                          "matching base_model")
+        name = FAMILY_NAMES[family]
+        raise ConfigError("network_weights", f"{path} is a LoRA for {weight_kinds.family_names(families)}, but "
+                          f"the model is {name}; pick a LoRA trained on {name} or a matching base_model")

@@ -21,6 +21,13 @@ _SD2_PROBE = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.
 _CONTEXT_WIDTH: dict[int, Family] = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _SD12_UNET_PREFIXES = ("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_",
                        "lora_unet_input_blocks_1_", "lora_unet_input_blocks_2_")  # SDXL has no attention there
+_SD_UNET_PREFIXES = tuple(f"lora_unet_{block}_" for block in (
+    "down_blocks", "up_blocks", "mid_block", "input_blocks", "middle_block", "output_blocks"))
+
+
+def family_names(families: frozenset[Family]) -> str:
+    """"SD1/SD2", or what to call a LoRA that fits none of our families."""
+    return "/".join(FAMILY_NAMES[f] for f in sorted(families)) or "another architecture, e.g. Flux or SD3"
 
 
 def checkpoint_family(shapes: Shapes) -> Family | None:
@@ -47,14 +54,21 @@ def is_kohya_lora(shapes: Shapes) -> bool:
 
 
 def lora_families(shapes: Shapes, metadata: Mapping[str, str]) -> frozenset[Family]:
-    """The families a kohya LoRA can belong to: from its metadata, else its key layout, else its widths."""
+    """The families a kohya LoRA can belong to: from its metadata, else its key layout, else its widths.
+
+    Empty for a LoRA of another architecture (Flux, SD3: other base-model versions or UNet block names).
+    """
     version = metadata.get("ss_base_model_version", "")
     for prefix, family in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
         if version.startswith(prefix):
             return frozenset((family,))
+    if version:
+        return frozenset()
     if metadata.get("ss_v2") == "True":
         return frozenset(("sd2",))
     modules = {key.split(".")[0] for key in shapes}
+    if any(m.startswith("lora_unet_") and not m.startswith(_SD_UNET_PREFIXES) for m in modules):
+        return frozenset()
     if any(m.startswith(("lora_te1_", "lora_te2_")) for m in modules):
         return frozenset(("sdxl",))
     for key, shape in shapes.items():
@@ -76,8 +90,7 @@ def describe(shapes: Shapes, metadata: Mapping[str, str]) -> str:
     if is_kohya_lora(shapes):
         if not any(key.endswith(".lora_down.weight") for key in shapes):
             return "a LyCORIS (LoHa/LoKr) network, not a plain LoRA"
-        names = "/".join(FAMILY_NAMES[f] for f in sorted(lora_families(shapes, metadata)))
-        return f"a LoRA ({names})"
+        return f"a LoRA ({family_names(lora_families(shapes, metadata))})"
     keys = list(shapes)
     if any(".lora_A." in key or ".lora.down." in key or ".lora_linear_layer." in key for key in keys):
         return "a LoRA in diffusers/peft format (we read kohya-format LoRAs)"

@@ -127,6 +127,9 @@ def test_network_weights_must_be_a_lora_of_the_models_family(tmp_path):
     wide = write_lora(tmp_path / "wide.safetensors", [SD1_UNET_KEY], width=1024)  # SD2's cross-attention width
     with pytest.raises(ConfigError, match="for SD2"):
         preflight.check_lora_family(wide, "sd1")
+    flux = write_lora(tmp_path / "flux.safetensors", ["lora_unet_double_blocks_0_img_attn_qkv"])
+    with pytest.raises(ConfigError, match=r"flux\.safetensors is a LoRA for another architecture"):
+        preflight.check_lora_family(flux, "sd1")
 
 
 def test_checkpoint_or_damaged_file_as_network_weights_names_it(tmp_path):
