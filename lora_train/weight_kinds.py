@@ -26,7 +26,7 @@ _SD_UNET_PREFIXES = tuple(f"lora_unet_{block}_" for block in (
 
 
 def family_names(families: frozenset[Family]) -> str:
-    """"SD1/SD2", or what to call a LoRA that fits none of our families."""
+    """Display names joined with "/" (e.g. SD1/SD2), or what to call a LoRA that fits none of our families."""
     return "/".join(FAMILY_NAMES[f] for f in sorted(families)) or "another architecture, e.g. Flux or SD3"
 
 

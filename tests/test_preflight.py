@@ -104,6 +104,11 @@ def test_lora_or_other_file_as_base_model_says_what_it_is(tmp_path):
               str(vae))
     with pytest.raises(ConfigError, match=r"vae\.safetensors is a VAE"):
         preflight.base_model_family(str(vae))
+    refiner = tmp_path / "refiner.safetensors"
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(2),
+               "conditioner.embedders.0.model.ln_final.weight": torch.zeros(2)}, str(refiner))
+    with pytest.raises(ConfigError, match=r"refiner\.safetensors is an SDXL refiner checkpoint"):
+        preflight.base_model_family(str(refiner))
     with pytest.raises(ConfigError, match="not a diffusers model"):
         preflight.base_model_family(str(tmp_path))
     with pytest.raises(ConfigError, match="no such file"):
