@@ -18,6 +18,7 @@ from typing import Literal
 
 from lora_train.files import atomic_write_bytes, atomic_write_text
 
+# The one list the captioner, the tab, uploads and the trainer share: all of them open images with Pillow.
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 METADATA_NAME = "metadata.csv"
 CSV_HEADER = ("filename", "prompt")
@@ -91,24 +92,27 @@ def read_metadata_csv(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.exists():
         return {}
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            return {}
-        lowered = [h.strip().lower() for h in header]
-        name_col = _find_column(lowered, _NAME_COLUMNS)
-        caption_col = _find_column(lowered, _CAPTION_COLUMNS)
-        if name_col is None or caption_col is None:
-            raise CaptionFileError(
-                f"{path}: header {header!r} needs a file-name column ({'/'.join(_NAME_COLUMNS)}) and a "
-                f"caption column ({'/'.join(_CAPTION_COLUMNS)}); expected 'filename,prompt'."
-            )
-        captions: dict[str, str] = {}
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    header = next(reader, None)
+    if header is None:
+        return {}
+    lowered = [h.strip().lower() for h in header]
+    name_col = _find_column(lowered, _NAME_COLUMNS)
+    caption_col = _find_column(lowered, _CAPTION_COLUMNS)
+    if name_col is None or caption_col is None:
+        raise CaptionFileError(
+            f"{path}: header {header!r} needs a file-name column ({'/'.join(_NAME_COLUMNS)}) and a "
+            f"caption column ({'/'.join(_CAPTION_COLUMNS)}); expected 'filename,prompt'."
+        )
+    captions: dict[str, str] = {}
+    try:
         for row in reader:
             if len(row) <= name_col or not row[name_col].strip():
                 continue
             captions[row[name_col].strip()] = row[caption_col] if len(row) > caption_col else ""
+    except csv.Error as exc:
+        raise CaptionFileError(f"{path}: not a readable CSV ({exc}); save it as CSV with a filename,prompt header"
+                               ) from None
     return captions
 
 
@@ -130,17 +134,29 @@ def _find_column(header: list[str], names: Iterable[str]) -> int | None:
 # ---------------------------------------------------------------------------------------------- sidecars
 
 
-def sidecar_path(image: str | Path) -> Path:
+def read_text(path: str | Path) -> str:
+    """A caption or prompt file as text: UTF-8 (a BOM is dropped); anything else names the file and the fix."""
+    path = Path(path)
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CaptionFileError(
+            f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at position {exc.start}); "
+            "re-save it as UTF-8 in your editor"
+        ) from None
+
+
+def sidecar_path(image: str | Path, extension: str = ".txt") -> Path:
     """``photo.png`` -> ``photo.txt`` (kohya's caption extension)."""
-    return Path(image).with_suffix(".txt")
+    return Path(image).with_suffix(extension)
 
 
-def read_sidecar(image: str | Path) -> str | None:
-    """The sidecar caption of ``image`` (trailing whitespace stripped), or None when there is none."""
-    path = sidecar_path(image)
-    if not path.exists():
+def read_sidecar(image: str | Path, extension: str = ".txt") -> str | None:
+    """The sidecar caption of ``image`` (surrounding whitespace stripped), or None when there is none."""
+    path = sidecar_path(image, extension)
+    if not path.is_file():
         return None
-    return path.read_text(encoding="utf-8-sig").rstrip()
+    return read_text(path).strip()
 
 
 def write_sidecar(image: str | Path, caption: str) -> Path:
@@ -277,6 +293,19 @@ def _tidy(caption: str) -> str:
 def split_tags(caption: str) -> list[str]:
     """Comma-separated tags of a caption, stripped, empties dropped."""
     return [t.strip() for t in caption.split(",") if t.strip()]
+
+
+def with_trigger(caption: str, trigger: str | None) -> str:
+    """The one trigger-word rule (captioner, tab and trainer): the trigger is the first tag, exactly once.
+
+    A tag equal to the trigger (ignoring case) elsewhere in the caption is dropped; no trigger leaves the
+    caption as it is.
+    """
+    trigger = (trigger or "").strip()
+    if not trigger:
+        return caption
+    rest = [tag for tag in split_tags(caption) if tag.lower() != trigger.lower()]
+    return ", ".join([trigger, *rest])
 
 
 def tag_frequency(captions: Iterable[str | None], case_sensitive: bool = False) -> list[tuple[str, int]]:

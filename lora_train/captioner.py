@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lora_train import caption_files
-from lora_train.weights import load_tensors
+from lora_train.weights import WeightsFileError, load_tensors
 
 DEFAULT_MODEL = "coca_ViT-L-14"
 VOCAB_DIR = Path(__file__).parent / "vocab"
@@ -116,13 +116,30 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         state = load_tensors(path)
-    except Exception as exc:  # corrupt or truncated download: say which file, not a pickle traceback
-        raise CaptionerError(f"Cannot read weights file {path}: {exc}") from exc
+    except WeightsFileError as exc:  # corrupt or truncated download: says which file, not a pickle traceback
+        raise CaptionerError(str(exc)) from None
     if not isinstance(state, dict) or not state:
         raise CaptionerError(f"{path} holds no state dict")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
+
+
+def _check_matches(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, model_name: str) -> None:
+    """One line when a weights file is not this model's (torch would list every key, tens of KB of them)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if not (missing or unexpected or wrong):
+        return
+    counts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+              ((missing, "missing"), (unexpected, "unexpected"), (wrong, "of another shape")) if keys]
+    tag, repo = PRETRAINED.get(model_name, ("<pretrained tag>", "<hub repository>"))
+    raise CaptionerError(
+        f"{path} is not open_clip {model_name} weights: of {len(expected)} tensors, {'; '.join(counts)}; "
+        f"use the '{tag}' weights from https://huggingface.co/{repo}"
+    )
 
 
 def build_model(model_name: str = DEFAULT_MODEL, model_config: dict[str, Any] | None = None) -> torch.nn.Module:
@@ -198,10 +215,8 @@ class Captioner:
             return cls(_download_model(model_name, models_dir), device=device, dtype=dtype)
         model = build_model(model_name, model_config)
         state = read_state_dict(path)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise CaptionerError(f"{path} does not match open_clip model {model_name}: {exc}") from exc
+        _check_matches(model, state, path, model_name)
+        model.load_state_dict(state, strict=True)
         return cls(model, device=device, dtype=dtype)
 
     # ------------------------------------------------------------------------------------------ text
@@ -407,9 +422,9 @@ def assemble_caption(
     (case-insensitive). Tags that do not fit are left out from the end; a caption that alone is too long is
     cut at a word boundary. The trigger is always kept.
     """
-    trigger = (trigger or "").strip()
-    kept: list[str] = [trigger] if trigger else []
-    caption_parts = [p for p in caption_files.split_tags(caption) if not _same(p, trigger)]
+    parts = caption_files.split_tags(caption_files.with_trigger(caption, trigger))
+    kept = parts[:1] if (trigger or "").strip() else []
+    caption_parts = parts[len(kept):]
     candidates: list[str] = []
     for part in [*caption_parts, *(t.strip() for t in tags)]:
         if part and not any(_same(part, p) or _inside(part, p) for p in [*kept, *candidates]):

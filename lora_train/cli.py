@@ -12,9 +12,8 @@ import torch
 from tqdm import tqdm
 
 from . import config as config_module
-from . import ui_cli
-from .config import ConfigError, TrainConfig
-from .dataset import DatasetError
+from . import preflight, ui_cli
+from .config import TrainConfig
 from .export import read_lora
 from .trainer import StepInfo, TrainCallbacks, train
 
@@ -74,6 +73,7 @@ class ConsoleCallbacks(TrainCallbacks):
 
 def run_train(args: argparse.Namespace) -> int:
     cfg = config_module.load(args.config, args.set)
+    preflight.check(cfg, preflight.base_model_family(cfg.base_model))  # every input, before the model loads
     bundle = load_model(cfg)
     callbacks = ConsoleCallbacks()
     previous = signal.signal(signal.SIGINT, callbacks.request_stop)
@@ -109,8 +109,7 @@ def describe(path: str) -> dict:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    if not Path(args.file).is_file():
-        raise ConfigError("file", f"{args.file} not found")
+    preflight.lora_header(args.file, "file")
     print(json.dumps(describe(args.file), indent=2))
     return 0
 
@@ -140,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
+        # bad input (ConfigError, DatasetError, CaptionFileError, WeightsFileError are ValueErrors) or a file
+        # that cannot be read/written: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

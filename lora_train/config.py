@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from . import caption_files
+
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "sgd"]
 Scheduler = Literal[
     "constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"
@@ -103,6 +105,8 @@ class TrainConfig:
     training_comment: str | None = None
 
     def __post_init__(self) -> None:
+        if self.caption_extension and not self.caption_extension.startswith("."):
+            self.caption_extension = "." + self.caption_extension  # kohya writes both "txt" and ".txt"
         validate(self)
 
     @property
@@ -116,13 +120,17 @@ class TrainConfig:
     @property
     def prompts(self) -> list[str]:
         """``sample_prompts`` as a list, or read one per line from a .txt file (kohya's form)."""
-        if len(self.sample_prompts) == 1 and self.sample_prompts[0].endswith(".txt"):
-            path = Path(self.sample_prompts[0])
-            if not path.is_file():
-                raise ConfigError("sample_prompts", f"file {path} not found")
-            lines = path.read_text(encoding="utf-8").splitlines()
-            return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-        return list(self.sample_prompts)
+        file = prompts_file(self.sample_prompts)
+        if file is None:
+            return list(self.sample_prompts)
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError("sample_prompts", f"file {path} not found; give a .txt with one prompt per line")
+        try:
+            lines = caption_files.read_text(path).splitlines()
+        except caption_files.CaptionFileError as exc:
+            raise ConfigError("sample_prompts", str(exc)) from None
+        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -244,6 +252,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("min_bucket_reso", "must not exceed max_bucket_reso")
     if not cfg.output_name or any(c in cfg.output_name for c in '/\\:*?"<>|') or cfg.output_name in (".", ".."):
         raise ConfigError("output_name", f"{cfg.output_name!r} must be a plain file name without path separators")
+    try:
+        Path("image.png").with_suffix(cfg.caption_extension)
+    except ValueError:
+        raise ConfigError("caption_extension", f"{cfg.caption_extension!r} is not a file extension like .txt") from None
     if cfg.sample_every_n_steps and not cfg.sample_prompts:
         raise ConfigError("sample_prompts", "sample_every_n_steps is set but there are no sample_prompts")
 
@@ -272,27 +284,58 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
+# Keys that hold paths: relative ones are read against the YAML's folder, or the current folder for --set.
+PATH_KEYS = ("train_data_dir", "metadata_path", "reg_data_dir", "output_dir", "network_weights", "resume",
+             "logging_dir", "base_model", "sample_prompts")
+
+
+def prompts_file(value: Any) -> str | None:
+    """The file ``sample_prompts`` names (kohya's form: one .txt), or None when it holds the prompts."""
+    items = [value] if isinstance(value, str) else value
+    if isinstance(items, list) and len(items) == 1 and str(items[0]).endswith(".txt"):
+        return str(items[0])
+    return None
+
+
+def _resolve_paths(data: dict[str, Any], folder: Path) -> None:
+    """Make the relative paths in ``data`` absolute against ``folder`` (a base_model only when it exists there:
+    otherwise it may be a built-in name)."""
+    for raw_key, value in data.items():
+        key = ALIASES.get(raw_key, raw_key)
+        if key not in PATH_KEYS:
+            continue
+        if key == "sample_prompts":
+            value = prompts_file(value)
+        if not isinstance(value, str) or not value:
+            continue
+        candidate = Path(value).expanduser()
+        if not candidate.is_absolute():
+            candidate = (folder / candidate).resolve()
+        if key != "base_model" or candidate.exists():
+            data[raw_key] = str(candidate)
+
+
 def load(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config, apply ``--set`` overrides and resolve relative paths against the file's folder."""
+    """Read a YAML config and apply ``--set`` overrides.
+
+    Relative paths in the file are read against the file's folder; relative paths given with ``--set`` against
+    the current folder, where the user typed them (``--set resume=output/x-state`` after a run).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError("--config", f"file {str(path)!r} not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(caption_files.read_text(path)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from None
+    except caption_files.CaptionFileError as exc:
+        raise ConfigError("--config", str(exc)) from None
     if not isinstance(data, dict):
         raise ConfigError("--config", f"{path} must hold a mapping of key: value lines")
-    for item in overrides or []:
-        key, value = parse_override(item)
-        data[key] = value
-    for key in ("train_data_dir", "metadata_path", "reg_data_dir", "output_dir", "network_weights",
-                "resume", "logging_dir", "base_model"):
-        value = data.get(key)
-        if isinstance(value, str) and value and value != "tiny" and not Path(value).is_absolute():
-            candidate = (path.parent / value).resolve()
-            if key != "base_model" or candidate.exists():
-                data[key] = str(candidate)
+    _resolve_paths(data, path.parent)
+    given = dict(parse_override(item) for item in overrides or [])
+    _resolve_paths(given, Path.cwd())
+    data.update(given)
     return from_dict(data)
 
 

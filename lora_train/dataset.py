@@ -20,7 +20,6 @@ from PIL import Image, ImageOps
 from . import caption_files
 from .config import TrainConfig
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 _EXIF_ORIENTATION = 0x0112
 
@@ -77,7 +76,7 @@ class Dataset:
 
 def _subsets(root: Path) -> list[tuple[Path, int]]:
     """(folder, repeats): the root's own images once, plus every ``N_name`` subfolder N times."""
-    subsets = [(root, 1)] if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir()) else []
+    subsets = [(root, 1)] if caption_files.list_images(root) else []
     for child in sorted(p for p in root.iterdir() if p.is_dir()):
         match = _REPEAT_FOLDER.match(child.name)
         if match:
@@ -103,19 +102,13 @@ def _image_size(path: Path) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def with_trigger(caption: str, trigger: str | None) -> str:
-    """Put the trigger word first unless the caption already starts with it."""
-    if not trigger or caption.split(",")[0].strip() == trigger:
-        return caption
-    return f"{trigger}, {caption}" if caption else trigger
-
-
 def scan(cfg: TrainConfig) -> Dataset:
     """Find images and captions in train_data_dir (and reg_data_dir); raise one error listing every problem."""
     roots = [(Path(cfg.train_data_dir), False)]
     if cfg.reg_data_dir:
         roots.append((Path(cfg.reg_data_dir), True))
     metadata = _read_metadata(Path(cfg.metadata_path)) if cfg.metadata_path else None
+    captions = _Captions(metadata, cfg.caption_extension)
     items: list[ImageItem] = []
     unreadable: list[str] = []
     uncaptioned: list[str] = []
@@ -125,23 +118,32 @@ def scan(cfg: TrainConfig) -> Dataset:
             raise DatasetError(f"{key} {str(root)!r} is not a folder")
         subsets = _subsets(root)
         if not subsets:
-            raise DatasetError(f"{key} {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or in N_name subfolders")
+            kinds = ", ".join(sorted(caption_files.IMAGE_EXTENSIONS))
+            raise DatasetError(f"{key} {root}: no images ({kinds}) in it or in N_name subfolders")
         for folder, repeats in subsets:
-            for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+            for path in caption_files.list_images(folder):
                 try:
                     size = _image_size(path)
                 except Exception as exc:  # noqa: BLE001 - any decoder error means the same to the user
                     unreadable.append(f"{path} ({exc.__class__.__name__})")
                     continue
-                caption = _caption_for(path, root, metadata, cfg.caption_extension)
+                caption = captions.find(path, root)
                 if caption is None and not is_reg:
                     uncaptioned.append(str(path))
                     continue
-                caption = with_trigger(caption or "", None if is_reg else cfg.trigger_word)
+                caption = caption_files.with_trigger(caption or "", None if is_reg else cfg.trigger_word)
                 items.append(ImageItem(path, caption, repeats, is_reg, folder.name, size))
     problems = []
     if unreadable:
         problems.append(f"{len(unreadable)} unreadable image(s):\n  " + "\n  ".join(unreadable))
+    if captions.undecodable:
+        problems.append("\n".join(captions.undecodable))
+    if metadata is not None and captions.unused():
+        unused = captions.unused()
+        problems.append(
+            f"{cfg.metadata_path} names {len(unused)} image(s) that are not in the training folders: "
+            f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''} (fix the names, or remove those rows)"
+        )
     if uncaptioned:
         source = cfg.metadata_path or f"'{cfg.caption_extension}' files next to the images"
         problems.append(
@@ -155,14 +157,31 @@ def scan(cfg: TrainConfig) -> Dataset:
     return dataset
 
 
-def _caption_for(path: Path, root: Path, metadata: dict[str, str] | None, extension: str) -> str | None:
-    if metadata is not None:
-        for name in (path.relative_to(root).as_posix(), path.name):
-            if name in metadata:
-                return metadata[name]
-        return None
-    sidecar = path.with_suffix(extension)
-    return sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
+class _Captions:
+    """Captions from metadata.csv or sidecar files, remembering which CSV rows matched an image and which
+    caption files could not be decoded (both reported with the other dataset problems)."""
+
+    def __init__(self, metadata: dict[str, str] | None, extension: str):
+        self.metadata = metadata
+        self.extension = extension
+        self.used: set[str] = set()
+        self.undecodable: list[str] = []
+
+    def find(self, path: Path, root: Path) -> str | None:
+        if self.metadata is not None:
+            for name in (path.relative_to(root).as_posix(), path.name):
+                if name in self.metadata:
+                    self.used.add(name)
+                    return self.metadata[name]
+            return None
+        try:
+            return caption_files.read_sidecar(path, self.extension)
+        except caption_files.CaptionFileError as exc:
+            self.undecodable.append(str(exc))
+            return ""  # reported above; not also listed as missing
+
+    def unused(self) -> list[str]:
+        return sorted(set(self.metadata or {}) - self.used)
 
 
 def make_buckets(max_area: int, min_reso: int, max_reso: int, step: int) -> list[tuple[int, int]]:

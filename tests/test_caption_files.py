@@ -106,3 +106,32 @@ def test_tag_frequency_counts_and_sorts():
     captions = ["sks, Cat, red", "sks, cat, cat, blue", "sks, dog", None, ""]
     assert cf.tag_frequency(captions) == [("sks", 3), ("Cat", 2), ("blue", 1), ("dog", 1), ("red", 1)]
     assert ("cat", 1) in cf.tag_frequency(captions, case_sensitive=True)
+
+
+def test_non_utf8_sidecar_names_the_file_in_the_tab_table(tmp_path):
+    folder = make_folder(tmp_path, ("a.png", "b.png"))
+    (folder / "a.txt").write_text("fine")
+    (folder / "b.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(cf.CaptionFileError, match=r"b\.txt is not UTF-8 text .*re-save it as UTF-8"):
+        cf.list_rows(folder)
+
+
+def test_non_utf8_csv_names_the_file(tmp_path):
+    folder = make_folder(tmp_path, ("a.png",))
+    (folder / "metadata.csv").write_bytes("filename,prompt\na.png,caf\xe9\n".encode("cp1252"))
+    with pytest.raises(cf.CaptionFileError, match=r"metadata\.csv is not UTF-8 text"):
+        cf.list_rows(folder)
+
+
+@pytest.mark.parametrize(("caption", "expected"), [
+    ("a cat", "sks, a cat"),
+    ("sks, a cat", "sks, a cat"),
+    ("a cat, SKS", "sks, a cat"),
+    ("", "sks"),
+])
+def test_one_trigger_rule_for_captioner_and_trainer(caption, expected):
+    from lora_train.captioner import assemble_caption
+
+    assert cf.with_trigger(caption, "sks") == expected
+    assert assemble_caption("sks", caption, [], lambda text: 0) == expected
+    assert cf.with_trigger(caption, None) == caption

@@ -189,8 +189,22 @@ def test_weights_found_in_models_dir_and_bin_format(tmp_path, model):
 def test_mismatched_weights_give_clear_error(tmp_path):
     path = tmp_path / "wrong.bin"
     torch.save({"visual.proj": torch.zeros(3)}, path)
-    with pytest.raises(captioner.CaptionerError, match="wrong.bin"):
+    with pytest.raises(captioner.CaptionerError, match="wrong.bin") as err:
         captioner.Captioner.load("tiny", weights=path, model_config=TINY_COCA)
+    message = str(err.value)  # one line, not torch's list of every missing key
+    assert "\n" not in message and len(message) < 500 and "missing" in message
+
+
+def test_weights_of_another_size_give_one_line(tmp_path):
+    other = {**TINY_COCA, "embed_dim": 16}
+    path = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in captioner.build_model(model_config=other).state_dict().items()},
+              str(path))
+    with pytest.raises(captioner.CaptionerError, match=r"other\.safetensors is not open_clip tiny weights") as err:
+        captioner.Captioner.load("tiny", weights=path, model_config=TINY_COCA)
+    assert "\n" not in str(err.value) and "of another shape" in str(err.value)
 
 
 def test_batched_greedy_matches_one_by_one(model):
@@ -290,7 +304,8 @@ def test_corrupt_weights_file_named_in_error(tmp_path, weights, capsys):
     bad.write_bytes(b"truncated download")
     argv = ["--input", folder, "--weights", bad, "--model-config", weights[1], "--no-progress", "--device", "cpu"]
     assert run_cli(argv) == 2
-    assert f"Cannot read weights file {bad}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{bad} is not a torch weights file we can read" in err and err.count("\n") == 1
 
 
 def test_greedy_loop_matches_open_clip_generate_where_it_works():

@@ -60,3 +60,23 @@ def test_readme_documents_every_config_key():
     readme = (ROOT / "README.md").read_text()
     missing = [name for name in TrainConfig.__dataclass_fields__ if f"`{name}`" not in readme]
     assert missing == []
+
+
+def test_readme_resume_example_reads_set_paths_from_the_current_folder(tmp_path, monkeypatch, capsys):
+    """README: a run checkpoints, then `--set resume=output/<name>-state` from the same folder continues it."""
+    from lora_train import cli
+
+    (tmp_path / "configs").mkdir()
+    yaml_text = (ROOT / "examples" / "tiny.yaml").read_text().replace("../lora_train/sample_data",
+                                                                       str(ROOT / "lora_train" / "sample_data"))
+    (tmp_path / "configs" / "tiny.yaml").write_text(yaml_text)  # output_dir: ../output, as in the examples
+    monkeypatch.chdir(tmp_path)
+    first = ["train", "--config", "configs/tiny.yaml", "--set", "max_train_steps=4", "--set", "save_every_n_steps=2"]
+    assert cli.main(first) == 0
+    assert (tmp_path / "output" / "tiny-shapes-state" / "state.json").is_file()
+    resumed = [*first, "--set", "resume=output/tiny-shapes-state"]
+    assert cli.main(resumed) == 0, capsys.readouterr().err
+    assert "resumed from" in capsys.readouterr().out
+    missing = [*first, "--set", "resume=output/no-such-state"]
+    assert cli.main(missing) == 2
+    assert "no-such-state does not exist" in capsys.readouterr().err

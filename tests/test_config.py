@@ -83,3 +83,33 @@ def test_missing_file_and_non_mapping(tmp_path):
         config.load(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="mapping"):
         config.load(write(tmp_path, "- a\n- b\n"))
+
+
+def test_set_paths_resolve_against_the_current_folder(tmp_path, monkeypatch):
+    """README: `--set resume=output/<name>-state` after a run started from the project folder."""
+    (tmp_path / "configs").mkdir()
+    path = (tmp_path / "configs" / "c.yaml")
+    path.write_text("train_data_dir: imgs\nsample_prompts: prompts.txt\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(path, ["resume=output/lora-state", "network_weights=~/style.safetensors"])
+    assert Path(cfg.resume) == (tmp_path / "output" / "lora-state").resolve()
+    assert Path(cfg.network_weights) == Path("~/style.safetensors").expanduser()
+    # paths in the file stay relative to the file, the prompts file included
+    assert Path(cfg.train_data_dir) == (tmp_path / "configs" / "imgs").resolve()
+    assert cfg.sample_prompts == [str((tmp_path / "configs" / "prompts.txt").resolve())]
+
+
+def test_kohya_path_aliases_resolve_against_the_file_too(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    cfg = config.load(write(tmp_path, "pretrained_model_name_or_path: model.safetensors\n"))
+    assert cfg.base_model == str((tmp_path / "model.safetensors").resolve())
+
+
+@pytest.mark.parametrize("given", ["txt", ".txt", "caption", ".caption"])
+def test_caption_extension_with_or_without_its_dot(given):
+    assert TrainConfig(caption_extension=given).caption_extension == "." + given.lstrip(".")
+
+
+def test_bad_caption_extension_names_the_key():
+    with pytest.raises(ConfigError, match="caption_extension"):
+        TrainConfig(caption_extension="a/b")

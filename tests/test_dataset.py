@@ -106,3 +106,44 @@ def test_caption_shuffle_keeps_leading_tokens():
     assert len(seen) > 1
     assert all(s.startswith("trig, ") for s in seen)
     assert data.process_caption("x, y", TrainConfig(caption_dropout_rate=1.0), rng) == ""
+
+
+def test_caption_extension_without_its_dot(tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    (tmp_path / "a.caption").write_text("a red thing")
+    ds = data.scan(cfg_for(tmp_path, caption_extension="caption"))
+    assert [item.caption for item in ds.items] == ["a red thing"]
+
+
+def test_non_utf8_caption_is_named_with_the_fix(tmp_path):
+    image(tmp_path / "good.png")
+    image(tmp_path / "latin.png", caption=None)
+    (tmp_path / "latin.txt").write_bytes("tête".encode("latin-1"))
+    with pytest.raises(DatasetError) as err:
+        data.scan(cfg_for(tmp_path))
+    message = str(err.value)
+    assert f"{tmp_path / 'latin.txt'} is not UTF-8 text" in message and "re-save it as UTF-8" in message
+    assert "without a caption" not in message
+
+
+def test_metadata_rows_naming_missing_images_are_reported(tmp_path):
+    image(tmp_path / "a.png", caption=None)
+    meta = tmp_path / "metadata.csv"
+    meta.write_text("filename,prompt\na.png,a thing\ngone.png,deleted image\n")
+    with pytest.raises(DatasetError, match=r"metadata\.csv names 1 image\(s\) that are not in the training "
+                                           r"folders: gone\.png"):
+        data.scan(cfg_for(tmp_path, metadata_path=str(meta)))
+
+
+@pytest.mark.parametrize(("name", "mode"), [("a.bmp", "RGB"), ("a.gif", "P"), ("a.tif", "RGB"), ("a.tiff", "RGBA")])
+def test_every_image_type_the_captioner_lists_is_trained(tmp_path, name, mode):
+    from lora_train import caption_files
+
+    image(tmp_path / name, size=(96, 64), color="blue", mode=mode)
+    assert [p.name for p in caption_files.list_images(tmp_path)] == [name]  # what the tab and captioner see
+    ds = data.scan(cfg_for(tmp_path))
+    assert [item.path.name for item in ds.items] == [name]
+    pixels, _ = data.load_pixels(ds.items[0])
+    width, height = ds.items[0].bucket
+    assert pixels.shape == (3, height, width)
+    assert pixels[2].mean() > 0.9 and pixels[0].mean() < -0.9  # blue survives the decode

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from lora_train.hosts.diffusers import _parameterization, sd_alphas_cumprod
+from lora_train.hosts.diffusers import _parameterization, load_folder, sd_alphas_cumprod
+from lora_train.weights import WeightsFileError
 
 
 def test_clip_skip_uses_the_penultimate_layer_through_the_final_norm(tiny):
@@ -39,3 +41,38 @@ def test_schedule_is_sd_scaled_linear():
     assert alphas.shape == (1000,)
     assert abs(float(alphas[0]) - (1 - 0.00085)) < 1e-6
     assert float(alphas[-1]) < 0.005
+
+
+def save_folder(bundle, folder):
+    for name, module in (("unet", bundle.unet), ("vae", bundle.vae), ("text_encoder", bundle.text_encoders[0])):
+        module.save_pretrained(folder / name)
+    return folder
+
+
+def test_diffusers_folder_trains_on_its_own_schedule(tiny, tmp_path):
+    from diffusers import DDPMScheduler
+
+    folder = save_folder(tiny, tmp_path / "model")
+    assert torch.equal(load_folder(folder).alphas_cumprod, sd_alphas_cumprod())  # no scheduler/: SD's default
+    zero_snr = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                             prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    zero_snr.save_pretrained(folder / "scheduler")
+    bundle = load_folder(folder)
+    assert bundle.parameterization == "v"
+    torch.testing.assert_close(bundle.alphas_cumprod, zero_snr.alphas_cumprod)
+    assert float(bundle.alphas_cumprod[-1]) == 0.0  # zero terminal SNR, unlike SD's default
+    linear = DDPMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    linear.save_pretrained(folder / "scheduler")
+    bundle = load_folder(folder)
+    assert bundle.parameterization == "eps"
+    torch.testing.assert_close(bundle.alphas_cumprod, linear.alphas_cumprod)
+    assert load_folder(folder, v_parameterization=True).parameterization == "v"  # the user's setting wins
+
+
+def test_folder_with_an_unsupported_prediction_type_is_named(tiny, tmp_path):
+    from diffusers import DDPMScheduler
+
+    folder = save_folder(tiny, tmp_path / "model")
+    DDPMScheduler(prediction_type="sample").save_pretrained(folder / "scheduler")
+    with pytest.raises(WeightsFileError, match=r"scheduler: prediction_type 'sample' is not supported"):
+        load_folder(folder)

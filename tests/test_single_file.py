@@ -19,9 +19,11 @@ from diffusers.loaders.single_file_utils import (  # noqa: E402
 )
 from safetensors.torch import save_file  # noqa: E402
 
+from lora_train import weight_kinds  # noqa: E402
 from lora_train.architectures import Architecture  # noqa: E402
 from lora_train.hosts import checkpoint_convert  # noqa: E402
 from lora_train.hosts.diffusers import load_bundle, load_single_file  # noqa: E402
+from lora_train.weights import WeightsFileError  # noqa: E402
 
 CAPTIONS = ["a photo of a red cat", "a house by the sea"]
 
@@ -96,15 +98,24 @@ def test_sd2_v_checkpoint_with_yaml_beside_it(tmp_path):
 
 
 def test_family_detection_and_clear_errors(tmp_path):
-    assert checkpoint_convert.detect_family({"conditioner.embedders.1.model.x": torch.zeros(1)}) == "sdxl"
-    with pytest.raises(ValueError, match="not a Stable Diffusion checkpoint"):
-        checkpoint_convert.detect_family({"foo": torch.zeros(1)})
-    truncated = {k: v for k, v in M.tiny_sd1(webui=False).state_dict().items() if "output_blocks.3" not in k}
-    path = tmp_path / "broken.safetensors"
-    save_file({k: v.contiguous() for k, v in truncated.items()}, str(path))
+    shapes = {k: tuple(v.shape) for k, v in M.tiny_sd1(webui=False).state_dict().items()}
+    assert weight_kinds.checkpoint_family(shapes) == "sd1"
+    assert weight_kinds.checkpoint_family({"conditioner.embedders.1.model.x": (1,)}) == "sdxl"
+    assert weight_kinds.checkpoint_family({"foo": (1,)}) is None
     arch = architecture("sd1", M.SD1_UNET, [M.CLIP_CONFIG], ["<|endoftext|>"])
-    with pytest.raises(Exception, match="broken.safetensors"):
-        load_single_file(path, arch=arch)
+    state = M.tiny_sd1(webui=False).state_dict()
+    for name, drop in (("no-output-block", "output_blocks.3"), ("no-vae", "first_stage_model.decoder"),
+                       ("no-text", "cond_stage_model.transformer.text_model.encoder")):
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items() if drop not in k}, str(path))
+        with pytest.raises(WeightsFileError, match=f"{name}.safetensors") as err:
+            load_single_file(path, arch=arch)
+        assert "\n" not in str(err.value)
+    other = tmp_path / "other.safetensors"  # an SD1 layout of other sizes than the architecture's
+    save_file({k: v.contiguous() for k, v in M.tiny_sd1(webui=False).state_dict().items()}, str(other))
+    wider = architecture("sd1", {**M.SD1_UNET, "model_channels": 64}, [M.CLIP_CONFIG], ["<|endoftext|>"])
+    with pytest.raises(WeightsFileError, match=r"other\.safetensors: \d+ UNet tensor\(s\) have other shapes"):
+        load_single_file(other, arch=wider)
     with pytest.raises(FileNotFoundError, match="built-in"):
         load_bundle(str(tmp_path / "missing.safetensors"))
 
@@ -155,5 +166,5 @@ def test_ckpt_files_load_weights_only_and_refuse_pickled_objects(tmp_path):
     compare_unet(model.model.diffusion_model, load_single_file(path, arch=arch), context)
     unsafe = tmp_path / "unsafe.ckpt"
     torch.save({"state_dict": {}, "callback": ValueError("not a tensor")}, unsafe)
-    with pytest.raises(ValueError, match="safetensors"):
+    with pytest.raises(WeightsFileError, match="unsafe.ckpt: this file stores Python objects"):
         checkpoint_convert.read_state_dict(unsafe)

@@ -7,16 +7,17 @@ key mapping itself is short and has not changed since SD2.
 
 from __future__ import annotations
 
-import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import weight_kinds
 from ..model import Family
-from ..weights import load_tensors
+from ..weights import WeightsFileError, load_tensors
 
 try:  # diffusers >= 0.28 moved the module
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
@@ -26,7 +27,6 @@ except ImportError:  # pragma: no cover - depends on the installed diffusers
         convert_ldm_vae_checkpoint,
     )
 
-_SD2_PROBE = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
 _CLIP_PREFIXES = {"sd1": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
 _OPEN_CLIP_PREFIXES = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model."}
 _RESBLOCK_RENAMES = (
@@ -35,32 +35,16 @@ _RESBLOCK_RENAMES = (
 )
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors or .ckpt file (``state_dict`` unwrapped); .ckpt loads without pickled code."""
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    if path.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-        try:
-            return load_tensors(path)
-        except pickle.UnpicklingError as exc:
-            raise ValueError(
-                f"{path}: this .ckpt stores Python objects besides the weights, which we do not unpickle (they can "
-                f"run code). Convert it to .safetensors (e.g. with the WebUI's Checkpoint Merger) and use that. "
-                f"Detail: {str(exc).splitlines()[0]}"
-            ) from None
-    raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; use .safetensors or .ckpt")
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], Family]:
+    """Tensors of a .safetensors or .ckpt file (``state_dict`` unwrapped, no pickled code run) and their family.
 
-
-def detect_family(state: dict[str, torch.Tensor]) -> Family:
-    """SDXL has a second (OpenCLIP) embedder; SD2 cross-attends to 1024-wide text features; else SD1."""
-    if any(key.startswith("conditioner.embedders.1.model.") for key in state):
-        return "sdxl"
-    if not any(key.startswith("model.diffusion_model.") for key in state):
-        raise ValueError("not a Stable Diffusion checkpoint: no 'model.diffusion_model.*' weights")
-    probe = state.get(_SD2_PROBE)
-    if probe is not None and probe.shape[-1] == 1024 or any(k.startswith("cond_stage_model.model.") for k in state):
-        return "sd2"
-    return "sd1"
+    Anything that is not an SD1/SD2/SDXL checkpoint raises one WeightsFileError naming the file.
+    """
+    state = load_tensors(path)
+    if not isinstance(state, dict):
+        raise WeightsFileError(f"{path} holds a {type(state).__name__}, not named weights; use a checkpoint file")
+    shapes = {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
+    return state, weight_kinds.require_checkpoint(path, shapes, {})
 
 
 def yaml_says_v(path: Path) -> bool:
@@ -70,12 +54,23 @@ def yaml_says_v(path: Path) -> bool:
     return config.is_file() and re.search(pattern, config.read_text(), re.M) is not None
 
 
-def unet_state(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
-    return convert_ldm_unet_checkpoint(dict(state), config)
+def unet_state(state: dict[str, torch.Tensor], config: Any, path: Path) -> dict[str, torch.Tensor]:
+    return converted(path, "UNet", convert_ldm_unet_checkpoint, dict(state), config)
 
 
-def vae_state(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
-    return convert_ldm_vae_checkpoint(dict(state), config)
+def vae_state(state: dict[str, torch.Tensor], config: Any, path: Path) -> dict[str, torch.Tensor]:
+    return converted(path, "VAE", convert_ldm_vae_checkpoint, dict(state), config)
+
+
+def converted(path: Path, what: str, convert: Callable[..., dict[str, torch.Tensor]], *args: Any):
+    """``convert(*args)``, with a missing or odd key reported as one line naming the file and the part."""
+    try:
+        return convert(*args)
+    except (KeyError, IndexError, ValueError, RuntimeError) as exc:
+        raise WeightsFileError(
+            f"{path}: the {what} weights do not have the layout of an SD checkpoint ({type(exc).__name__}: "
+            f"{str(exc)[:120]}); the file is damaged or a model of another architecture"
+        ) from None
 
 
 def text_encoder_state(
@@ -121,16 +116,21 @@ def _open_clip_to_hf(state: dict[str, torch.Tensor], prefix: str, layers: int) -
 
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
     """Assign converted weights into an empty (meta) module, naming the file and part on a mismatch."""
-    expected = set(module.state_dict())
+    expected = module.state_dict()
     if not any(k.startswith("text_model.") for k in expected):  # transformers 5 dropped CLIP's text_model level
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    missing = sorted(expected - set(state))
+    missing = sorted(set(expected) - set(state))
     # position_ids is a buffer some transformers versions keep and others drop
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing:
-        raise ValueError(f"{path}: the {what} weights are incomplete, e.g. missing {missing[:3]}")
+        raise WeightsFileError(f"{path}: the {what} weights are incomplete, e.g. missing {missing[:3]}")
     for key in [k for k in state if k not in expected]:
         state.pop(key)
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})" for k, v in state.items()
+             if v.shape != expected[k].shape]
+    if wrong:
+        raise WeightsFileError(f"{path}: {len(wrong)} {what} tensor(s) have other shapes than this architecture's, "
+                               f"e.g. {wrong[0]}; the file is damaged or not a standard SD1/SD2/SDXL model")
     module.load_state_dict(state, strict=False, assign=True)
     for name, buffer in list(module.named_buffers()):
         if buffer.is_meta:  # position_ids when the file lacked it

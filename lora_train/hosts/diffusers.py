@@ -7,12 +7,11 @@ key conversion from diffusers' own single-file utilities.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -20,6 +19,8 @@ from .. import kohya_names
 from ..architectures import BUILTIN, BY_FAMILY, Architecture
 from ..clip_tokenizer import MAX_LENGTH, build_clip_tokenizer
 from ..model import Conditioning, Family, LoraTarget, Parameterization
+from ..preflight import folder_family
+from ..weights import WeightsFileError
 from . import checkpoint_convert
 
 
@@ -42,6 +43,7 @@ class DiffusersBundle:
         parameterization: Parameterization = "eps",
         model_name: str = "",
         clip_skip: int = 1,
+        alphas_cumprod: torch.Tensor | None = None,
     ):
         self.arch = arch
         self.family: Family = arch.family
@@ -52,7 +54,7 @@ class DiffusersBundle:
         self.parameterization = parameterization
         self.model_name = model_name
         self.clip_skip = clip_skip
-        self.alphas_cumprod = sd_alphas_cumprod()
+        self.alphas_cumprod = sd_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
         self.scaling_factor = float(vae.config.scaling_factor)
 
     @property
@@ -144,22 +146,23 @@ def load_single_file(
 ) -> DiffusersBundle:
     """An A1111-style single-file checkpoint (.safetensors or .ckpt) of SD1.x, SD2.x or SDXL."""
     path = Path(path)
-    state = checkpoint_convert.read_state_dict(path)
-    family = checkpoint_convert.detect_family(state)
+    state, family = checkpoint_convert.read_state_dict(path)
     arch = arch or BY_FAMILY[family]
     if arch.family != family:
-        raise ValueError(f"{path}: weights are {family} but the architecture given is {arch.family}")
+        raise WeightsFileError(f"{path}: weights are {family} but the architecture given is {arch.family}")
     with init_empty_weights():
         unet = UNet2DConditionModel(**arch.unet)
         vae = AutoencoderKL(**arch.vae)
         encoders = [
             _text_encoder(cfg, with_projection=family == "sdxl" and i == 1) for i, cfg in enumerate(arch.text_encoders)
         ]
-    checkpoint_convert.load_into(unet, checkpoint_convert.unet_state(state, unet.config), path, "UNet")
-    checkpoint_convert.load_into(vae, checkpoint_convert.vae_state(state, vae.config), path, "VAE")
+    checkpoint_convert.load_into(unet, checkpoint_convert.unet_state(state, unet.config, path), path, "UNet")
+    checkpoint_convert.load_into(vae, checkpoint_convert.vae_state(state, vae.config, path), path, "VAE")
     for index, encoder in enumerate(encoders):
-        converted = checkpoint_convert.text_encoder_state(state, family, index, encoder.config.num_hidden_layers)
-        checkpoint_convert.load_into(encoder, converted, path, f"text encoder {index + 1}")
+        what = f"text encoder {index + 1}"
+        converted = checkpoint_convert.converted(path, what, checkpoint_convert.text_encoder_state, state, family,
+                                                 index, encoder.config.num_hidden_layers)
+        checkpoint_convert.load_into(encoder, converted, path, what)
     tokenizers = [build_clip_tokenizer(pad) for pad in arch.pad_tokens]
     parameterization = _parameterization(v_parameterization, checkpoint_convert.yaml_says_v(path))
     return DiffusersBundle(arch, unet, vae, encoders, tokenizers, parameterization, path.name, clip_skip)
@@ -170,13 +173,12 @@ def load_folder(path: str | Path, v_parameterization: bool | None = None, clip_s
     path = Path(path)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
-    sdxl = (path / "text_encoder_2").is_dir()
+    family = folder_family(path)
     encoders: list[nn.Module] = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)]
-    if sdxl:
+    if family == "sdxl":
         encoders.append(
             CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", local_files_only=True)
         )
-    family: Family = "sdxl" if sdxl else ("sd2" if encoders[0].config.hidden_size == 1024 else "sd1")
     pads = BY_FAMILY[family].pad_tokens
     tokenizers = []
     for index, pad in enumerate(pads):
@@ -185,12 +187,29 @@ def load_folder(path: str | Path, v_parameterization: bool | None = None, clip_s
             CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_LENGTH) if folder.is_dir()
             else build_clip_tokenizer(pad)
         )
-    scheduler = path / "scheduler" / "scheduler_config.json"
-    folder_v = scheduler.is_file() and json.loads(scheduler.read_text()).get("prediction_type") == "v_prediction"
+    alphas_cumprod, folder_v = folder_schedule(path)
     arch = Architecture(family, dict(unet.config), dict(vae.config), [e.config.to_dict() for e in encoders], pads)
     return DiffusersBundle(
-        arch, unet, vae, encoders, tokenizers, _parameterization(v_parameterization, folder_v), path.name, clip_skip
+        arch, unet, vae, encoders, tokenizers, _parameterization(v_parameterization, folder_v), path.name, clip_skip,
+        alphas_cumprod,
     )
+
+
+def folder_schedule(path: Path) -> tuple[torch.Tensor, bool]:
+    """The noise schedule a diffusers folder was trained with, and whether it predicts v.
+
+    Read from ``scheduler/`` with diffusers' DDPMScheduler (betas, ``rescale_betas_zero_snr``, trained_betas,
+    prediction_type), so zero-terminal-SNR or v-prediction models train on their own schedule; a folder
+    without one gets SD's default.
+    """
+    if not (path / "scheduler" / "scheduler_config.json").is_file():
+        return sd_alphas_cumprod(), False
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+    prediction = scheduler.config.prediction_type
+    if prediction not in ("epsilon", "v_prediction"):
+        raise WeightsFileError(f"{path / 'scheduler'}: prediction_type {prediction!r} is not supported; "
+                               "LoRA training here handles 'epsilon' and 'v_prediction' models")
+    return scheduler.alphas_cumprod.float(), prediction == "v_prediction"
 
 
 def _parameterization(user: bool | None, from_model: bool) -> Parameterization:
