@@ -24,7 +24,9 @@ from typing import Any
 from PIL import Image
 
 from . import config as config_module
+from . import preflight
 from .config import ConfigError, TrainConfig
+from .dataset import DatasetError
 from .files import atomic_write, free_path
 from .model import ModelBundle
 from .paths import PathPolicy, resolve, sanitize_name
@@ -284,6 +286,10 @@ class JobRunner:
         policy = self.policy
         cfg = prepare_config(data, policy)
         self.host.check(cfg)
+        try:
+            preflight.check(cfg, self.host.family())
+        except DatasetError as exc:  # every bad image at once, reported on the dataset field
+            raise ConfigError("train_data_dir", str(exc)) from None
         with self._lock:
             if any(j.active for j in self.jobs.values()):
                 raise BusyError("a LoRA is already training; wait for it or press Stop")

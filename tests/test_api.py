@@ -458,3 +458,20 @@ def test_captioning_holds_the_webui_queue_so_training_waits(webui) -> None:
         assert client.get(f"/lora-train/v1/jobs/{job_id}").json()["state"] == "waiting"
     assert _wait(client, job_id)["state"] == "done"
     assert ns.shared.state.events[:2] == ["begin:LoRA captioning", "end"]
+
+
+def test_inputs_the_run_would_trip_on_are_refused_at_submit(webui) -> None:
+    ns, client = webui()
+    (ns.data / "broken.png").write_bytes(b"not a png")
+    response = client.post("/lora-train/v1/jobs", json={**SMALL, "train_data_dir": str(ns.data)})
+    assert response.status_code == 422 and response.json()["detail"]["field"] == "train_data_dir"
+    assert "broken.png" in response.json()["detail"]["message"]
+    (ns.data / "broken.png").unlink()
+    response = client.post("/lora-train/v1/jobs", json={**SMALL, "train_data_dir": str(ns.data),
+                                                        "logging_dir": str(ns.lora_dir / "logs")})
+    if importlib.util.find_spec("tensorboard") is None:  # the WebUI's venv: no tensorboard
+        assert response.status_code == 422 and response.json()["detail"]["field"] == "logging_dir"
+        assert "tensorboard" in response.json()["detail"]["message"]
+        assert ns.glue.RUNNER.jobs == {}
+    else:
+        assert response.status_code == 200, response.text
