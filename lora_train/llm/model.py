@@ -50,8 +50,10 @@ def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE({s: i for i, s in enumerate(by_byte)}, []))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([EOS])  # id 256, matched whole in text
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS,
-                                                pad_token=EOS, model_max_length=512)
+                                                pad_token=EOS, model_max_length=512,
+                                                model_input_names=["input_ids", "attention_mask"])
 
 
 def _build_tiny() -> nn.Module:
@@ -59,7 +61,7 @@ def _build_tiny() -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_TINY_SEED)
         model = transformers.AutoModelForCausalLM.from_config(config)
-    model.config._name_or_path = TINY_MODEL  # what an adapter's adapter_config.json names as its base
+    model.name_or_path = model.config.name_or_path = TINY_MODEL  # the base an adapter_config.json names
     return model
 
 

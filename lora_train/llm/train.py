@@ -78,7 +78,8 @@ class LlmTrainer:
         micro_total = cfg.epochs * self.batches_per_epoch
         self.total_steps = cfg.max_train_steps or math.ceil(micro_total / cfg.gradient_accumulation_steps)
         if cfg.warmup_ratio:  # HF-Trainer: warmup steps = ceil(ratio * total steps)
-            cfg = dataclasses.replace(cfg, lr_warmup_steps=math.ceil(cfg.warmup_ratio * self.total_steps))
+            warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
+            cfg = dataclasses.replace(cfg, lr_warmup_steps=warmup, warmup_ratio=0.0)
         self.cfg = cfg
         self.resume_info = checkpoint.read_info(cfg.resume) if cfg.resume else {}
         self.paths = _Paths(cfg, self.resume_info.get("output_name"))
