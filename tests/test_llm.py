@@ -23,6 +23,7 @@ from lora_train.config import ConfigError
 from lora_train.llm import data
 from lora_train.llm import model as models
 from lora_train.llm.config import LlmConfig, from_dict
+from lora_train.llm.config import load as load_config
 from lora_train.llm.generate import generate, load_for_generation
 from lora_train.llm.train import LlmTrainer, train
 from lora_train.trainer import TrainCallbacks
@@ -135,6 +136,7 @@ def test_chat_template_renders_turns_and_masks_only_the_assistant(tiny_llm):
     (['{"prompt": "a", "response": "b"}', "", '{"prompt": "a", "response": '], 3, "not valid JSON"),
     (['{"prompt": "a", "response": "b"}', '{"question": "a", "answer": "b"}'], 2, "expected"),
     (['{"prompt": "a", "response": ""}'], 1, '"response" must be non-empty'),
+    (['{"prompt": "a", "respons": "b"}'], 1, 'missing "response"'),
     (['{"messages": [{"role": "user", "content": "a"}]}'], 1, "no assistant message"),
     (['["a", "b"]'], 1, "expected a JSON object"),
 ])
@@ -159,6 +161,12 @@ def test_max_seq_length_cuts_and_drops_samples_without_a_response_token(tmp_path
 
 
 # ---------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("example", sorted((ROOT / "examples" / "llm").glob("*.yaml")), ids=lambda p: p.name)
+def test_llm_examples_are_valid_configs(example):
+    cfg = load_config(example)
+    assert llm.is_llm_config_file(example) and Path(cfg.train_data_dir).is_file()
+
+
 def test_hf_trainer_and_lora_scripts_spellings_map_to_fields():
     cfg = from_dict({"task": "llm", "per_device_train_batch_size": 8, "num_train_epochs": 8,
                      "lr_scheduler_type": "cosine", "warmup_ratio": 0.03, "fp16": True, "logging_steps": 50,
@@ -265,6 +273,16 @@ def test_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_llm):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_gradient_checkpointing_trains_the_same_adapter(tmp_path, tiny_llm):
+    plain = train(make_config(tmp_path / "a", max_train_steps=2, lora_dropout=0.1), loaded=copy.deepcopy(tiny_llm))
+    saved = train(make_config(tmp_path / "b", max_train_steps=2, lora_dropout=0.1, gradient_checkpointing=True),
+                  loaded=copy.deepcopy(tiny_llm))
+    a = load_file(str(plain.output / "adapter_model.safetensors"))
+    b = load_file(str(saved.output / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a) and saved.loss_history == pytest.approx(
+        plain.loss_history, abs=1e-6)
+
+
 def test_checkpoints_are_adapters_and_nothing_is_overwritten(tmp_path, tiny_llm):
     first = train(make_config(tmp_path, max_train_steps=2, save_every_n_steps=1), loaded=copy.deepcopy(tiny_llm))
     assert json.loads((tmp_path / "test-step00000001" / "state.json").read_text())["step"] == 1
@@ -287,7 +305,7 @@ def test_network_weights_continue_from_an_adapter(tmp_path, tiny_llm):
 
 def test_tiny_example_loss_falls_and_changes_the_generation(tmp_path):
     recorder = Recorder()
-    result = llm.run(ROOT / "examples" / "llm-tiny.yaml",
+    result = llm.run(ROOT / "examples" / "llm" / "tiny.yaml",
                      [f"output_dir={tmp_path}", "max_train_steps=10", "log_every_n_steps=2",
                       "save_every_n_steps=0"], recorder)
     assert result.steps == 10 and (tmp_path / "tiny-persona" / "adapter_model.safetensors").is_file()
@@ -301,7 +319,7 @@ def test_published_hf_style_persona_config_runs_verbatim(tmp_path):
     small = tmp_path / "persona10.jsonl"
     small.write_text("".join(PERSONA.read_text().splitlines(keepends=True)[:10]))
     callbacks = ConsoleCallbacks()  # the CLI's progress bar drives this loop too
-    result = llm.run(ROOT / "examples" / "llm-persona-hf-style.yaml",
+    result = llm.run(ROOT / "examples" / "llm" / "persona-hf-style.yaml",
                      [f"output_dir={tmp_path}", f"train_file={small}"], callbacks)
     callbacks.bar.close()
     micro_batches = 8 * math.ceil(10 / 8)  # 8 epochs of 10 samples at batch 8

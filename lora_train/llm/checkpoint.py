@@ -44,11 +44,21 @@ def write_folder(target: Path, fill: Callable[[Path], None]) -> Path:
     return target
 
 
+def _adapter_files(model, folder: Path) -> None:
+    # embeddings are never trained here: skip peft's look-up of the base's config for a resized vocabulary
+    model.save_pretrained(str(folder), save_embedding_layers=False)
+
+
+def save_adapter(target: Path, model) -> Path:
+    """A peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    return write_folder(target, lambda tmp: _adapter_files(model, tmp))
+
+
 def save(target: Path, model, objects: dict[str, object], info: dict) -> Path:
     """A step checkpoint: the adapter, ``objects``' state dicts and ``info`` (step, loss history, run name)."""
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(str(tmp))
+        _adapter_files(model, tmp)
         for name, obj in objects.items():
             torch.save(obj.state_dict(), tmp / f"{name}.pt")
         (tmp / STATE).write_text(json.dumps(info), encoding="utf-8")

@@ -81,7 +81,9 @@ def prompt_text(prompt: str, tokenizer) -> str:
 
 
 def _text(record: dict, key: str, where: str, optional: bool = False) -> str:
-    value = record.get(key, "" if optional else None)
+    if key not in record and not optional:
+        raise DataError(f"{where}: missing \"{key}\"; records look like {SHAPES}")
+    value = record.get(key, "")
     if not isinstance(value, str) or not (value.strip() or optional):
         raise DataError(f"{where}: \"{key}\" must be non-empty text, got {value!r}")
     return value

@@ -205,7 +205,7 @@ class LlmTrainer:
             path = self._checkpoint(model, objects, step, history)
             self.callbacks.on_log(f"stopped at step {step}/{self.total_steps}; continue with --set resume={path}")
         self._samples(model, "after")
-        output = checkpoint.write_folder(self.paths.adapter, lambda tmp: model.save_pretrained(str(tmp)))
+        output = checkpoint.save_adapter(self.paths.adapter, model)
         return TrainResult(output, step, self.total_steps, stopped, history)
 
     def _report(self, step: int, epoch: int, loss: float, lr: float, start_time: float, start_step: int) -> None:
