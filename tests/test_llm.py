@@ -22,7 +22,7 @@ from lora_train.cli import ConsoleCallbacks
 from lora_train.config import ConfigError
 from lora_train.llm import data
 from lora_train.llm import model as models
-from lora_train.llm.config import LlmConfig, from_dict
+from lora_train.llm.config import ALIASES, LlmConfig, from_dict
 from lora_train.llm.config import load as load_config
 from lora_train.llm.generate import generate, load_for_generation
 from lora_train.llm.train import LlmTrainer, train
@@ -107,15 +107,17 @@ def test_each_record_format_gives_the_hand_checked_tokens_and_mask(tmp_path, tin
     assert sample.labels == [t if keep else data.IGNORE for t, keep in zip(ids, trained, strict=True)]
 
 
-def test_txt_files_are_one_sample_per_line_or_per_block(tmp_path, tiny_llm):
+def test_txt_files_are_one_sample_per_line_or_per_block_and_json_holds_a_list(tmp_path, tiny_llm):
     folder = tmp_path / "txt"
     folder.mkdir()
     (folder / "a_lines.txt").write_text("one\ntwo\n")
     (folder / "b_blocks.txt").write_text("first\nblock\n\n\nsecond\n")
+    (folder / "c_alpaca.json").write_text(json.dumps([{"instruction": "x", "input": "", "output": "y"}]))
     samples, _ = data.load_samples(folder, tiny_llm[1], 64)
-    assert [s.input_ids for s in samples] == [_ids(t) + [EOS] for t in ("one", "two", "first\nblock", "second")]
-    assert all(s.labels == s.input_ids for s in samples)
-    assert samples[3].source.endswith("b_blocks.txt:5")
+    texts = ("one", "two", "first\nblock", "second")
+    assert [s.input_ids for s in samples] == [_ids(t) + [EOS] for t in texts] + [_ids("x\ny") + [EOS]]
+    assert all(s.labels == s.input_ids for s in samples[:4])
+    assert samples[3].source.endswith("b_blocks.txt:5") and samples[4].source.endswith("c_alpaca.json record 1")
 
 
 def test_chat_template_renders_turns_and_masks_only_the_assistant(tiny_llm):
@@ -179,6 +181,11 @@ def test_hf_trainer_and_lora_scripts_spellings_map_to_fields():
     assert llm.is_llm_config({"task_type": "text-generation"}) and not llm.is_llm_config({"base_model": "tiny"})
 
 
+def test_the_llm_readme_documents_every_key_and_alias():
+    readme = (ROOT / "lora_train" / "llm" / "README.md").read_text()
+    assert [k for k in [*LlmConfig.__dataclass_fields__, *ALIASES] if f"`{k}`" not in readme] == []
+
+
 @pytest.mark.parametrize("values, key, words", [
     ({"lora_rnak": 4}, "lora_rnak", "did you mean 'lora_rank'"),
     ({"fp16": True, "bf16": True}, "fp16", "choose one"),
@@ -230,6 +237,23 @@ def test_default_lora_layers_per_architecture(config_name, values, expected):
     wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=targets, task_type="CAUSAL_LM"))
     lora_layers = {name.split(".")[-2] for name, _ in wrapped.named_modules() if name.endswith(".lora_A")}
     assert lora_layers == expected
+
+
+def test_a_local_gpt2_folder_trains_c_attn_and_its_adapter_loads(tmp_path, tiny_llm):
+    import transformers
+
+    folder = tmp_path / "gpt2"
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=257, bos_token_id=EOS,
+                                     eos_token_id=EOS)
+    transformers.GPT2LMHeadModel(config).save_pretrained(str(folder), **models.save_kwargs(
+        transformers.GPT2LMHeadModel.save_pretrained))
+    tiny_llm[1].save_pretrained(str(folder))
+    trainer = LlmTrainer(make_config(tmp_path, base_model=str(folder), max_train_steps=2), loaded=None)
+    result = trainer.run()
+    adapter_config = json.loads((result.output / "adapter_config.json").read_text())
+    assert adapter_config["target_modules"] == ["c_attn"] and adapter_config["base_model_name_or_path"] == str(folder)
+    model, tokenizer = load_for_generation(None, str(result.output), "cpu")  # base found from adapter_config
+    assert torch.allclose(logits(model, tokenizer), logits(trainer.model, tokenizer), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- training

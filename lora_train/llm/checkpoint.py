@@ -78,6 +78,10 @@ def restore(folder: str | Path, model, objects: dict[str, object], device: torch
     from peft import set_peft_model_state_dict
 
     folder = Path(folder)
-    set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS), device=str(device)))
+    try:
+        set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS), device=str(device)))
+    except RuntimeError:  # size mismatch: another rank or other layers
+        raise ConfigError("resume", f"{folder} was trained with other LoRA settings (rank, target_modules); "
+                          "resume with the config that started it") from None
     for name, obj in objects.items():
         obj.load_state_dict(torch.load(folder / f"{name}.pt", map_location=device, weights_only=True))
