@@ -167,7 +167,8 @@ def data_files(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DataError(f"train_data_dir {str(path)!r} not found; point it at a .jsonl/.txt file or a folder")
-    files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
+    files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))  # no hidden files
     if not files:
         raise DataError(f"{path} holds no {', '.join(DATA_SUFFIXES)} files")
     return files

@@ -218,6 +218,9 @@ class LlmTrainer:
 def train(cfg: LlmConfig, callbacks: TrainCallbacks | None = None, loaded: tuple | None = None,
           merge: bool = False) -> TrainResult:
     """Train a LoRA on ``cfg.base_model`` (or ``loaded`` = (model, tokenizer)) and write the adapter folder."""
+    if merge and (cfg.load_in_4bit or cfg.load_in_8bit):
+        raise ConfigError("--merge", "a 4-/8-bit base cannot take the adapter without loss; train without --merge, "
+                          "then merge on the base loaded in 16 bit (PeftModel.from_pretrained(...).merge_and_unload())")
     trainer = LlmTrainer(cfg, callbacks, loaded)
     result = trainer.run()
     if merge and result.output is not None:
