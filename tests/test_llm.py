@@ -209,6 +209,9 @@ def test_bad_model_inputs_name_the_key(tmp_path, tiny_llm):
     with pytest.raises(ConfigError, match="q_proj") as error:
         models.lora_targets(tiny_llm[0], ["qproj"])
     assert error.value.key == "target_modules"
+    with pytest.raises(ConfigError, match="512 positions") as error:
+        LlmTrainer(make_config(tmp_path, max_seq_length=4096), loaded=tiny_llm)
+    assert error.value.key == "max_seq_length"
 
 
 def _family_configs():

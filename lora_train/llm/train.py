@@ -70,6 +70,11 @@ class LlmTrainer:
             cfg = dataclasses.replace(cfg, mixed_precision="no")
         bits = 4 if cfg.load_in_4bit else 8 if cfg.load_in_8bit else None
         self.model, self.tokenizer = loaded or models.load(cfg.base_model, self.device, cfg.mixed_precision, bits)
+        config = self.model.config
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if positions and cfg.max_seq_length > positions:
+            raise ConfigError("max_seq_length", f"{cfg.max_seq_length} is more than this model's {positions} "
+                              "positions; lower it")
         self.samples, dropped = data.load_samples(cfg.train_data_dir, self.tokenizer, cfg.max_seq_length, cfg.packing)
         if dropped:
             self.callbacks.on_log(f"{dropped} sample(s) keep no response token within max_seq_length "
