@@ -341,6 +341,16 @@ def test_tiny_example_loss_falls_and_changes_the_generation(tmp_path):
     assert before.split("->")[1] != after.split("->")[1]
 
 
+@pytest.mark.slow
+def test_tiny_example_as_documented_teaches_the_persona(tmp_path):
+    """The README's run, all 60 steps: the answer to a training prompt takes the persona's opening."""
+    recorder = Recorder()
+    result = llm.run(ROOT / "examples" / "llm" / "tiny.yaml", [f"output_dir={tmp_path}"], recorder)
+    before, after = (line.split(" -> ")[1] for line in recorder.lines if line.startswith("sample"))
+    assert after.startswith("'Nya~") and not before.startswith("'Nya~")
+    assert result.loss_history[-1] < 0.5 * result.loss_history[0], result.loss_history
+
+
 def test_published_hf_style_persona_config_runs_verbatim(tmp_path):
     """Every key as published; only the data (10 of the persona lines) and the output folder are swapped."""
     small = tmp_path / "persona10.jsonl"
