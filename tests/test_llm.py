@@ -132,6 +132,9 @@ def test_chat_template_renders_turns_and_masks_only_the_assistant(tiny_llm):
     assert sample.input_ids == _ids("<user>Hi<assistant>Yo") + [EOS]
     assert sample.labels == [data.IGNORE] * len(_ids("<user>Hi<assistant>")) + _ids("Yo") + [EOS]
     assert data.prompt_text("Hi", tokenizer) == "<user>Hi<assistant>"
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(data.DataError, match="f.jsonl:4: .*roles must alternate"):
+        data.record_segments({"prompt": "Hi", "response": "Yo"}, "f.jsonl:4", tokenizer)
 
 
 @pytest.mark.parametrize("lines, line, words", [

@@ -44,11 +44,14 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _template(tokenizer, messages: list[dict[str, str]], prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+def _template(tokenizer, messages: list[dict[str, str]], prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+    except Exception as exc:  # jinja's TemplateError, or a template's own raise_exception()
+        raise DataError(f"{where}: the tokenizer's chat template refuses this conversation: {exc}") from None
 
 
-def render_chat(messages: list[dict[str, str]], tokenizer) -> list[Segment]:
+def render_chat(messages: list[dict[str, str]], tokenizer, where: str) -> list[Segment]:
     """A conversation as segments; the assistant turns are the trained ones.
 
     With a chat template, each assistant turn is what the template adds between the conversation up to that
@@ -62,10 +65,10 @@ def render_chat(messages: list[dict[str, str]], tokenizer) -> list[Segment]:
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _template(tokenizer, messages[:index], prompt=True)
-        through = _template(tokenizer, messages[: index + 1], prompt=False)
+        before = _template(tokenizer, messages[:index], prompt=True, where=where)
+        through = _template(tokenizer, messages[: index + 1], prompt=False, where=where)
         if not before.startswith(done) or not through.startswith(before):
-            raise DataError("this tokenizer's chat template does not render a conversation turn by turn; "
+            raise DataError(f"{where}: this tokenizer's chat template does not render a conversation turn by turn; "
                             "use {\"text\"} records with the conversation written out")
         segments += [Segment(before[len(done):], False), Segment(through[len(before):], True)]
         done = through
@@ -76,8 +79,8 @@ def prompt_text(prompt: str, tokenizer) -> str:
     """What the model sees before a response to ``prompt``, exactly as training rendered it."""
     messages = [{"role": "user", "content": prompt}]
     if has_chat_template(tokenizer):
-        return _template(tokenizer, messages, prompt=True)
-    return render_chat(messages, tokenizer)[0].text
+        return _template(tokenizer, messages, prompt=True, where="prompt")
+    return render_chat(messages, tokenizer, "prompt")[0].text
 
 
 def _text(record: dict, key: str, where: str, optional: bool = False) -> str:
@@ -107,7 +110,7 @@ def record_segments(record: Any, where: str, tokenizer) -> list[Segment]:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object {SHAPES}, got {type(record).__name__}")
     if "messages" in record:
-        return render_chat(_messages(record, where), tokenizer)
+        return render_chat(_messages(record, where), tokenizer, where)
     if "prompt" in record or "response" in record:
         pair = (_text(record, "prompt", where), _text(record, "response", where))
     elif "instruction" in record:
@@ -118,7 +121,8 @@ def record_segments(record: Any, where: str, tokenizer) -> list[Segment]:
         return [Segment(_text(record, "text", where) + (tokenizer.eos_token or ""), True)]
     else:
         raise DataError(f"{where}: expected {SHAPES}; got keys {sorted(record)}")
-    return render_chat([{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}], tokenizer)
+    turns = [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return render_chat(turns, tokenizer, where)
 
 
 def _json_records(path: Path) -> Iterator[tuple[Any, str]]:
