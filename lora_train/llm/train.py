@@ -173,6 +173,9 @@ class LlmTrainer:
             checkpoint.restore(cfg.resume, model, objects, device)
             step, history = int(self.resume_info["step"]), list(self.resume_info.get("loss_history", []))
             self.callbacks.on_log(f"resumed from {cfg.resume} at step {step}")
+        layers = sorted(model.peft_config["default"].target_modules)
+        self.callbacks.on_log(f"{len(self.samples)} samples, {self.batches_per_epoch} batches per epoch, "
+                              f"{self.total_steps} steps; LoRA on {layers}")
         self._samples(model, "before")
         accumulation = cfg.gradient_accumulation_steps
         batches = self._batches(step * accumulation)
