@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import signal
 import sys
@@ -72,13 +73,18 @@ class ConsoleCallbacks(TrainCallbacks):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    cfg = config_module.load(args.config, args.set)
-    preflight.check(cfg, preflight.base_model_family(cfg.base_model))  # every input, before the model loads
-    bundle = load_model(cfg)
+    from . import llm  # light; the text-generation engine loads only for an LLM config
+
     callbacks = ConsoleCallbacks()
+    if llm.is_llm_config_file(args.config, args.set):
+        job = functools.partial(llm.run, args.config, args.set, callbacks, merge=args.merge)
+    else:
+        cfg = config_module.load(args.config, args.set)
+        preflight.check(cfg, preflight.base_model_family(cfg.base_model))  # every input, before the model loads
+        job = functools.partial(train, cfg, load_model(cfg), callbacks)
     previous = signal.signal(signal.SIGINT, callbacks.request_stop)
     try:
-        result = train(cfg, bundle, callbacks)
+        result = job()
     finally:
         signal.signal(signal.SIGINT, previous)
         if callbacks.bar:
@@ -121,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--config", required=True, help="YAML file (kohya / lora-scripts key names)")
     train_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                               help="override one config key, e.g. --set learning_rate=5e-5 (repeatable)")
+    train_parser.add_argument("--merge", action="store_true",
+                              help="text-generation configs: also write <name>-merged (adapter folded in)")
     train_parser.set_defaults(func=run_train)
     inspect_parser = sub.add_parser("inspect", help="show family, rank, alpha, modules and metadata of a LoRA")
     inspect_parser.add_argument("file")
@@ -132,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         caption_cli.add_parser(sub)
     ui_cli.add_parser(sub)
+    from . import llm  # light: argparse only; the text-generation engine loads when `generate` runs
+
+    llm.add_generate_parser(sub)
     return parser
 
 

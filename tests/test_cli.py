@@ -80,3 +80,23 @@ def test_readme_resume_example_reads_set_paths_from_the_current_folder(tmp_path,
     missing = [*first, "--set", "resume=output/no-such-state"]
     assert cli.main(missing) == 2
     assert "no-such-state does not exist" in capsys.readouterr().err
+
+
+def test_llm_config_trains_merges_and_generates(tmp_path):
+    result = run("train", "--config", "examples/llm/tiny.yaml", "--set", f"output_dir={tmp_path}",
+                 "--set", "max_train_steps=4", "--set", "sample_prompts=[]", "--merge")
+    assert result.returncode == 0, result.stderr
+    assert "done: 4/4" in result.stdout and (tmp_path / "tiny-persona-merged" / "config.json").is_file()
+    ask = ("--prompt", "Who are you?", "--max-new-tokens", "8")
+    adapter = run("generate", "--adapter", str(tmp_path / "tiny-persona"), *ask)
+    merged = run("generate", "--model", str(tmp_path / "tiny-persona-merged"), *ask)
+    assert adapter.returncode == merged.returncode == 0, adapter.stderr + merged.stderr
+    assert adapter.stdout == merged.stdout
+
+
+def test_bad_llm_record_exits_2_naming_its_line(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    result = run("train", "--config", "examples/llm/tiny.yaml", "--set", f"train_data_dir={data}",
+                 "--set", f"output_dir={tmp_path}")
+    assert result.returncode == 2 and f"{data}:2" in result.stderr and "Traceback" not in result.stderr
