@@ -126,7 +126,7 @@ def serve_until_interrupted(runner: JobRunner) -> int:
         except KeyboardInterrupt:
             print(f"Quit without saving; the last checkpoint (if any) is in {job.cfg.output_dir}", flush=True)
             return 130
-        print(f"{job.state}: {job.step}/{job.total} steps -> {job.output or 'nothing saved'}", flush=True)
+        print(job.log[-1] if job.log else job.state, flush=True)  # the worker's summary: state, steps, file
         return 0
     finally:
         signal.signal(signal.SIGINT, previous)

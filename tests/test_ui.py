@@ -10,7 +10,11 @@ import argparse
 import asyncio
 import dataclasses
 import inspect
+import json
 import os
+import re
+import signal
+import time
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -20,6 +24,7 @@ import pytest  # noqa: E402
 gr = pytest.importorskip("gradio")
 
 from lora_train import ui  # noqa: E402
+from lora_train.cli import describe  # noqa: E402
 from lora_train.config import ConfigError, TrainConfig  # noqa: E402
 from lora_train.jobs import Job, JobRunner  # noqa: E402
 from lora_train.paths import PathPolicy  # noqa: E402
@@ -276,3 +281,29 @@ def test_shipped_example_still_builds_a_config_the_ui_accepts() -> None:
 
     cfg = config.load(EXAMPLE)
     assert ui.values_to_config(ui.config_to_values(cfg))["output_name"] == cfg.output_name
+
+
+def test_ctrl_c_on_the_ui_server_stops_the_job_saves_it_and_exits(tmp_path: Path, dataset_dir: Path) -> None:
+    if ui.GRADIO_MAJOR >= 4:
+        pytest.skip("starts the job through gradio 3's /run/predict (the WebUI's gradio)")
+    from ui_server import press_train, serve
+
+    with serve(tmp_path) as server:
+        reply = press_train(server, train_data_dir=str(dataset_dir), output_name="interrupted",
+                            max_train_steps=100_000, save_every_n_steps=2, sample_every_n_steps=0)
+        assert "Training" in json.dumps(reply), reply
+        checkpoints = server.output / "interrupted-checkpoints"
+        deadline = time.time() + 120
+        while not list(checkpoints.glob("*.safetensors")) and time.time() < deadline:
+            assert server.process.poll() is None, server.log_text()
+            time.sleep(0.2)
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(120) == 0, server.log_text()
+        log = server.log_text()
+    assert "stopping interrupted after the current step" in log
+    final = server.output / "interrupted.safetensors"
+    stopped = re.search(r"stopped: (\d+)/100000 steps -> (.+)", log)
+    assert stopped and Path(stopped[2].strip()) == final, log
+    assert describe(str(final))["modules"]["unet"] > 0  # a complete LoRA file, not a half-written one
+    states = [json.loads(p.read_text()) for p in checkpoints.rglob("state.json")]
+    assert [s["step"] for s in states] == [int(stopped[1])]  # resumable from where it stopped
