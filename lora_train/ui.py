@@ -70,10 +70,15 @@ class UISettings:
 
 
 # ------------------------------------------------------------------------------------------ compatibility
+def _accepted(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments ``fn`` names in this gradio version (catch-all ``**kwargs`` do not count)."""
+    names = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
 def _make(cls: type, **kwargs: Any) -> Any:
     """Build a component with only the keyword arguments this gradio version's constructor accepts."""
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in kwargs.items() if k in accepted})
+    return cls(**_accepted(cls.__init__, kwargs))
 
 
 def enable_queue(demo: gr.Blocks, workers: int = QUEUE_WORKERS) -> gr.Blocks:
@@ -546,8 +551,9 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
             job = runner.current
             if job is None or not job.active:
                 return "Nothing is training."
-            runner.stop(job.id)
-            return "Stopping after the current step; the LoRA trained so far is saved."
+            runner.stop(job.id)  # first, so the step read below is at least the last one that will run
+            return f"Stopping after the current step (step {job.step + 1} of {job.total}); the LoRA trained " \
+                "so far is saved."
 
         stop_button.click(stop, [], [status], queue=False)  # never behind another event in the queue
         follow_job(demo, runner, live_outputs)
@@ -577,7 +583,8 @@ def follow_job(demo: gr.Blocks, runner: JobRunner, outputs: list[Any]) -> None:
             yield updates
             await asyncio.sleep(POLL_SECONDS)
 
-    demo.load(watch, [], outputs, show_progress="hidden")
+    # gradio 4.0-4.39 (no Timer) allow one run of an event at a time unless told: every page runs its own
+    demo.load(watch, [], outputs, **_accepted(demo.load, {"show_progress": "hidden", "concurrency_limit": None}))
 
 
 def _family_text(family: str | None) -> str:

@@ -94,8 +94,11 @@ def run_ui(args: argparse.Namespace) -> int:
     css = (Path(__file__).resolve().parent.parent / "style.css")
     launch: dict[str, Any] = {"server_name": args.host, "server_port": args.port, "show_error": True,
                               "prevent_thread_lock": True}
-    if css.is_file() and "css" in inspect.signature(demo.launch).parameters:
-        launch["css"] = css.read_text(encoding="utf-8")
+    if css.is_file():  # the WebUI adds an extension's style.css itself; standalone we do
+        if "css" in inspect.signature(demo.launch).parameters:
+            launch["css"] = css.read_text(encoding="utf-8")
+        else:  # gradio 3 reads it from the Blocks
+            demo.css = css.read_text(encoding="utf-8")
     print(f"LoRA Train UI on http://{args.host}:{args.port} (outputs in {resolve(args.output_dir)})", flush=True)
     demo.launch(**launch)
     try:
