@@ -281,7 +281,8 @@ def time_left(it_per_s: float, eta_s: float, device: str) -> tuple[str, str]:
 
 
 def _rate(it_per_s: float) -> str:
-    return f"{it_per_s:.2f} it/s" if it_per_s >= 1 or it_per_s <= 0 else f"{1 / it_per_s:.1f} s/it"
+    """Speed as people read it: steps per second, or seconds per step when slower than one a second."""
+    return f"{it_per_s:.2f} it/s" if it_per_s >= 1 else f"{1 / it_per_s:.1f} s/it"
 
 
 def progress_text(job: Job | None, device: str = "cuda") -> str:
@@ -294,11 +295,14 @@ def progress_text(job: Job | None, device: str = "cuda") -> str:
         return f"{name}: starting (waiting for the model)…"
     if job.state == "failed":
         where = f" (field `{job.error_key}`)" if job.error_key else ""
-        return f"**Failed**{where}: {job.error}"
+        return f"**Failed**{where}: {job.error}" + (f"\n\n{state_dir}" if job.step else "")
     loss = f" · loss {job.loss:.4f}" if job.loss is not None else ""
     if job.state == "running":
+        if not job.total:
+            return f"{name}: preparing (model, latents)…\n\n{state_dir}"
         eta, warning = time_left(job.it_per_s, job.eta_s, device)
-        lines = [f"{name}: step {job.step}/{job.total} · {_rate(job.it_per_s)} · {eta}{loss}", warning, state_dir]
+        speed = f" · {_rate(job.it_per_s)}" if job.it_per_s > 0 else ""
+        lines = [f"{name}: step {job.step}/{job.total}{speed} · {eta}{loss}", warning, state_dir]
         return "\n\n".join(line for line in lines if line)
     head = f"**{job.state.capitalize()}** — {job.cfg.output_name}: step {job.step}/{job.total}{loss}"
     if job.output is None:

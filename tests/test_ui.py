@@ -270,9 +270,11 @@ def test_eta_is_estimated_after_the_first_step_and_long_runs_are_named() -> None
 
 def test_status_line_of_a_running_job(tmp_path: Path) -> None:
     cfg = TrainConfig(output_name="slow", output_dir=str(tmp_path / "slow-checkpoints"))
-    job = Job(id="j", cfg=cfg, state="running", step=0, total=1500)
+    job = Job(id="j", cfg=cfg, state="running")
+    assert "preparing" in ui.progress_text(job, "cpu")  # model and latents before the first step
+    job.total = 1500
     text = ui.progress_text(job, "cpu")
-    assert "step 0/1500" in text and "estimating" in text and "0:00" not in text
+    assert "step 0/1500" in text and "estimating" in text and "0:00" not in text and "it/s" not in text
     assert f"`{tmp_path / 'slow-checkpoints'}`" in text
     job.step, job.it_per_s, job.eta_s, job.loss = 3, 0.07, 1497 / 0.07, None
     text = ui.progress_text(job, "cpu")
