@@ -568,22 +568,26 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
 def follow_job(demo: gr.Blocks, runner: JobRunner, outputs: list[Any]) -> None:
     """Keep ``outputs`` (see ``live_updates``) on the runner's current job while the page is open, also a job
     started elsewhere (another tab, the API) and after a reload."""
-    device = runner.host.device_type
+    def current(sent: Sent | None) -> tuple[list[Any], Sent]:
+        # the host's device only while a job runs: in the WebUI, reading the model before one is loaded loads it
+        job = runner.current
+        return live_updates(job, sent, runner.host.device_type() if job is not None and job.state == "running" else "")
+
     if hasattr(gr, "Timer"):  # gradio >= 4.40: the browser ticks, each tick is one short call
         sent_state = gr.State(None)
 
         def tick(sent: Sent | None):
-            updates, sent = live_updates(runner.current, sent, device())
+            updates, sent = current(sent)
             return [*updates, sent]
 
         gr.Timer(POLL_SECONDS).tick(tick, [sent_state], [*outputs, sent_state], show_progress="hidden",
                                     concurrency_limit=None)
         return
 
-    async def watch():  # gradio 3: one generator per page, sleeping in the event loop; ends when the page closes
+    async def watch():  # gradio 3: one generator per page, waiting in the event loop; ends when the page closes
         sent = None
         while True:
-            updates, sent = live_updates(runner.current, sent, device())
+            updates, sent = await asyncio.to_thread(current, sent)  # never block the server's event loop
             yield updates
             await asyncio.sleep(POLL_SECONDS)
 

@@ -259,6 +259,23 @@ def test_inside_the_webui_stop_skips_the_queue_and_the_live_view_needs_no_button
         assert [inspect.isasyncgenfunction(fn) for fn in loads] == [True]
 
 
+def test_an_idle_page_does_not_ask_the_host_for_its_model(tmp_path: Path, monkeypatch) -> None:
+    """In the WebUI, reading the model before one is loaded loads it (or waits for the load): an open page with
+    nothing training must not do that every second."""
+    monkeypatch.setattr(ui, "POLL_SECONDS", 0.01)
+    host = DiffusersHost()
+    runner = JobRunner(host, PathPolicy(output_root=tmp_path / "out"))
+    demo = ui.build_ui(runner, ui.UISettings(datasets_root=tmp_path / "ds"))
+    calls = []
+    monkeypatch.setattr(host, "device_type", lambda: calls.append(1) or "cpu")
+    page = Page(demo)
+    try:
+        assert [page.poll()[0] for _ in range(3)] == ["Idle."] * 3
+    finally:
+        page.close()
+    assert calls == []
+
+
 def test_eta_is_estimated_after_the_first_step_and_long_runs_are_named() -> None:
     assert ui.time_left(0.0, 0.0, "cpu") == ("ETA estimating…", "")
     assert ui.time_left(2.0, 125.0, "cuda") == ("ETA 2:05", "")
