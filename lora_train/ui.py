@@ -546,8 +546,8 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
                 job = runner.submit(values_to_config(list(values)))
             except (ConfigError, HostError, BusyError) as exc:
                 return progress_text(runner.current, host.device_type()), f"⚠️ {exc}"
-            return progress_text(job, host.device_type()), f"Training **{job.cfg.output_name}**; Stop keeps what " \
-                "is trained so far."
+            return progress_text(job, host.device_type()), f"Started **{job.cfg.output_name}** (Stop keeps what is " \
+                "trained so far)."
 
         train_button.click(start, fields, [progress, status])
 

@@ -314,7 +314,7 @@ def test_ctrl_c_on_the_ui_server_stops_the_job_saves_it_and_exits(tmp_path: Path
     with serve(tmp_path) as server:
         reply = press_train(server, train_data_dir=str(dataset_dir), output_name="interrupted",
                             max_train_steps=100_000, save_every_n_steps=2, sample_every_n_steps=0)
-        assert "Training" in json.dumps(reply), reply
+        assert "Started" in json.dumps(reply), reply
         checkpoints = server.output / "interrupted-checkpoints"
         deadline = time.time() + 120
         while not list(checkpoints.glob("*.safetensors")) and time.time() < deadline:
