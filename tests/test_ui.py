@@ -213,7 +213,7 @@ def test_the_live_view_follows_a_job_started_with_train_to_the_snippet(app, data
         assert Path(_value(output)) == runner.policy.output_root / "streamed.safetensors"
         assert _value(snippet) == "<lora:streamed:0.7> shapez"
         assert f"`{job.output}`" in progress and "<lora:streamed:0.7> shapez" in progress
-        assert str(runner.policy.output_root / "streamed-checkpoints") in progress
+        assert f"`{job.cfg.output_dir}`" in progress and Path(job.cfg.output_dir).is_dir()  # the run's state
         # nothing changed since: the next poll does not send the image, the plot or the log again
         _, frame, sample, log, *_ = page.poll()
         assert all(isinstance(u, dict) and "value" not in u for u in (frame, sample, log))
@@ -315,9 +315,8 @@ def test_ctrl_c_on_the_ui_server_stops_the_job_saves_it_and_exits(tmp_path: Path
         reply = press_train(server, train_data_dir=str(dataset_dir), output_name="interrupted",
                             max_train_steps=100_000, save_every_n_steps=2, sample_every_n_steps=0)
         assert "Started" in json.dumps(reply), reply
-        checkpoints = server.output / "interrupted-checkpoints"
-        deadline = time.time() + 120
-        while not list(checkpoints.glob("*.safetensors")) and time.time() < deadline:
+        deadline = time.time() + 120  # until the first step checkpoint is written
+        while not list(tmp_path.rglob("*.safetensors")) and time.time() < deadline:
             assert server.process.poll() is None, server.log_text()
             time.sleep(0.2)
         server.process.send_signal(signal.SIGINT)
@@ -328,5 +327,5 @@ def test_ctrl_c_on_the_ui_server_stops_the_job_saves_it_and_exits(tmp_path: Path
     stopped = re.search(r"stopped: (\d+)/100000 steps -> (.+)", log)
     assert stopped and Path(stopped[2].strip()) == final, log
     assert describe(str(final))["modules"]["unet"] > 0  # a complete LoRA file, not a half-written one
-    states = [json.loads(p.read_text()) for p in checkpoints.rglob("state.json")]
+    states = [json.loads(p.read_text()) for p in tmp_path.rglob("state.json")]
     assert [s["step"] for s in states] == [int(stopped[1])]  # resumable from where it stopped
