@@ -297,6 +297,8 @@ def test_status_line_of_a_running_job(tmp_path: Path) -> None:
     text = ui.progress_text(job, "cpu")
     assert "ETA 5:56:25" in text and "about 5.9 h on this CPU" in text and "14.3 s/it" in text
     assert "loss" not in text  # no loss read yet
+    job.losses = [(1, 0.5), (2, None), (3, 0.25)]  # the engine reports every step, reading the loss on some
+    assert list(ui.loss_frame(job)["step"]) == [1, 3]
 
 
 def test_shipped_example_still_builds_a_config_the_ui_accepts() -> None:
