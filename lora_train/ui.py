@@ -1,29 +1,33 @@
 """The LoRA Train tab: dataset, captions, settings, live training view. The only engine module importing gradio.
 
 Written against what both gradio 3.41 (the WebUI's pin) and current gradio accept: ``gr.update``, no
-``Component.update``, keyword arguments filtered by each component's signature (``_make``), generators for
-live progress (the WebUI's queue and ours are enabled), and ``_js``/``js`` chosen by version. Every
-TrainConfig field gets a widget generated from the dataclass, so a new config key shows up without UI work.
+``Component.update``, keyword arguments filtered by each signature (``_make``), ``_js``/``js`` chosen by
+version. Every TrainConfig field gets a widget generated from the dataclass, so a new config key shows up
+without UI work.
+
+The training view follows the current job by itself (``follow_job``): a ``gr.Timer`` where gradio has one, an
+async generator started by the page's load event on gradio 3 (it waits in the event loop, not in a worker
+thread). Train returns at once and Stop skips the queue, so no handler waits behind another.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import inspect
 import tempfile
-import time
 import types
 import typing
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import gradio as gr
 import pandas as pd
+import torch
 import yaml
 
-from . import caption_files
+from . import caption_files, captioner
 from . import config as config_module
 from .config import ConfigError, TrainConfig
 from .files import free_name
@@ -34,6 +38,7 @@ from .uploads import UploadError, import_upload
 
 GRADIO_MAJOR = int(gr.__version__.split(".")[0])
 POLL_SECONDS = 1.0
+QUEUE_WORKERS = 64
 MAIN_FIELDS = ("train_data_dir", "output_name", "trigger_word")
 FIELD_HELP = {
     "base_model": "Standalone only: tiny, a .safetensors/.ckpt checkpoint or a diffusers folder. The WebUI trains "
@@ -61,13 +66,27 @@ class UISettings:
     captioner_weights: str | None = None
     default_preset: str = DEFAULT_PRESET
     defaults: dict[str, Any] = field(default_factory=dict)
+    captioner_setting: str = "Settings > LoRA Train > Captioner weights"  # named when the weights are missing
 
 
 # ------------------------------------------------------------------------------------------ compatibility
+def _accepted(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments ``fn`` names in this gradio version (catch-all ``**kwargs`` do not count)."""
+    names = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
 def _make(cls: type, **kwargs: Any) -> Any:
     """Build a component with only the keyword arguments this gradio version's constructor accepts."""
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in kwargs.items() if k in accepted})
+    return cls(**_accepted(cls.__init__, kwargs))
+
+
+def enable_queue(demo: gr.Blocks, workers: int = QUEUE_WORKERS) -> gr.Blocks:
+    """The standalone server's queue with room for ``workers`` events at once, as the WebUI's ``queue(64)``:
+    gradio 3 runs one queued event at a time unless told, so one page's live view would hold every button."""
+    if GRADIO_MAJOR >= 4:
+        return demo.queue(default_concurrency_limit=workers)
+    return demo.queue(concurrency_count=workers)
 
 
 def _js(code: str) -> dict[str, str]:
@@ -169,26 +188,35 @@ def initial_config(settings: UISettings, family: str | None, device: str = "cuda
 
 
 # ------------------------------------------------------------------------------------------ dataset helpers
+CAPTION_HEADERS = ["image", "caption"]
+TAG_HEADERS = ["tag", "count"]
+
+
 def _rows(folder: str) -> list[caption_files.CaptionRow]:
     return caption_files.list_rows(folder)
 
 
-def dataset_view(folder: str, runner: JobRunner) -> tuple[list[list[str]], list[tuple[str, str]], str, list]:
+def empty_view(note: str = "") -> tuple[pd.DataFrame, list, str, pd.DataFrame]:
+    """The dataset widgets with nothing loaded; frames keep their column names (a bare [] shows "1", "2")."""
+    return pd.DataFrame([], columns=CAPTION_HEADERS), [], note, pd.DataFrame([], columns=TAG_HEADERS)
+
+
+def dataset_view(folder: str, runner: JobRunner) -> tuple[pd.DataFrame, list[tuple[str, str]], str, pd.DataFrame]:
     """(caption table, gallery, missing-caption note, tag frequency) for a dataset folder."""
     if not str(folder or "").strip():
-        return [], [], "Pick a dataset folder or upload images.", []
+        return empty_view("Pick a dataset folder or upload images.")
     path = runner.policy.check_input(folder, "train_data_dir")
     rows = _rows(str(path))
-    table = [[row.name, row.caption or ""] for row in rows]
+    if not rows:
+        return empty_view(f"No images in {path}.")
+    table = pd.DataFrame([[row.name, row.caption or ""] for row in rows], columns=CAPTION_HEADERS)
     gallery = [(str(row.image), row.name) for row in rows[:200]]
     missing = caption_files.missing_captions(rows)
-    if not rows:
-        note = f"No images in {path}."
-    elif missing:
+    if missing:
         note = f"**{len(missing)} of {len(rows)} image(s) have no caption:** {', '.join(missing[:10])}"
     else:
         note = f"{len(rows)} image(s), all captioned."
-    tags = [[tag, count] for tag, count in caption_files.tag_frequency(row.caption for row in rows)[:50]]
+    tags = pd.DataFrame(caption_files.tag_frequency(row.caption for row in rows)[:50], columns=TAG_HEADERS)
     return table, gallery, note, tags
 
 
@@ -212,8 +240,22 @@ def save_table(folder: str, table: Any, runner: JobRunner) -> str:
     return f"Saved {len(edits)} caption(s) to {len(written)} file(s)." if edits else "No caption changed."
 
 
+def captioner_weights_text(weights: str | None, setting: str) -> str:
+    """The tab's "no captioner weights" message: which file to get, and the tab's own ``setting`` to point at
+    it (the captioner's own message names CLI flags the tab does not have)."""
+    model = captioner.DEFAULT_MODEL
+    tag, repo = captioner.PRETRAINED[model]
+    head = f"Captioner weights not found at {weights}." if weights else "No captioner weights are set."
+    return (f"{head} Download {captioner.WEIGHT_FILE_NAMES[1]} (open_clip {model}, '{tag}') from "
+            f"https://huggingface.co/{repo} and enter its path in {setting}.")
+
+
+# ------------------------------------------------------------------------------------------ progress
+LONG_RUN_S = 3600.0
+
+
 def loss_frame(job: Job | None) -> pd.DataFrame:
-    points = list(job.losses) if job else []
+    points = [p for p in job.losses if p[1] is not None] if job else []
     return pd.DataFrame({"step": [p[0] for p in points], "loss": [p[1] for p in points]})
 
 
@@ -223,20 +265,86 @@ def _duration(seconds: float) -> str:
         f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def progress_text(job: Job | None) -> str:
+def time_left(it_per_s: float, eta_s: float, device: str) -> tuple[str, str]:
+    """(ETA text, warning) for a running job. Until a step's time is known there is no estimate (not "0:00");
+    past an hour the warning says so plainly and what makes the run shorter."""
+    if it_per_s <= 0:
+        return "ETA estimating…", ""
+    if eta_s <= LONG_RUN_S:
+        return f"ETA {_duration(eta_s)}", ""
+    hours = eta_s / 3600
+    about = f"{hours:.0f}" if hours >= 10 or round(hours, 1).is_integer() else f"{hours:.1f}"
+    where = device.split(":")[0]
+    where = "CPU" if where == "cpu" else "GPU" if where == "cuda" else where
+    return (f"ETA {_duration(eta_s)}",
+            f"⚠️ This run will take about {about} h on this {where}; lower max_train_steps or resolution.")
+
+
+def _rate(it_per_s: float) -> str:
+    """Speed as people read it: steps per second, or seconds per step when slower than one a second."""
+    return f"{it_per_s:.2f} it/s" if it_per_s >= 1 else f"{1 / it_per_s:.1f} s/it"
+
+
+def progress_text(job: Job | None, device: str = "cuda") -> str:
+    """The status line (Markdown) for the current job: state, step, speed, ETA, and where its files are."""
     if job is None:
         return "Idle."
+    name = f"**{job.cfg.output_name}**"
+    state_dir = f"Checkpoints and resumable state: `{job.cfg.output_dir}`"
     if job.state in ("queued", "waiting"):
-        return f"**{job.cfg.output_name}**: waiting for the GPU."
+        return f"{name}: starting (waiting for the model)…"
     if job.state == "failed":
         where = f" (field `{job.error_key}`)" if job.error_key else ""
-        return f"**Failed**{where}: {job.error}"
+        return f"**Failed**{where}: {job.error}" + (f"\n\n{state_dir}" if job.step else "")
     loss = f" · loss {job.loss:.4f}" if job.loss is not None else ""
-    text = f"**{job.cfg.output_name}**: step {job.step}/{job.total} · {job.it_per_s:.2f} it/s · ETA " \
-           f"{_duration(job.eta_s)}{loss}"
     if job.state == "running":
-        return text
-    return f"**{job.state.capitalize()}** — {text}"
+        if not job.total:
+            return f"{name}: preparing (model, latents)…\n\n{state_dir}"
+        eta, warning = time_left(job.it_per_s, job.eta_s, device)
+        speed = f" · {_rate(job.it_per_s)}" if job.it_per_s > 0 else ""
+        lines = [f"{name}: step {job.step}/{job.total}{speed} · {eta}{loss}", warning, state_dir]
+        return "\n\n".join(line for line in lines if line)
+    head = f"**{job.state.capitalize()}** — {job.cfg.output_name}: step {job.step}/{job.total}{loss}"
+    if job.output is None:
+        return f"{head}\n\nStopped before the first step; nothing was saved."
+    return f"{head}\n\nSaved `{job.output}` · in a prompt: `{job.snippet}`\n\n{state_dir}"
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What one page was last sent, so a poll re-sends only what changed (not the sample image every second)."""
+
+    job: str | None
+    state: str
+    points: int
+    sample_step: int
+    log_tail: str
+
+
+def live_updates(job: Job | None, sent: Sent | None, device: str) -> tuple[list[Any], Sent]:
+    """Updates for (progress, loss plot, sample, log, result group, output path, snippet) and what they show.
+
+    ``sent`` None means the page shows nothing yet (just loaded): everything is sent.
+    """
+    now = Sent(job.id if job else None, job.state if job else "", len(job.losses) if job else 0,
+               job.sample_step if job else 0, job.log[-1] if job and job.log else "")
+    fresh = sent is None or sent.job != now.job
+    done = job is not None and not job.active and job.output is not None
+
+    def changed(*fields: str) -> bool:
+        return fresh or any(getattr(sent, f) != getattr(now, f) for f in fields)
+
+    keep = gr.update()
+    updates = [
+        progress_text(job, device),
+        loss_frame(job) if changed("points", "state") else keep,
+        (job.sample if job else None) if changed("sample_step") else keep,
+        "\n".join(job.log[-200:]) if job and changed("log_tail") else ("" if fresh else keep),
+        gr.update(visible=done) if changed("state") else keep,
+        (str(job.output) if done else "") if changed("state") else keep,
+        (job.snippet if done else "") if changed("state") else keep,
+    ]
+    return updates, now
 
 
 # ------------------------------------------------------------------------------------------ the Blocks
@@ -274,8 +382,8 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
                 with gr.Row():
                     train_button = _make(gr.Button, value="Train", variant="primary", elem_id="lora_train_train")
                     stop_button = _make(gr.Button, value="Stop", elem_id="lora_train_stop")
-                    attach_button = _make(gr.Button, value="Show progress", elem_id="lora_train_attach")
-                progress = _make(gr.Markdown, value=progress_text(runner.current), elem_id="lora_train_progress")
+                progress = _make(gr.Markdown, value=progress_text(runner.current, host.device_type()),
+                                 elem_id="lora_train_progress")
                 status = _make(gr.Markdown, value="", elem_id="lora_train_status")
                 with _make(gr.Group, visible=False, elem_id="lora_train_result") as result_group:
                     output_path = _make(gr.Textbox, label="Saved to", interactive=False,
@@ -294,7 +402,7 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
                 missing_note = _make(gr.Markdown, value="", elem_id="lora_train_missing")
                 with gr.Row():
                     with gr.Column(scale=3):
-                        table = _make(gr.Dataframe, headers=["file", "caption"], datatype=["str", "str"],
+                        table = _make(gr.Dataframe, headers=CAPTION_HEADERS, datatype=["str", "str"],
                                       type="array", interactive=True, wrap=True, label="Captions (editable)",
                                       elem_id="lora_train_captions")
                     with gr.Column(scale=2):
@@ -305,7 +413,7 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
                     replace_text = _make(gr.Textbox, label="Replace with", elem_id="lora_train_replace")
                     regex = _make(gr.Checkbox, label="Regular expression", value=False)
                     replace_button = _make(gr.Button, value="Replace in all captions", elem_id="lora_train_do_replace")
-                tags = _make(gr.Dataframe, headers=["tag", "count"], datatype=["str", "number"], type="array",
+                tags = _make(gr.Dataframe, headers=TAG_HEADERS, datatype=["str", "number"], type="array",
                              interactive=False, label="Tag frequency", elem_id="lora_train_tags")
             with gr.Tab("Training"):
                 with gr.Row():
@@ -336,27 +444,27 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
 
         fields = [widgets[name] for name in FIELD_NAMES]
         dataset_outputs = [table, gallery, missing_note, tags]
-        live_outputs = [progress, loss_plot, sample, log, result_group, output_path, snippet, status]
+        live_outputs = [progress, loss_plot, sample, log, result_group, output_path, snippet]
 
         # -- dataset --------------------------------------------------------------------------------------
         def load_dataset(folder: str):
             try:
                 return (*dataset_view(folder, runner), "")
             except (ConfigError, FileNotFoundError, caption_files.CaptionFileError) as exc:
-                return [], [], "", [], f"⚠️ {exc}"
+                return (*empty_view(), f"⚠️ {exc}")
 
         load_button.click(load_dataset, [widgets["train_data_dir"]], [*dataset_outputs, status])
         widgets["train_data_dir"].submit(load_dataset, [widgets["train_data_dir"]], [*dataset_outputs, status])
 
         def upload(files: Any, name: str):
             if not files:
-                return gr.update(), [], [], "", [], "Choose files to upload first."
+                return gr.update(), *empty_view(), "Choose files to upload first."
             try:
                 root = Path(settings.datasets_root)
                 folder = root / free_name(root, sanitize_name(name or "dataset", fallback="dataset"))
                 report = import_upload([_file_path(f) for f in files], folder)
             except (UploadError, ConfigError, OSError) as exc:
-                return gr.update(), [], [], "", [], f"⚠️ Upload refused: {exc}"
+                return gr.update(), *empty_view(), f"⚠️ Upload refused: {exc}"
             view = dataset_view(str(report.folder), runner)
             return str(report.folder), *view, f"Uploaded {report.summary()}."
 
@@ -390,6 +498,9 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
                 path = runner.policy.check_input(folder, "train_data_dir")
                 message = run_captioner(path, trigger, overwrite, settings.captioner_weights, runner)
                 return (*dataset_view(str(path), runner), message)
+            except captioner.WeightsMissingError:
+                text = captioner_weights_text(settings.captioner_weights, settings.captioner_setting)
+                return gr.update(), gr.update(), gr.update(), gr.update(), f"⚠️ {text}"
             except Exception as exc:  # noqa: BLE001 - missing weights, bad images: show, don't crash the tab
                 return gr.update(), gr.update(), gr.update(), gr.update(), f"⚠️ Captioning failed: {exc}"
 
@@ -430,61 +541,58 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
         save_config_button.click(save_config, fields, [config_out, status])
 
         # -- training -------------------------------------------------------------------------------------
-        def live(job: Job | None, message: str = "") -> list[Any]:
-            done = job is not None and not job.active and job.output is not None
-            log_text = "\n".join(job.log[-200:]) if job else ""
-            return [
-                progress_text(job), loss_frame(job), job.sample if job else None, log_text,
-                gr.update(visible=done), str(job.output) if done else "", job.snippet if done else "", message,
-            ]
-
-        def follow(job: Job) -> Iterator[list[Any]]:
-            yield live(job)
-            while job.active:
-                time.sleep(POLL_SECONDS)
-                yield live(job)
-            yield live(job, _finish_message(job))
-
-        def start(*values: Any) -> Iterator[list[Any]]:
+        def start(*values: Any):
             try:
                 job = runner.submit(values_to_config(list(values)))
-            except ConfigError as exc:
-                yield live(runner.current, f"⚠️ {exc}")
-                return
-            except (HostError, BusyError) as exc:
-                yield live(runner.current, f"⚠️ {exc}")
-                return
-            yield from follow(job)
+            except (ConfigError, HostError, BusyError) as exc:
+                return progress_text(runner.current, host.device_type()), f"⚠️ {exc}"
+            return progress_text(job, host.device_type()), f"Started **{job.cfg.output_name}** (Stop keeps what is " \
+                "trained so far)."
 
-        train_button.click(start, fields, live_outputs)
-
-        def attach() -> Iterator[list[Any]]:
-            job = runner.current
-            if job is None:
-                yield live(None, "No training job yet.")
-                return
-            yield from follow(job)
-
-        attach_button.click(attach, [], live_outputs)
+        train_button.click(start, fields, [progress, status])
 
         def stop() -> str:
             job = runner.current
             if job is None or not job.active:
                 return "Nothing is training."
-            runner.stop(job.id)
-            return "Stopping after the current step; the LoRA trained so far is saved."
+            runner.stop(job.id)  # first, so the step read below is at least the last one that will run
+            return f"Stopping after the current step (step {job.step + 1} of {job.total}); the LoRA trained " \
+                "so far is saved."
 
-        stop_button.click(stop, [], [status])
+        stop_button.click(stop, [], [status], queue=False)  # never behind another event in the queue
+        follow_job(demo, runner, live_outputs)
         send_button.click(None, [snippet], [], **_js("(text) => { loraTrainSendToTxt2img(text); return []; }"))
     return demo
 
 
-def _finish_message(job: Job) -> str:
-    if job.state == "failed":
-        return f"⚠️ Training failed: {job.error}"
-    if job.output is None:
-        return "Stopped before the first step; nothing was saved."
-    return f"Saved {job.output.name}. Use it in a prompt: `{job.snippet}`"
+def follow_job(demo: gr.Blocks, runner: JobRunner, outputs: list[Any]) -> None:
+    """Keep ``outputs`` (see ``live_updates``) on the runner's current job while the page is open, also a job
+    started elsewhere (another tab, the API) and after a reload."""
+    def current(sent: Sent | None) -> tuple[list[Any], Sent]:
+        # the host's device only while a job runs: in the WebUI, reading the model before one is loaded loads it
+        job = runner.current
+        return live_updates(job, sent, runner.host.device_type() if job is not None and job.state == "running" else "")
+
+    if hasattr(gr, "Timer"):  # gradio >= 4.40: the browser ticks, each tick is one short call
+        sent_state = gr.State(None)
+
+        def tick(sent: Sent | None):
+            updates, sent = current(sent)
+            return [*updates, sent]
+
+        gr.Timer(POLL_SECONDS).tick(tick, [sent_state], [*outputs, sent_state], show_progress="hidden",
+                                    concurrency_limit=None)
+        return
+
+    async def watch():  # gradio 3: one generator per page, waiting in the event loop; ends when the page closes
+        sent = None
+        while True:
+            updates, sent = await asyncio.to_thread(current, sent)  # never block the server's event loop
+            yield updates
+            await asyncio.sleep(POLL_SECONDS)
+
+    # gradio 4.0-4.39 (no Timer) allow one run of an event at a time unless told: every page runs its own
+    demo.load(watch, [], outputs, **_accepted(demo.load, {"show_progress": "hidden", "concurrency_limit": None}))
 
 
 def _family_text(family: str | None) -> str:
@@ -498,10 +606,6 @@ def run_captioner(folder: Path, trigger: str, overwrite: bool, weights: str | No
     current = runner.current
     if current is not None and current.active:
         raise BusyError("a LoRA is training; caption after it finishes")
-    import torch
-
-    from . import captioner
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = captioner.get_captioner(weights=weights or None, device=device)
     options = captioner.CaptionOptions(trigger=trigger or None)

@@ -2,11 +2,15 @@
 
 The same Blocks as in the WebUI; the model comes from ``base_model`` (the built-in tiny model by default, any
 checkpoint file or diffusers folder) and stays loaded between runs (the trainer leaves its weights untouched).
+Ctrl-C works as in ``train``: the first stops a running job after its current step and saves it, then the
+server exits; a second one quits at once without saving.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +40,10 @@ class DiffusersHost(TrainHost):
             return self._bundle.family
         arch = BUILTIN.get(self.base_model)
         return arch.family if arch else None
+
+    def device_type(self) -> str:
+        """Where the loaded model is (``device`` may pin it to the CPU on a GPU machine)."""
+        return self._bundle.device.type if self._bundle is not None else super().device_type()
 
     def check(self, cfg: TrainConfig) -> None:
         model = cfg.base_model or self.base_model
@@ -74,23 +82,57 @@ def make_app(args: argparse.Namespace) -> tuple[Any, JobRunner]:
         defaults = {**config_module.load(args.config).to_dict(), "base_model": args.base_model}
         defaults.pop("output_dir", None)
     settings = UISettings(datasets_root=output / "datasets", captioner_weights=args.captioner_weights,
-                          defaults=defaults)
+                          defaults=defaults, captioner_setting="the --captioner-weights option of the ui command")
     return build_ui(runner, settings), runner
 
 
 def run_ui(args: argparse.Namespace) -> int:
-    demo, _ = make_app(args)
-    demo.queue()
-    css = (Path(__file__).resolve().parent.parent / "style.css")
-    launch: dict[str, Any] = {"server_name": args.host, "server_port": args.port, "show_error": True}
-    if css.is_file():
-        import inspect
+    from .ui import enable_queue
 
+    demo, runner = make_app(args)
+    enable_queue(demo)
+    css = (Path(__file__).resolve().parent.parent / "style.css")
+    launch: dict[str, Any] = {"server_name": args.host, "server_port": args.port, "show_error": True,
+                              "prevent_thread_lock": True}
+    if css.is_file():  # the WebUI adds an extension's style.css itself; standalone we do
         if "css" in inspect.signature(demo.launch).parameters:
             launch["css"] = css.read_text(encoding="utf-8")
+        else:  # gradio 3 reads it from the Blocks
+            demo.css = css.read_text(encoding="utf-8")
     print(f"LoRA Train UI on http://{args.host}:{args.port} (outputs in {resolve(args.output_dir)})", flush=True)
     demo.launch(**launch)
-    return 0
+    try:
+        return serve_until_interrupted(runner)
+    finally:
+        demo.close()
+
+
+def serve_until_interrupted(runner: JobRunner) -> int:
+    """Wait for Ctrl-C; then stop a running job after its current step and wait while it saves. A second Ctrl-C
+    quits at once (exit code 130), naming the folder whose last checkpoint can be resumed."""
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    try:
+        while not interrupted.wait(0.5):
+            pass
+        job = runner.current
+        if job is None or not job.active:
+            print("Ctrl-C: closing the server.", flush=True)
+            return 0
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"Ctrl-C: stopping {job.cfg.output_name} after the current step and saving it (Ctrl-C again to "
+              "quit without saving)", flush=True)
+        runner.stop(job.id)
+        try:
+            while not job.done_event.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            print(f"Quit without saving; the last checkpoint (if any) is in {job.cfg.output_dir}", flush=True)
+            return 130
+        print(job.log[-1] if job.log else job.state, flush=True)  # the worker's summary: state, steps, file
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

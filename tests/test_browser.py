@@ -1,21 +1,20 @@
-"""A real browser on the standalone UI: fill the form, train a few steps on the tiny model, see the result.
+"""A real browser on the standalone UI: train to the snippet, and Stop a long run while its progress streams.
 
 Uses Debian's chromium driven by playwright's Python package (no browser download). Skips cleanly when either
-is missing. The screenshot is kept under test-artifacts/ for a person to look at.
+is missing. Screenshots of the tab idle, training, finished and stopped are kept under test-artifacts/ for a
+person to look at.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+import re
 from pathlib import Path
 
 import pytest
+from ui_server import serve
+
+from lora_train.cli import describe
 
 pytestmark = pytest.mark.browser
 
@@ -26,84 +25,104 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_http(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"UI server exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"UI server did not answer at {url}")
-
-
 @pytest.fixture
-def server(tmp_path: Path):
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1"}
-    command = [sys.executable, "-m", "lora_train", "ui", "--host", "127.0.0.1", "--port", str(port),
-               "--output-dir", str(tmp_path / "out"), "--config", str(ROOT / "examples" / "tiny.yaml")]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/", process)
-        yield f"http://127.0.0.1:{port}/", tmp_path
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-
-
-def test_train_from_the_browser(server, dataset_dir: Path) -> None:
+def browser(tmp_path: Path):
+    """(browser, server) with the standalone UI serving outputs into tmp_path/out."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
-    url, tmp_path = server
     ARTIFACTS.mkdir(exist_ok=True)
-
-    def field(page, elem_id: str):
-        return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
-
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    with serve(tmp_path) as server, sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            page.goto(url)
-            field(page, "lora_train_cfg_train_data_dir").fill(str(dataset_dir))
-            page.locator("#lora_train_load").click()
-            page.get_by_text("6 image(s), all captioned.").wait_for(timeout=30_000)
-            field(page, "lora_train_cfg_output_name").fill("browser lora")
-            field(page, "lora_train_cfg_trigger_word").fill("shapez")
-            page.locator("#lora_train_advanced").get_by_text("Advanced (every config field)").click()
-            field(page, "lora_train_cfg_max_train_steps").fill("6")
-            field(page, "lora_train_cfg_save_every_n_steps").fill("0")
-            field(page, "lora_train_cfg_log_every_n_steps").fill("1")
-            page.locator(".tab-nav button, button[role=tab]").filter(has_text="Training").first.click()
-            page.locator("#lora_train_train").click()
-            snippet = field(page, "lora_train_snippet")
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('#lora_train_snippet textarea, #lora_train_snippet input')]"
-                ".some(e => e.value.includes('<lora:'))", timeout=120_000)
-            assert snippet.input_value() == "<lora:browser lora:0.7> shapez"
-            progress = page.locator("#lora_train_progress").first.inner_text()
-            assert "step 6/6" in progress, progress
-            plot = page.locator("#lora_train_loss").first
-            plot.locator("canvas, svg").first.wait_for(timeout=20_000)
-            page.screenshot(path=str(ARTIFACTS / "browser-train.png"), full_page=True)
+            yield chromium, server
         finally:
-            browser.close()
-    assert (tmp_path / "out" / "browser lora.safetensors").is_file()
-    assert (tmp_path / "out" / "browser lora.json").is_file()
-    shutil.rmtree(tmp_path / "out" / "browser lora-checkpoints", ignore_errors=True)
+            chromium.close()
+
+
+def _field(page, elem_id: str):
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+
+
+def _open(chromium, url: str):
+    page = chromium.new_page(viewport={"width": 1400, "height": 1800})
+    page.goto(url)
+    return page
+
+
+def _fill_form(page, dataset: Path, name: str, steps: int) -> None:
+    _field(page, "lora_train_cfg_train_data_dir").fill(str(dataset))
+    page.locator("#lora_train_load").click()
+    page.get_by_text("6 image(s), all captioned.").wait_for(timeout=30_000)
+    _field(page, "lora_train_cfg_output_name").fill(name)
+    _field(page, "lora_train_cfg_trigger_word").fill("shapez")
+    page.locator("#lora_train_advanced").get_by_text("Advanced (every config field)").click()
+    _field(page, "lora_train_cfg_max_train_steps").fill(str(steps))
+    _field(page, "lora_train_cfg_save_every_n_steps").fill("0")
+    _field(page, "lora_train_cfg_log_every_n_steps").fill("1")
+    page.locator(".tab-nav button, button[role=tab]").filter(has_text="Training").first.click()
+
+
+def _progress(page) -> str:
+    return page.locator("#lora_train_progress").first.inner_text()
+
+
+def _wait_progress(page, pattern: str, timeout: float) -> re.Match:
+    """Wait until the status line (updated by the page itself, no button) matches ``pattern``."""
+    page.wait_for_function(
+        "(pattern) => new RegExp(pattern).test(document.querySelector('#lora_train_progress')?.innerText || '')",
+        arg=pattern, timeout=timeout)
+    match = re.search(pattern, _progress(page))
+    assert match, _progress(page)
+    return match
+
+
+def test_train_from_the_browser(browser, dataset_dir: Path) -> None:
+    chromium, server = browser
+    page = _open(chromium, server.url)
+    _wait_progress(page, "Idle", 30_000)
+    page.screenshot(path=str(ARTIFACTS / "browser-idle.png"), full_page=True)
+    _fill_form(page, dataset_dir, "browser lora", 6)
+    page.locator("#lora_train_train").click()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#lora_train_snippet textarea, #lora_train_snippet input')]"
+        ".some(e => e.value.includes('<lora:'))", timeout=120_000)
+    assert _field(page, "lora_train_snippet").input_value() == "<lora:browser lora:0.7> shapez"
+    progress = _progress(page)
+    final = server.output / "browser lora.safetensors"
+    assert "Done" in progress and "step 6/6" in progress, progress
+    assert str(final) in progress and "<lora:browser lora:0.7> shapez" in progress
+    run_folder = re.search(r"Checkpoints and resumable state: (.+)", progress)  # where the run's state is
+    assert run_folder and Path(run_folder[1].strip()).is_dir(), progress
+    page.locator("#lora_train_loss").first.locator("canvas, svg").first.wait_for(timeout=20_000)
+    page.screenshot(path=str(ARTIFACTS / "browser-finished.png"), full_page=True)
+    assert final.is_file() and final.with_suffix(".json").is_file()
+
+
+def test_stop_while_progress_streams(browser, dataset_dir: Path) -> None:
+    chromium, server = browser
+    page = _open(chromium, server.url)
+    _fill_form(page, dataset_dir, "browser stop", 100_000)
+    page.locator("#lora_train_train").click()
+    _wait_progress(page, r"step ([2-9]|\d\d+)/100000", 120_000)  # follows the job with no button pressed
+    page.screenshot(path=str(ARTIFACTS / "browser-training.png"), full_page=True)
+
+    # another tab (or a reload) follows the running job by itself, and its buttons are not queued behind it
+    other = _open(chromium, server.url)
+    _wait_progress(other, r"step \d+/100000", 30_000)
+    _field(other, "lora_train_cfg_train_data_dir").fill(str(dataset_dir))
+    other.locator("#lora_train_load").click()
+    other.get_by_text("6 image(s), all captioned.").wait_for(timeout=30_000)
+    assert "100000" in _progress(page) and "Stopped" not in _progress(page)
+
+    page.locator("#lora_train_stop").click()
+    page.wait_for_function("() => /step \\d+ of 100000/.test(document.querySelector('#lora_train_status')"
+                           "?.innerText || '')", timeout=30_000)
+    announced = int(re.search(r"step (\d+) of 100000", page.locator("#lora_train_status").first.inner_text())[1])
+    stopped = int(_wait_progress(page, r"Stopped — browser stop: step (\d+)/100000", 60_000)[1])
+    assert stopped <= announced  # the step that was running when Stop arrived is the last one
+    _wait_progress(other, r"Stopped", 30_000)
+    page.screenshot(path=str(ARTIFACTS / "browser-stopped.png"), full_page=True)
+    final = server.output / "browser stop.safetensors"
+    assert str(final) in _progress(page)
+    assert describe(str(final))["modules"]["unet"] > 0

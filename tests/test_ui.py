@@ -7,8 +7,14 @@ tests/test_browser.py drives the real page.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
+import inspect
+import json
 import os
+import re
+import signal
+import time
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -18,8 +24,9 @@ import pytest  # noqa: E402
 gr = pytest.importorskip("gradio")
 
 from lora_train import ui  # noqa: E402
+from lora_train.cli import describe  # noqa: E402
 from lora_train.config import ConfigError, TrainConfig  # noqa: E402
-from lora_train.jobs import JobRunner  # noqa: E402
+from lora_train.jobs import Job, JobRunner  # noqa: E402
 from lora_train.paths import PathPolicy  # noqa: E402
 from lora_train.ui_cli import DiffusersHost, make_app  # noqa: E402
 
@@ -33,6 +40,39 @@ def _fns(demo) -> dict:
 
 def _elem_ids(demo) -> set[str]:
     return {getattr(block, "elem_id", None) for block in demo.blocks.values()} - {None}
+
+
+def _component(demo, elem_id: str):
+    return next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+
+
+class Page:
+    """One open page's live view, driven the way gradio drives it: Timer ticks carrying the page's state
+    (gradio >= 4.40), or the async generator the page's load event starts (gradio 3)."""
+
+    def __init__(self, demo):
+        fns = _fns(demo)
+        self.tick, self.sent = fns.get("tick"), None
+        if self.tick is None:
+            self.loop = asyncio.new_event_loop()
+            self.watch = fns["watch"]()
+
+    def poll(self) -> list:
+        """(progress, loss plot, sample, log, result group, output path, snippet) as sent to the page."""
+        if self.tick is not None:
+            *updates, self.sent = self.tick(self.sent)
+            return updates
+        return self.loop.run_until_complete(self.watch.__anext__())
+
+    def close(self) -> None:
+        if self.tick is None:
+            self.loop.run_until_complete(self.watch.aclose())
+            self.loop.close()
+
+
+def _value(update):
+    """What an output shows after an update: gradio.update() dicts carry it under "value"."""
+    return update.get("value", update) if isinstance(update, dict) else update
 
 
 @pytest.fixture
@@ -84,6 +124,7 @@ def test_dataset_table_captions_find_replace_and_flags(app, dataset_dir: Path) -
     table, gallery, note, *_ , status = fns["load_dataset"](str(dataset_dir))
     assert status == "" and len(table) == 6 and len(gallery) == 6
     assert "1 of 6" in note and "00_red_circle.png" in note
+    table = table.values.tolist()  # the page sends rows back as lists (type="array")
     table[0][1] = "shapez, red circle"
     *_, message = fns["save"](str(dataset_dir), table)
     assert "Saved 1" in message
@@ -91,14 +132,30 @@ def test_dataset_table_captions_find_replace_and_flags(app, dataset_dir: Path) -
     table, _, note, tags, _ = fns["replace"](str(dataset_dir), table, "circle", "disc", False)
     assert "all captioned" in note
     assert (dataset_dir / "00_red_circle.txt").read_text().strip() == "shapez, red disc"
-    assert any(tag == "disc" or "disc" in tag for tag, _ in tags) or tags
+    assert "red disc" in list(tags["tag"]) and "red circle" not in list(tags["tag"])
 
 
 def test_paths_outside_the_allowed_folders_are_refused_in_the_tab(tmp_path: Path) -> None:
     runner = JobRunner(DiffusersHost(), PathPolicy(output_root=tmp_path / "out", input_roots=[tmp_path / "ok"]))
     demo = ui.build_ui(runner, ui.UISettings(datasets_root=tmp_path / "ok" / "ds"))
-    *_, status = _fns(demo)["load_dataset"]("/etc")
+    table, _, _, tags, status = _fns(demo)["load_dataset"]("/etc")
     assert "outside the allowed folders" in status
+    # the emptied tables keep their column names (a bare [] made the page show "1" and "2")
+    for elem_id, value, headers in (("lora_train_captions", table, ["image", "caption"]),
+                                    ("lora_train_tags", tags, ["tag", "count"])):
+        sent = _component(demo, elem_id).postprocess(value)  # a dict on gradio 3, a DataframeData on 4+
+        assert (sent["headers"] if isinstance(sent, dict) else sent.headers) == headers
+
+
+def test_missing_captioner_weights_point_at_the_tab_setting(app, dataset_dir: Path) -> None:
+    demo, _ = app
+    *_, message = _fns(demo)["caption"](str(dataset_dir), "shapez", False)
+    assert "--captioner-weights" in message and "--allow-download" not in message
+    runner = JobRunner(DiffusersHost(), PathPolicy(output_root=dataset_dir.parent / "out"))
+    settings = ui.UISettings(datasets_root=dataset_dir.parent, captioner_weights=str(dataset_dir / "coca.bin"))
+    *_, message = _fns(ui.build_ui(runner, settings))["caption"](str(dataset_dir), "", False)
+    assert "Settings > LoRA Train > Captioner weights" in message and "coca.bin" in message
+    assert "--weights" not in message and "--allow-download" not in message
 
 
 def test_upload_creates_a_new_dataset_folder(app, tmp_path: Path, dataset_dir: Path) -> None:
@@ -127,32 +184,121 @@ def test_preset_and_config_files(app, tmp_path: Path) -> None:
     assert "lora_rank" in fns["load_config"](str(bad))[-1]
 
 
-def test_train_button_streams_progress_to_the_snippet(app, dataset_dir: Path) -> None:
-    demo, runner = app
-    fns = _fns(demo)
-    data = ui.initial_config(ui.UISettings(datasets_root=dataset_dir), "sd1")
+def _small_run(dataset_dir: Path, **overrides) -> list:
+    data = ui.initial_config(ui.UISettings(datasets_root=dataset_dir), "sd1", "cpu")
     data.update(train_data_dir=str(dataset_dir), output_name="streamed", trigger_word="shapez", resolution="64",
                 min_bucket_reso=64, max_bucket_reso=128, bucket_reso_steps=32, max_train_steps=4, batch_size=2,
                 log_every_n_steps=1, lr_warmup_steps=0, mixed_precision="no", lora_rank=4, lora_alpha=4,
                 sample_prompts=["shapez"], sample_every_n_steps=4, sample_steps=2)
-    updates = list(fns["start"](*ui.config_to_values(data)))
-    progress, frame, sample, log, group, output, snippet, message = updates[-1]
-    assert "Done" in progress and "step 4/4" in progress
-    assert list(frame["step"]) == [1, 2, 3, 4]
-    assert sample is not None and group["visible"] is True
-    assert Path(output) == runner.policy.output_root / "streamed.safetensors"
-    assert snippet == "<lora:streamed:0.7> shapez" and "streamed" in message
+    data.update(overrides)
+    return ui.config_to_values(data)
+
+
+def test_the_live_view_follows_a_job_started_with_train_to_the_snippet(app, dataset_dir: Path, monkeypatch) -> None:
+    demo, runner = app
+    monkeypatch.setattr(ui, "POLL_SECONDS", 0.05)
+    fns = _fns(demo)
+    page = Page(demo)
+    try:
+        progress, *_ = page.poll()
+        assert progress == "Idle."
+        progress, message = fns["start"](*_small_run(dataset_dir))  # returns at once; the page polls
+        assert "streamed" in message
+        job = runner.current
+        assert job.done_event.wait(120)
+        progress, frame, sample, log, group, output, snippet = page.poll()
+        assert "Done" in progress and "step 4/4" in progress
+        assert list(_value(frame)["step"]) == [1, 2, 3, 4]
+        assert _value(sample) is not None and group["visible"] is True
+        assert Path(_value(output)) == runner.policy.output_root / "streamed.safetensors"
+        assert _value(snippet) == "<lora:streamed:0.7> shapez"
+        assert f"`{job.output}`" in progress and "<lora:streamed:0.7> shapez" in progress
+        assert f"`{job.cfg.output_dir}`" in progress and Path(job.cfg.output_dir).is_dir()  # the run's state
+        # nothing changed since: the next poll does not send the image, the plot or the log again
+        _, frame, sample, log, *_ = page.poll()
+        assert all(isinstance(u, dict) and "value" not in u for u in (frame, sample, log))
+        # a page opened (or reloaded) now sees the finished job at once
+        progress, _, sample, *_ = Page(demo).poll()
+        assert "Done" in progress and _value(sample) is not None
+    finally:
+        page.close()
     # a bad value comes back as a message naming the field, and nothing starts
-    data["learning_rate"] = -1
-    (*_, message), = list(fns["start"](*ui.config_to_values(data)))
+    progress, message = fns["start"](*_small_run(dataset_dir, learning_rate=-1))
     assert "learning_rate" in message and len(runner.jobs) == 1
 
 
-def test_stop_button_without_a_job(app) -> None:
-    demo, _ = app
-    assert _fns(demo)["stop"]() == "Nothing is training."
-    progress, *_ = next(_fns(demo)["attach"]())
-    assert progress == "Idle."
+def test_stop_button_stops_a_running_job_and_keeps_the_lora(app, dataset_dir: Path) -> None:
+    demo, runner = app
+    fns = _fns(demo)
+    assert fns["stop"]() == "Nothing is training."
+    fns["start"](*_small_run(dataset_dir, max_train_steps=100_000, sample_every_n_steps=0))
+    job = runner.current
+    while job.step < 1 and not job.done_event.is_set():
+        job.done_event.wait(0.05)
+    assert "Stopping" in fns["stop"]()
+    assert job.done_event.wait(60)
+    assert job.state == "stopped" and job.step < 100_000 and job.output.is_file()
+    assert "Stopped" in ui.progress_text(job) and job.snippet in ui.progress_text(job)
+
+
+def test_inside_the_webui_stop_skips_the_queue_and_the_live_view_needs_no_button(app) -> None:
+    tab, _ = app
+    with gr.Blocks() as root:  # as the WebUI's create_ui renders each extension tab
+        with gr.Tab("LoRA Train"):
+            tab.render()
+    dependencies, fns = root.config["dependencies"], list(root.fns.values() if isinstance(root.fns, dict) else root.fns)
+    stop_id = _component(root, "lora_train_stop")._id
+    stop = [d for d in dependencies if stop_id in [t[0] if isinstance(t, (list, tuple)) else t for t in d["targets"]]]
+    assert stop and stop[0]["queue"] is False
+    names = [f.fn.__name__ for f in fns if getattr(f, "fn", None)]
+    assert "attach" not in names  # no "Show progress" button competing with the live view
+    if "tick" in names:
+        assert any(type(b).__name__ == "Timer" for b in root.blocks.values())
+    else:  # gradio 3: the page's load event starts the watcher; it must come along into the WebUI's Blocks
+        loads = [fns[i].fn for i, d in enumerate(dependencies) if d["trigger"] == "load"]
+        assert [inspect.isasyncgenfunction(fn) for fn in loads] == [True]
+
+
+def test_an_idle_page_does_not_ask_the_host_for_its_model(tmp_path: Path, monkeypatch) -> None:
+    """In the WebUI, reading the model before one is loaded loads it (or waits for the load): an open page with
+    nothing training must not do that every second."""
+    monkeypatch.setattr(ui, "POLL_SECONDS", 0.01)
+    host = DiffusersHost()
+    runner = JobRunner(host, PathPolicy(output_root=tmp_path / "out"))
+    demo = ui.build_ui(runner, ui.UISettings(datasets_root=tmp_path / "ds"))
+    calls = []
+    monkeypatch.setattr(host, "device_type", lambda: calls.append(1) or "cpu")
+    page = Page(demo)
+    try:
+        assert [page.poll()[0] for _ in range(3)] == ["Idle."] * 3
+    finally:
+        page.close()
+    assert calls == []
+
+
+def test_eta_is_estimated_after_the_first_step_and_long_runs_are_named() -> None:
+    assert ui.time_left(0.0, 0.0, "cpu") == ("ETA estimating…", "")
+    assert ui.time_left(2.0, 125.0, "cuda") == ("ETA 2:05", "")
+    eta, warning = ui.time_left(0.07, 6 * 3600 + 100, "cpu")
+    assert eta == "ETA 6:01:40"
+    assert warning == "⚠️ This run will take about 6 h on this CPU; lower max_train_steps or resolution."
+    assert "about 1.5 h on this GPU" in ui.time_left(0.5, 5400, "cuda:1")[1]
+
+
+def test_status_line_of_a_running_job(tmp_path: Path) -> None:
+    cfg = TrainConfig(output_name="slow", output_dir=str(tmp_path / "slow-checkpoints"))
+    job = Job(id="j", cfg=cfg, state="running")
+    assert "preparing" in ui.progress_text(job, "cpu")  # model and latents before the first step
+    job.total = 1500
+    text = ui.progress_text(job, "cpu")
+    assert "step 0/1500" in text and "estimating" in text and "0:00" not in text and "it/s" not in text
+    assert f"`{tmp_path / 'slow-checkpoints'}`" in text
+    job.step, job.it_per_s, job.eta_s, job.loss = 3, 0.07, 1497 / 0.07, None
+    text = ui.progress_text(job, "cpu")
+    assert "ETA 5:56:25" in text and "about 5.9 h on this CPU" in text and "14.3 s/it" in text
+    assert "loss" not in text  # no loss read yet
+    job.losses = [(1, 0.5), (2, None), (3, 0.25)]  # the engine reports every step, reading the loss on some
+    assert list(ui.loss_frame(job)["step"]) == [1, 3]
 
 
 def test_shipped_example_still_builds_a_config_the_ui_accepts() -> None:
@@ -160,3 +306,28 @@ def test_shipped_example_still_builds_a_config_the_ui_accepts() -> None:
 
     cfg = config.load(EXAMPLE)
     assert ui.values_to_config(ui.config_to_values(cfg))["output_name"] == cfg.output_name
+
+
+def test_ctrl_c_on_the_ui_server_stops_the_job_saves_it_and_exits(tmp_path: Path, dataset_dir: Path) -> None:
+    if ui.GRADIO_MAJOR >= 4:
+        pytest.skip("starts the job through gradio 3's /run/predict (the WebUI's gradio)")
+    from ui_server import press_train, serve
+
+    with serve(tmp_path) as server:
+        reply = press_train(server, train_data_dir=str(dataset_dir), output_name="interrupted",
+                            max_train_steps=100_000, save_every_n_steps=2, sample_every_n_steps=0)
+        assert "Started" in json.dumps(reply), reply
+        deadline = time.time() + 120  # until the first step checkpoint is written
+        while not list(tmp_path.rglob("*.safetensors")) and time.time() < deadline:
+            assert server.process.poll() is None, server.log_text()
+            time.sleep(0.2)
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(120) == 0, server.log_text()
+        log = server.log_text()
+    assert "stopping interrupted after the current step" in log
+    final = server.output / "interrupted.safetensors"
+    stopped = re.search(r"stopped: (\d+)/100000 steps -> (.+)", log)
+    assert stopped and Path(stopped[2].strip()) == final, log
+    assert describe(str(final))["modules"]["unet"] > 0  # a complete LoRA file, not a half-written one
+    states = [json.loads(p.read_text()) for p in tmp_path.rglob("state.json")]
+    assert [s["step"] for s in states] == [int(stopped[1])]  # resumable from where it stopped
