@@ -607,10 +607,11 @@ def run_captioner(folder: Path, trigger: str, overwrite: bool, weights: str | No
     if current is not None and current.active:
         raise BusyError("a LoRA is training; caption after it finishes")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = captioner.get_captioner(weights=weights or None, device=device)
-    options = captioner.CaptionOptions(trigger=trigger or None)
-    mode = caption_files.detect_mode(folder)
-    report = captioner.caption_images(folder, model, options, mode=mode, overwrite=overwrite, progress=False)
+    with runner.host.exclusive("LoRA captioning"):  # the WebUI's queue: no txt2img or training beside it
+        model = captioner.get_captioner(weights=weights or None, device=device)
+        options = captioner.CaptionOptions(trigger=trigger or None)
+        mode = caption_files.detect_mode(folder)
+        report = captioner.caption_images(folder, model, options, mode=mode, overwrite=overwrite, progress=False)
     text = f"Captioned {len(report.written)} image(s), kept {len(report.kept)}."
     failure = report.failure_message()
     return f"{text}\n{failure}" if failure else text
