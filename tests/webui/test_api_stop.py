@@ -18,7 +18,8 @@ FEW_STEPS = 3  # Stop acts after the current step; "a few" allows for the poll t
 def running(webui: WebUI, dataset, run_id: str) -> Iterator[dict[str, Any]]:
     """A 40-step job that has shown its first step; stopped at the end whatever the checks did."""
     before = webui.lora_entries()
-    reply = webui.submit(train_body(dataset, f"{run_id}-stop", STEPS))
+    # progress every step asked for explicitly: this module checks Stop, test_api_train checks the default
+    reply = webui.submit(train_body(dataset, f"{run_id}-stop", STEPS, log_every_n_steps=1))
     assert reply.status == 200, f"submit: HTTP {reply.status} {reply.body}"
     job_id = reply.body["id"]
     status = webui.job(job_id)
