@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# tests/webui/run.sh [--dev] [--keep-running] [--repo PATH] [--workdir DIR] [-- pytest args...]
+#
+# The acceptance run against a real AUTOMATIC1111 v1.10.1 (the harness in ../shared/webui-harness, built by
+# its setup.sh into WORKDIR): install this repository's HEAD the way Extensions > "Install from URL" does,
+# restart the WebUI (which runs install.py again at launch), show what the install changed in the WebUI's venv
+# (pip freeze before/after), then run the checks in tests/webui against it with pytest.
+#
+#   --dev           no installers: clone with RUN_INSTALLER=0, boot with SKIP_PREPARE=1, and add only
+#                   peft==0.13.2 (--no-deps) when missing. For an install.py that must not touch the venv.
+#   --keep-running  leave the WebUI up afterwards (default: stop.sh at the end)
+#   --repo PATH     the repository to install (default: this one; its committed HEAD is what gets cloned)
+#   --workdir DIR   the harness' WORKDIR (default: <repo>/../harness)
+# Env: HARNESS (default <repo>/../shared/webui-harness), PORT (default 7861).
+# Output (screenshots, images, freezes, timings, log errors): WORKDIR/accept-out/. Exit code: pytest's.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+REPO=$ROOT
+WORKDIR=""
+DEV=0
+KEEP=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dev) DEV=1 ;;
+    --keep-running) KEEP=1 ;;
+    --repo) REPO="$(cd "$2" && pwd)"; shift ;;
+    --workdir) WORKDIR="$2"; shift ;;
+    --) shift; break ;;
+    *) echo "unknown argument: $1 (see the header of $0)" >&2; exit 2 ;;
+  esac
+  shift
+done
+WORKDIR="$(cd "${WORKDIR:-$ROOT/../harness}" && pwd)"
+HARNESS="$(cd "${HARNESS:-$ROOT/../shared/webui-harness}" && pwd)"
+PORT=${PORT:-7861}
+export PORT
+# shellcheck disable=SC1091
+source "$WORKDIR/env.sh"
+OUT="$WORKDIR/accept-out"
+EXT_DIR="$WEBUI_DIR/extensions/sd-webui-lora-train"
+PYTHON="$ROOT/.venv/bin/python"
+[[ -x "$PYTHON" ]] || PYTHON=python3
+mkdir -p "$OUT"
+
+stamp() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(stamp)" 'BEGIN { printf "%.1f", b - a }'; }
+
+echo "== stop any WebUI of this harness, remove the previous install"
+bash "$HARNESS/stop.sh" "$WORKDIR"
+rm -rf "$EXT_DIR"
+
+if [[ -n "$(git -C "$REPO" status --porcelain --untracked-files=no)" ]]; then
+  echo "note: $REPO has uncommitted changes; Install from URL clones the committed HEAD only"
+fi
+if [[ "$DEV" == 1 ]] && ! "$VENV_DIR/bin/python" -m pip show -q peft >/dev/null 2>&1; then
+  echo "== dev mode: peft==0.13.2 --no-deps into the WebUI venv (everything it needs is there already)"
+  "$VENV_DIR/bin/python" -m pip install -q --no-deps peft==0.13.2
+fi
+
+"$VENV_DIR/bin/python" -m pip freeze > "$OUT/freeze-before.txt"
+echo "== install $REPO @ $(git -C "$REPO" rev-parse --short HEAD) as 'Install from URL' does"
+t=$(stamp)
+if [[ "$DEV" == 1 ]]; then
+  RUN_INSTALLER=0 bash "$HARNESS/install_extension.sh" "$WORKDIR" "$REPO" sd-webui-lora-train
+else
+  bash "$HARNESS/install_extension.sh" "$WORKDIR" "$REPO" sd-webui-lora-train
+fi
+echo "INSTALL_SECONDS=$(since "$t")"
+
+echo "== restart the WebUI"
+if [[ "$DEV" == 1 ]]; then
+  SKIP_PREPARE=1 bash "$HARNESS/boot.sh" "$WORKDIR" | tee "$OUT/boot.txt"
+else
+  bash "$HARNESS/boot.sh" "$WORKDIR" | tee "$OUT/boot.txt"
+fi
+cleanup() { [[ "$KEEP" == 1 ]] || bash "$HARNESS/stop.sh" "$WORKDIR"; }
+trap cleanup EXIT
+
+"$VENV_DIR/bin/python" -m pip freeze > "$OUT/freeze-after.txt"
+echo "== what the install changed in the WebUI's venv (pip freeze before -> after)"
+if diff "$OUT/freeze-before.txt" "$OUT/freeze-after.txt" > "$OUT/freeze.diff"; then
+  echo "(nothing)"
+else
+  cat "$OUT/freeze.diff"
+fi
+
+echo "== acceptance checks"
+t=$(stamp)
+set +e
+LORA_TRAIN_WEBUI_URL="http://127.0.0.1:$PORT" LORA_TRAIN_WEBUI_DIR="$WEBUI_DIR" \
+  LORA_TRAIN_WEBUI_LOG="$WORKDIR/webui.log" LORA_TRAIN_WEBUI_OUT="$OUT" HF_HUB_OFFLINE=1 \
+  "$PYTHON" -m pytest "$ROOT/tests/webui" -m webui -v -rfEw --durations=0 -p no:cacheprovider "$@"
+status=$?
+set -e
+echo "PYTEST_SECONDS=$(since "$t") PYTEST_EXIT=$status OUT=$OUT"
+exit "$status"
