@@ -22,7 +22,9 @@ from .files import atomic_write, atomic_write_text
 STATE_JSON = "state.json"
 # the .safetensors-state extension keeps a state folder inside models/Lora from showing up as a Lora card
 _PARTS = {"adapter": ".safetensors-state", "optimizer": ".pt", "scheduler": ".pt", "scaler": ".pt"}
-_PART_FILE = re.compile(r"(adapter|optimizer|scheduler|scaler)-\d{8}\.(safetensors-state|pt)")
+_PART_FILE = re.compile(r"(adapter|optimizer|scheduler|scaler)(-\d{8})?\.(safetensors-state|pt)")
+# states written before saves were crash-safe: fixed names, replaced one by one
+_LEGACY_FILES = {part: f"{part}{suffix}" for part, suffix in _PARTS.items()}
 
 
 @dataclass
@@ -49,7 +51,7 @@ def read(folder: str | Path) -> ResumeState:
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
         state = ResumeState(folder, int(info["step"]), str(info["output_name"]), bool(info.get("finished", False)),
-                            [float(v) for v in info.get("loss_history", [])], dict(info["files"]))
+                            [float(v) for v in info.get("loss_history", [])], dict(info.get("files", _LEGACY_FILES)))
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError("resume", f"{info_path} is not a state this version wrote ({exc!r}); "
                                     "train from the LoRA file with network_weights instead") from None

@@ -197,3 +197,25 @@ def test_a_failed_final_write_saves_the_lora_elsewhere_and_says_where(tiny, data
     tensors, meta = read_lora(rescued)
     assert meta["ss_steps"] == "1" and all(torch.isfinite(t).all() for t in tensors.values())
     assert json.loads((work / "test-state" / "state.json").read_text())["step"] == 1
+
+
+def test_a_state_folder_of_the_earlier_layout_still_resumes_and_is_tidied_by_the_next_save(tmp_path):
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    folder = tmp_path / "old-state"
+    run_state.save(folder, 3, "old", False, [0.5], {"x.alpha": torch.tensor(1.0)}, optimizer, scheduler, scaler)
+    for new in list(folder.iterdir()):  # the earlier layout: fixed names, no "files" in state.json
+        if new.name != "state.json":
+            new.rename(folder / new.name.replace("-00000003", ""))
+    info = json.loads((folder / "state.json").read_text())
+    del info["files"]
+    (folder / "state.json").write_text(json.dumps(info))
+
+    state = run_state.read(folder)
+    assert state.step == 3 and run_state.load(state, optimizer, scheduler, scaler, torch.device("cpu"))
+    run_state.save(folder, 4, "old", False, [0.5], {"x.alpha": torch.tensor(1.0)}, optimizer, scheduler, scaler)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter-00000004.safetensors-state", "optimizer-00000004.pt", "scaler-00000004.pt",
+        "scheduler-00000004.pt", "state.json"]
