@@ -260,6 +260,21 @@ def test_progress_every_step_and_loss_every_n_steps(tiny, dataset_dir, tmp_path)
     assert infos[0].it_per_s > 0 and infos[0].eta_s > 0 and infos[-1].eta_s == 0
 
 
+def test_the_job_keeps_its_last_loss_on_steps_without_a_reading():
+    from lora_train.config import TrainConfig
+    from lora_train.jobs import Job, _JobCallbacks
+
+    class Host:
+        def report(self, job):
+            self.reported = job.step
+
+    job, host = Job("j", TrainConfig()), Host()
+    callbacks = _JobCallbacks(job, host)
+    callbacks.on_step(trainer.StepInfo(1, 4, 0, 0.25, 1e-4, 2.0, 1.5))
+    callbacks.on_step(trainer.StepInfo(2, 4, 0, None, 1e-4, 2.0, 1.0))
+    assert (job.step, job.loss, job.losses, host.reported) == (2, 0.25, [(1, 0.25)], 2)
+
+
 def test_stop_while_caching_latents_leaves_nothing_behind(tiny, dataset_dir, tmp_path):
     encoded = []
     original = tiny.encode_images
