@@ -54,7 +54,8 @@ class ConsoleCallbacks(TrainCallbacks):
     def on_step(self, info: StepInfo) -> None:
         assert self.bar is not None
         self.bar.update(info.step - self.bar.n)
-        self.bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", epoch=info.epoch)
+        if info.loss is not None:  # read every log_every_n_steps only
+            self.bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", epoch=info.epoch)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         tqdm.write(f"checkpoint: {path}")

@@ -10,6 +10,7 @@ import datetime
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -48,19 +49,35 @@ def architecture(family: Family, parameterization: Parameterization) -> str:
     return f"{_ARCHITECTURES[family]}/lora"
 
 
+@dataclass(frozen=True)
+class RunFacts:
+    """The numbers of the run as it happened (not as configured): metadata and the WebUI's description use them.
+
+    ``rank``/``alpha`` come from ``network_weights`` when that file set them, ``num_epochs`` from the steps
+    actually planned (max_train_steps may end a run before ``epochs``), the learning rates from what the
+    optimizer got (Prodigy: its base lr, the multiplier of its own estimate).
+    """
+
+    rank: int
+    alpha: float
+    learning_rate: float
+    unet_lr: float
+    text_encoder_lr: float | None
+    num_epochs: int
+    batches_per_epoch: int
+    total_steps: int
+
+
 def training_metadata(
     cfg: TrainConfig,
     dataset: Dataset,
     family: Family,
     parameterization: Parameterization,
     model_name: str,
+    facts: RunFacts,
     steps: int,
     epoch: int,
-    total_steps: int,
-    batches_per_epoch: int,
     started_at: float,
-    rank: int,
-    alpha: float,
 ) -> dict[str, str]:
     """kohya's ss_* keys plus modelspec.*; every value a string, as safetensors metadata requires."""
     height, width = cfg.resolution_hw
@@ -69,23 +86,23 @@ def training_metadata(
         "ss_training_started_at": started_at,
         "ss_training_finished_at": time.time(),
         "ss_output_name": cfg.output_name,
-        "ss_learning_rate": cfg.learning_rate,
-        "ss_unet_lr": cfg.unet_lr or cfg.learning_rate,
-        "ss_text_encoder_lr": (cfg.text_encoder_lr or cfg.learning_rate) if cfg.train_text_encoder else None,
+        "ss_learning_rate": facts.learning_rate,
+        "ss_unet_lr": facts.unet_lr,
+        "ss_text_encoder_lr": facts.text_encoder_lr,
         "ss_num_train_images": dataset.num_train_images,
         "ss_num_reg_images": dataset.num_reg_images,
-        "ss_num_batches_per_epoch": batches_per_epoch,
-        "ss_num_epochs": cfg.epochs,
+        "ss_num_batches_per_epoch": facts.batches_per_epoch,
+        "ss_num_epochs": facts.num_epochs,
         "ss_epoch": epoch,
         "ss_steps": steps,
-        "ss_max_train_steps": total_steps,
+        "ss_max_train_steps": facts.total_steps,
         "ss_gradient_checkpointing": cfg.gradient_checkpointing,
         "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "ss_lr_warmup_steps": cfg.lr_warmup_steps,
         "ss_lr_scheduler": cfg.lr_scheduler,
         "ss_network_module": "networks.lora",
-        "ss_network_dim": rank,
-        "ss_network_alpha": alpha,
+        "ss_network_dim": facts.rank,
+        "ss_network_alpha": facts.alpha,
         "ss_network_dropout": cfg.lora_dropout,
         "ss_network_args": json.dumps({}),
         "ss_network_train_unet_only": not cfg.train_text_encoder,

@@ -166,9 +166,11 @@ class _JobCallbacks(TrainCallbacks):
 
     def on_step(self, info: StepInfo) -> None:
         job = self.job
-        job.step, job.total, job.loss = info.step, info.total_steps, info.loss
+        job.step, job.total = info.step, info.total_steps
         job.it_per_s, job.eta_s = info.it_per_s, info.eta_s
-        job.losses.append((info.step, info.loss))
+        if info.loss is not None:  # read every log_every_n_steps only
+            job.loss = info.loss
+            job.losses.append((info.step, info.loss))
         self.host.report(job)
 
     def on_sample(self, step: int, images: list[Image.Image]) -> None:

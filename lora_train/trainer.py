@@ -1,16 +1,17 @@
 """The training loop: load data, freeze, add LoRA, loop, save. Reads top to bottom like diffusers' example.
 
 Every random draw of step ``k`` comes from a seed derived from (seed, k), and batches from (seed, epoch), so
-a run resumed from a checkpoint ends with the same weights as one that never stopped.
+a run resumed from a checkpoint ends with the same weights as one that never stopped (bit for bit on CPU; on
+a GPU up to its nondeterministic kernels). Where files go is run_paths', resumable state run_state's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,27 +24,28 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import dataset as data
-from . import export, lora
-from .config import ConfigError, TrainConfig
-from .files import atomic_write, atomic_write_text, free_path
+from . import export, lora, run_state
+from .config import TrainConfig
+from .files import atomic_write, free_path
 from .model import Conditioning, ModelBundle, Parameterization
 from .optim import make_grad_scaler, make_optimizer, make_scheduler
-
-# safetensors content under an extension the WebUI's Lora list ignores, so a state folder inside models/Lora does
-# not show up as a card
-STATE_WEIGHTS = "adapter.safetensors-state"
+from .run_paths import RunPaths, check_writable, reserve_run
 
 SampleFn = Callable[[ModelBundle, list[str], int], list[Image.Image]]
 
 
 @dataclass
 class StepInfo:
-    """What a progress display needs after each optimizer step."""
+    """What a progress display needs after each optimizer step.
+
+    ``loss`` is the mean since the last reading, read from the device every ``log_every_n_steps`` only (each
+    read waits for the GPU); on the other steps it is None.
+    """
 
     step: int
     total_steps: int
     epoch: int
-    loss: float
+    loss: float | None
     lr: float
     it_per_s: float
     eta_s: float
@@ -63,12 +65,24 @@ class TrainCallbacks:
 
 @dataclass
 class TrainResult:
+    """``facts`` holds the run's real numbers (rank, alpha, lrs, epochs); ``state`` the folder to resume from."""
+
     output: Path | None
     steps: int
     total_steps: int
     stopped: bool
     loss_history: list[float] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
+    facts: export.RunFacts | None = None
+    state: Path | None = None
+
+
+class NonFiniteError(RuntimeError):
+    """The loss, a latent or the weights became NaN/inf; nothing non-finite was written."""
+
+
+class OutputWriteError(OSError):
+    """The final file could not be written where asked; the message says where the LoRA was saved instead."""
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -126,38 +140,12 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-class _Paths:
-    """Where a run writes: final file, step checkpoints, resumable state.
-
-    A resumed run keeps the name of the run it continues (and may replace that run's stopped output).
-    """
-
-    def __init__(self, cfg: TrainConfig, resumed: str | None):
-        self.dir = Path(cfg.output_dir)
-        if resumed:
-            self.final = self.dir / f"{resumed}.safetensors"
-        else:
-            self.final = free_path(self.dir / f"{cfg.output_name}.safetensors", cfg.overwrite)
-        self.name = self.final.stem
-        self.state = self.dir / f"{self.name}-state"
-
-    def step_file(self, step: int) -> Path:
-        return self.dir / f"{self.name}-step{step:08d}.safetensors"
-
-
-def _resume_info(cfg: TrainConfig) -> dict:
-    info_path = Path(cfg.resume or "") / "state.json"
-    if not info_path.is_file():
-        raise ConfigError("resume", f"{cfg.resume} has no state.json; point it at a '<name>-state' folder")
-    return json.loads(info_path.read_text())
-
-
 # ------------------------------------------------------------------------------------------- train
 class Trainer:
     """One training run over a bundle. ``run()`` always removes the LoRA and restores the host's flags."""
 
     def __init__(self, cfg: TrainConfig, bundle: ModelBundle, callbacks: TrainCallbacks | None = None,
-                 sample_fn: SampleFn | None = None):
+                 sample_fn: SampleFn | None = None, final_dir: str | Path | None = None):
         self.cfg = cfg
         self.bundle = bundle
         self.callbacks = callbacks or TrainCallbacks()
@@ -167,8 +155,9 @@ class Trainer:
         self.batches_per_epoch = len(data.epoch_batches(self.dataset, cfg.batch_size, cfg.seed, 0))
         micro_total = cfg.epochs * self.batches_per_epoch
         self.total_steps = cfg.max_train_steps or math.ceil(micro_total / cfg.gradient_accumulation_steps)
-        self.resume_info = _resume_info(cfg) if cfg.resume else {}
-        self.paths = _Paths(cfg, self.resume_info.get("output_name"))
+        self.resume = run_state.read(cfg.resume) if cfg.resume else None
+        self.paths = self._run_paths(Path(final_dir or cfg.output_dir))
+        self.last_good: Path | None = self.resume.folder if self.resume else None
         self.started_at = time.time()
         self.latents: dict[int, torch.Tensor] = {}
         self.text_cache: dict[str, Conditioning] = {}
@@ -178,6 +167,16 @@ class Trainer:
         self.pending: dict[int, Future] = {}
         self.alphas = bundle.alphas_cumprod.to(self.device)
         self.has_reg = any(item.is_reg for item in self.dataset.items)
+
+    def _run_paths(self, final_dir: Path) -> RunPaths:
+        """A new run reserves a free name; a resumed one keeps its name, unless it would replace a finished file."""
+        cfg, resumed = self.cfg, self.resume
+        if resumed is None:
+            return reserve_run(final_dir, cfg.output_dir, cfg.output_name, cfg.overwrite)
+        same = RunPaths.of(final_dir, cfg.output_dir, resumed.output_name)
+        if resumed.finished and same.final.exists() and not cfg.overwrite:
+            return reserve_run(final_dir, cfg.output_dir, resumed.output_name)
+        return same
 
     # -- data -----------------------------------------------------------------------------------
     def _micro_batches(self, start_micro: int) -> Iterator[tuple[int, list[int]]]:
@@ -214,6 +213,8 @@ class Trainer:
                     pending = self.pending.pop(index, None)
                     pixels, item.crop = pending.result() if pending else data.load_pixels(item)
                     latent = self.bundle.encode_images(pixels[None].to(self.device))[0].float()
+                    if self.cfg.cache_latents or self.cfg.cache_latents_to_disk:  # once per image: worth a sync
+                        self._check_latent(index, latent)
                     if self.cfg.cache_latents_to_disk:
                         self._latent_to_disk(index, latent.cpu())
                 latent = latent.to(self.device)  # cached on the device: no host-to-device copy per step
@@ -235,7 +236,7 @@ class Trainer:
         item = self.dataset.items[index]
         stat = item.path.stat()
         key = f"{item.path.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{item.bucket}|{self.bundle.model_name}"
-        return self.paths.dir / ".latent_cache" / f"{hashlib.sha1(key.encode()).hexdigest()}.safetensors"
+        return self.paths.work_dir / ".latent_cache" / f"{hashlib.sha1(key.encode()).hexdigest()}.safetensors"
 
     def _latent_from_disk(self, index: int) -> torch.Tensor | None:
         path = self._latent_path(index)
@@ -249,12 +250,22 @@ class Trainer:
         tensors = {"latent": latent.contiguous(), "crop": torch.tensor(self.dataset.items[index].crop)}
         atomic_write(self._latent_path(index), lambda tmp: save_file(tensors, str(tmp)))
 
-    def _cache_all_latents(self) -> None:
+    def _check_latent(self, index: int, latent: torch.Tensor) -> None:
+        if not torch.isfinite(latent).all():
+            raise NonFiniteError(
+                f"{self.dataset.items[index].path}: the VAE gave NaN/inf for this image; the file may be broken "
+                "(open and re-save it, or remove it), or the VAE overflowed in half precision")
+
+    def _cache_all_latents(self) -> bool:
+        """Encode every image up front when caching; False when a stop was asked for in between."""
         if not (self.cfg.cache_latents or self.cfg.cache_latents_to_disk):
-            return
+            return True
         self.callbacks.on_log(f"caching latents of {len(self.dataset.items)} image(s)")
         for index in range(len(self.dataset.items)):
+            if self.callbacks.should_stop():
+                return False
             self._encode_latents([index])
+        return True
 
     def _text(self, captions: list[str]) -> Conditioning:
         """Text conditioning; cached per caption when the text encoders are frozen and captions are fixed."""
@@ -302,29 +313,66 @@ class Trainer:
         return (loss * weights).mean()
 
     # -- saving -----------------------------------------------------------------------------------
-    def _export(self, network: lora.LoraNetwork, path: Path, step: int, epoch: int) -> Path:
-        rank, alpha = self.dims
+    def _epochs_at(self, step: int) -> int:
+        """Epochs begun by ``step`` (1-based, as kohya's ss_epoch); at total_steps, the epochs the run has."""
+        return math.ceil(step * self.cfg.gradient_accumulation_steps / self.batches_per_epoch)
+
+    def _adapter(self, network: lora.LoraNetwork, dtype: torch.dtype, step: int) -> dict[str, torch.Tensor]:
+        """The adapter weights as kohya tensors; refuses NaN/inf so no file ever holds them."""
+        tensors = lora.kohya_state_dict(network, dtype)
+        if not all(torch.isfinite(t).all() for t in tensors.values()):
+            raise NonFiniteError(f"the LoRA weights became NaN/inf by step {step}; {self._likely_cause()}. "
+                                 f"{self._kept()}")
+        return tensors
+
+    def _export(self, network: lora.LoraNetwork, path: Path, step: int) -> Path:
         metadata = export.training_metadata(
             self.cfg, self.dataset, self.bundle.family, self.bundle.parameterization, self.bundle.model_name,
-            step, epoch, self.total_steps, self.batches_per_epoch, self.started_at, rank, alpha,
+            self.facts, step, self._epochs_at(step), self.started_at,
         )
-        tensors = lora.kohya_state_dict(network, export.SAVE_DTYPES[self.cfg.save_precision])
+        tensors = self._adapter(network, export.SAVE_DTYPES[self.cfg.save_precision], step)
         return export.write_lora(path, tensors, metadata)
 
-    def _save_state(self, network, optimizer, scheduler, scaler, step: int, history: list[float]) -> None:
-        """Everything resume needs; state.json is written last so a half-written state is never used."""
-        state = self.paths.state
-        tensors = lora.kohya_state_dict(network, torch.float32)
-        export.write_lora(state / STATE_WEIGHTS, tensors, {})
-        for name, obj in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler), ("scaler.pt", scaler)):
-            atomic_write(state / name, lambda tmp, obj=obj: torch.save(obj.state_dict(), tmp))
-        info = {"step": step, "output_name": self.paths.name, "loss_history": history}
-        atomic_write_text(state / "state.json", json.dumps(info))
+    def _export_final(self, network: lora.LoraNetwork, step: int) -> Path:
+        """The finished LoRA; when its folder refuses the write, it goes to the work folder or the temp folder
+        and the error says where, so the trained weights are never lost."""
+        try:
+            return self._export(network, self.paths.final, step)
+        except OSError as exc:
+            error = exc
+        rescues = [self.paths.work_dir / self.paths.final.name, Path(tempfile.gettempdir()) / self.paths.final.name]
+        for rescue in rescues:
+            if rescue.parent != self.paths.final_dir:
+                try:
+                    saved = self._export(network, free_path(rescue), step)
+                except OSError:
+                    continue
+                raise OutputWriteError(f"could not write {self.paths.final} ({error}); "
+                                       f"the trained LoRA was saved to {saved} instead") from error
+        raise OutputWriteError(f"could not write {self.paths.final} ({error}); {self._kept()}") from error
 
-    def _checkpoint(self, network, optimizer, scheduler, scaler, step, epoch, history) -> None:
-        path = self._export(network, self.paths.step_file(step), step, epoch)
+    def _save_state(self, network, optimizer, scheduler, scaler, step: int, history: list[float],
+                    finished: bool = False) -> None:
+        """Everything resume needs, crash-safe as a whole (see run_state)."""
+        adapter = self._adapter(network, torch.float32, step)
+        run_state.save(self.paths.state, step, self.paths.name, finished, history, adapter, optimizer, scheduler,
+                       scaler)
+        self.last_good = self.paths.state
+
+    def _checkpoint(self, network, optimizer, scheduler, scaler, step, history) -> None:
+        path = self._export(network, self.paths.step_file(step), step)
         self._save_state(network, optimizer, scheduler, scaler, step, history)
         self.callbacks.on_checkpoint(step, path)
+
+    def _likely_cause(self) -> str:
+        if self.cfg.mixed_precision == "fp16":
+            return "fp16 overflowed: set mixed_precision to bf16 (or no)"
+        return f"the learning rate ({self.facts.unet_lr:g}) is probably too high, or an image is broken"
+
+    def _kept(self) -> str:
+        if self.last_good is None:
+            return "No checkpoint was saved before it (set save_every_n_steps to keep some)."
+        return f"The last good state is kept in {self.last_good} (resume from it)."
 
     def _sample(self, step: int) -> list[Path]:
         height, width = self.cfg.resolution_hw
@@ -338,7 +386,7 @@ class Trainer:
                                        self.cfg.sample_cfg_scale, seed=self.cfg.seed)
         saved = []
         for index, image in enumerate(images):
-            path = self.paths.dir / "sample" / f"{self.paths.name}_{step:06d}_{index:02d}.png"
+            path = self.paths.sample_file(step, index)
             atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
             saved.append(path)
         self.callbacks.on_sample(step, images)
@@ -347,6 +395,11 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, bundle = self.cfg, self.bundle
+        self.paths.check_writable()
+        if cfg.logging_dir:
+            check_writable(Path(cfg.logging_dir), "logging_dir")
+        if self.paths.name != (self.resume.output_name if self.resume else cfg.output_name):
+            self.callbacks.on_log(f"{self.paths.name}: a run of that name already has files; nothing is replaced")
         flags = ModuleFlags.capture([bundle.unet, *bundle.text_encoders])
         file_weights = export.read_lora(cfg.network_weights)[0] if cfg.network_weights else None
         rank, alpha = lora.network_dims(file_weights) if file_weights else (cfg.lora_rank, cfg.lora_alpha)
@@ -374,16 +427,23 @@ class Trainer:
     def _loop(self, network: lora.LoraNetwork) -> TrainResult:
         cfg, bundle = self.cfg, self.bundle
         lora.trainable(network.parameters("lora_te"), cfg.train_text_encoder)
-        for layer in network.layers.values():
-            layer.train()  # LoRA dropout is active; the frozen host modules stay in eval mode
         groups = [{"params": network.parameters("lora_unet"), "lr": cfg.unet_lr or cfg.learning_rate}]
         if cfg.train_text_encoder:
             groups.append({"params": network.parameters("lora_te"), "lr": cfg.text_encoder_lr or cfg.learning_rate})
+        self.facts = export.RunFacts(
+            *self.dims, cfg.learning_rate, groups[0]["lr"], groups[1]["lr"] if len(groups) > 1 else None,
+            self._epochs_at(self.total_steps), self.batches_per_epoch, self.total_steps,
+        )
+        if cfg.optimizer == "prodigy" and min(group["lr"] for group in groups) < 0.1:
+            self.callbacks.on_log("prodigy: the learning rate multiplies Prodigy's own step-size estimate and is "
+                                  "usually 1.0; a small value like 1e-4 barely trains")
         optimizer = make_optimizer(cfg, groups)
         scheduler = make_scheduler(cfg, optimizer, self.total_steps)
         scaler = make_grad_scaler(self.device, cfg.mixed_precision == "fp16")
         bundle.set_gradient_checkpointing(cfg.gradient_checkpointing)
         bundle.unet.train(cfg.gradient_checkpointing)  # diffusers only checkpoints in train mode
+        for layer in network.layers.values():
+            layer.train()  # after the host's train(False): LoRA dropout is active, the host modules stay in eval
         channels_last = cfg.channels_last and not getattr(bundle, "shares_host_weights", False)
         if cfg.channels_last and not channels_last:
             self.callbacks.on_log("channels_last is skipped on the WebUI's live model: it would copy the UNet")
@@ -392,19 +452,24 @@ class Trainer:
         if cfg.torch_compile:
             bundle.unet.forward = torch.compile(bundle.unet.forward)
         step, history = 0, []
-        if cfg.resume:
-            step, history = self._resume(network, optimizer, scheduler, scaler)
+        if self.resume:
+            adapter = run_state.load(self.resume, optimizer, scheduler, scaler, self.device)
+            lora.load_kohya(network, adapter, str(self.resume.folder))
+            step, history = self.resume.step, list(self.resume.loss_history)
+            self.callbacks.on_log(f"resumed from {self.resume.folder} at step {step}")
         writer = self._tensorboard()
-        self._cache_all_latents()
-        self.callbacks.on_start(self.total_steps, step)
         accumulation = cfg.gradient_accumulation_steps
-        batches = self._prefetched(self._micro_batches(step * accumulation))
         params = network.parameters()
-        start_time, start_step = time.time(), step
         epoch, stopped, samples = 0, False, []
         running = torch.zeros((), device=self.device)
         window = 0
         try:
+            if not self._cache_all_latents():
+                self.callbacks.on_log("stopped while caching latents; nothing was trained or written")
+                return TrainResult(None, step, self.total_steps, True, history, facts=self.facts)
+            self.callbacks.on_start(self.total_steps, step)
+            batches = self._prefetched(self._micro_batches(step * accumulation))
+            start_time, start_step = time.time(), step
             while step < self.total_steps:
                 if self.callbacks.should_stop():
                     stopped = True
@@ -423,18 +488,18 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 window += 1
+                loss_value = None
                 if window == cfg.log_every_n_steps or step == self.total_steps:
                     loss_value = running.item() / window  # the only host-device sync in the loop
                     running.zero_()
                     window = 0
+                    if not math.isfinite(loss_value):
+                        raise NonFiniteError(f"the loss became {loss_value} by step {step}; {self._likely_cause()}."
+                                             f" {self._kept()}")
                     history.append(loss_value)
-                    self._report(step, epoch, loss_value, scheduler.get_last_lr()[0], start_time, start_step, writer)
-                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < self.total_steps:
-                    self._checkpoint(network, optimizer, scheduler, scaler, step, epoch, history)
-                elif cfg.save_every_n_epochs and self._epoch_ended(step) and step < self.total_steps:
-                    epoch_done = step * accumulation // self.batches_per_epoch
-                    if epoch_done % cfg.save_every_n_epochs == 0:
-                        self._checkpoint(network, optimizer, scheduler, scaler, step, epoch, history)
+                self._report(step, epoch, loss_value, scheduler.get_last_lr()[0], start_time, start_step, writer)
+                if step < self.total_steps and self._checkpoint_due(step):
+                    self._checkpoint(network, optimizer, scheduler, scaler, step, history)
                 if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
                     samples += self._sample(step)
         finally:
@@ -449,21 +514,31 @@ class Trainer:
                 bundle.unet.to(memory_format=torch.contiguous_format)
         if stopped:
             self.callbacks.on_log(f"stopped at step {step}/{self.total_steps}; saving what was trained")
-            self._save_state(network, optimizer, scheduler, scaler, step, history)
-        output = self._export(network, self.paths.final, step, epoch + 1) if step > 0 else None
-        return TrainResult(output, step, self.total_steps, stopped, history, samples)
+        if step == 0:
+            return TrainResult(None, step, self.total_steps, stopped, history, samples, self.facts)
+        # state first: a finished run can be resumed to train longer, and it holds the weights if the export fails
+        self._save_state(network, optimizer, scheduler, scaler, step, history, finished=not stopped)
+        output = self._export_final(network, step)
+        return TrainResult(output, step, self.total_steps, stopped, history, samples, self.facts, self.paths.state)
 
-    def _epoch_ended(self, step: int) -> bool:
-        accumulation = self.cfg.gradient_accumulation_steps
+    def _checkpoint_due(self, step: int) -> bool:
+        cfg = self.cfg
+        if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
+            return True
+        if not cfg.save_every_n_epochs:
+            return False
+        accumulation = cfg.gradient_accumulation_steps
         micro = step * accumulation
-        return micro // self.batches_per_epoch != (micro - accumulation) // self.batches_per_epoch
+        epochs_done = micro // self.batches_per_epoch
+        epoch_ended = epochs_done != (micro - accumulation) // self.batches_per_epoch
+        return epoch_ended and epochs_done % cfg.save_every_n_epochs == 0
 
     def _report(self, step, epoch, loss, lr, start_time, start_step, writer) -> None:
         elapsed = time.time() - start_time
         rate = (step - start_step) / elapsed if elapsed > 0 else 0.0
         eta = (self.total_steps - step) / rate if rate else 0.0
         self.callbacks.on_step(StepInfo(step, self.total_steps, epoch, loss, lr, rate, eta))
-        if writer:
+        if writer and loss is not None:
             writer.add_scalar("loss/train", loss, step)
             writer.add_scalar("lr/unet", lr, step)
 
@@ -475,18 +550,12 @@ class Trainer:
         run = time.strftime("%Y%m%d-%H%M%S")
         return SummaryWriter(str(Path(self.cfg.logging_dir) / f"{self.paths.name}-{run}"))
 
-    def _resume(self, network, optimizer, scheduler, scaler) -> tuple[int, list[float]]:
-        state = Path(self.cfg.resume)
-        info = self.resume_info
-        lora.load_kohya(network, export.read_lora(state / STATE_WEIGHTS)[0], str(state))
-        optimizer.load_state_dict(torch.load(state / "optimizer.pt", map_location=self.device, weights_only=True))
-        scheduler.load_state_dict(torch.load(state / "scheduler.pt", weights_only=True))
-        scaler.load_state_dict(torch.load(state / "scaler.pt", weights_only=True))
-        self.callbacks.on_log(f"resumed from {state} at step {info['step']}")
-        return int(info["step"]), list(info.get("loss_history", []))
-
 
 def train(cfg: TrainConfig, bundle: ModelBundle, callbacks: TrainCallbacks | None = None,
-          sample_fn: SampleFn | None = None) -> TrainResult:
-    """Train a LoRA on ``bundle`` as ``cfg`` says and write it to ``cfg.output_dir``."""
-    return Trainer(cfg, bundle, callbacks, sample_fn).run()
+          sample_fn: SampleFn | None = None, final_dir: str | Path | None = None) -> TrainResult:
+    """Train a LoRA on ``bundle`` as ``cfg`` says.
+
+    The final file goes to ``final_dir`` (default ``cfg.output_dir``); step files, resumable state and samples
+    to ``cfg.output_dir``. Names are reserved for all of them together (run_paths.reserve_run).
+    """
+    return Trainer(cfg, bundle, callbacks, sample_fn, final_dir).run()

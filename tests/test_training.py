@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import shutil
+import sys
+import types
+
 import pytest
 import torch
 from conftest import make_config, state_hashes
 
-from lora_train import lora, trainer
+from lora_train import lora, run_state, trainer
 from lora_train.export import read_lora
-from lora_train.trainer import TrainCallbacks, train
+from lora_train.trainer import NonFiniteError, TrainCallbacks, train
 
 
 def test_loss_falls_and_host_weights_are_untouched(tiny, dataset_dir, tmp_path):
@@ -130,27 +135,38 @@ def test_network_weights_continue_from_a_file(tiny, dataset_dir, tmp_path):
     a, _ = read_lora(base.output)
     b, meta = read_lora(continued.output)
     assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "2.0"
+    assert (continued.facts.rank, continued.facts.alpha) == (8, 2.0)  # the job's description reads these
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
 
 
+@pytest.fixture
+def ddpm():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear")
+
+
+def test_noising_and_targets_match_diffusers(ddpm):
+    latents, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    alphas = ddpm.alphas_cumprod
+    torch.testing.assert_close(trainer.add_noise(latents, noise, t, alphas), ddpm.add_noise(latents, noise, t))
+    torch.testing.assert_close(trainer.loss_target("v", latents, noise, t, alphas),
+                               ddpm.get_velocity(latents, noise, t))
+    assert torch.equal(trainer.loss_target("eps", latents, noise, t, alphas), noise)
+
+
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
-def test_loss_target_matches_parameterization(parameterization):
-    alphas = torch.linspace(0.99, 0.01, 1000)
-    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    t = torch.tensor([10, 900])
-    target = trainer.loss_target(parameterization, latents, noise, t, alphas)
-    if parameterization == "eps":
-        assert torch.equal(target, noise)
-    else:
-        a = alphas[t].view(-1, 1, 1, 1)
-        assert torch.allclose(target, a.sqrt() * noise - (1 - a).sqrt() * latents)
+def test_min_snr_weights_match_diffusers_example(ddpm, parameterization):
+    """diffusers' train_text_to_image: min(SNR, γ) / SNR for epsilon, / (SNR + 1) for v-prediction."""
+    from diffusers.training_utils import compute_snr
 
-
-def test_min_snr_weights_cap_easy_timesteps():
-    alphas = torch.linspace(0.999, 0.001, 1000)
-    weights = trainer.min_snr_weights(torch.tensor([0, 999]), alphas, 5.0, "eps")
-    assert weights[0] < 0.01 and weights[1] == pytest.approx(1.0)
+    t = torch.tensor([0, 10, 500, 999])
+    snr = compute_snr(ddpm, t)
+    capped = torch.minimum(snr, torch.full_like(snr, 5.0))
+    expected = capped / (snr + 1) if parameterization == "v" else capped / snr
+    torch.testing.assert_close(trainer.min_snr_weights(t, ddpm.alphas_cumprod, 5.0, parameterization), expected)
 
 
 def test_sdxl_layout_trains_with_accumulation_and_options(tiny_sdxl, dataset_dir, tmp_path):
@@ -216,3 +232,171 @@ def test_uncached_images_stream_through_the_loader_with_the_same_result(tiny, da
     b, _ = read_lora(streamed.output)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def unet_weights(path):
+    tensors, _ = read_lora(path)
+    return {k: v for k, v in tensors.items() if k.startswith("lora_unet")}
+
+
+def test_lora_dropout_is_active_without_gradient_checkpointing(tiny, dataset_dir, tmp_path):
+    plain = train(make_config(dataset_dir, tmp_path / "a", max_train_steps=2, lora_dropout=0.0), tiny)
+    dropped = train(make_config(dataset_dir, tmp_path / "b", max_train_steps=2, lora_dropout=0.5), tiny)
+    a, b = unet_weights(plain.output), unet_weights(dropped.output)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_progress_every_step_and_loss_every_n_steps(tiny, dataset_dir, tmp_path):
+    infos = []
+
+    class Record(TrainCallbacks):
+        def on_step(self, info):
+            infos.append(info)
+
+    result = train(make_config(dataset_dir, tmp_path, max_train_steps=4, log_every_n_steps=3), tiny, Record())
+    assert [i.step for i in infos] == [1, 2, 3, 4]
+    assert [i.loss is not None for i in infos] == [False, False, True, True]
+    assert result.loss_history == [infos[2].loss, infos[3].loss]
+    assert infos[0].it_per_s > 0 and infos[0].eta_s > 0 and infos[-1].eta_s == 0
+
+
+def test_the_job_keeps_its_last_loss_on_steps_without_a_reading():
+    from lora_train.config import TrainConfig
+    from lora_train.jobs import Job, _JobCallbacks
+
+    class Host:
+        def report(self, job):
+            self.reported = job.step
+
+    job, host = Job("j", TrainConfig()), Host()
+    callbacks = _JobCallbacks(job, host)
+    callbacks.on_step(trainer.StepInfo(1, 4, 0, 0.25, 1e-4, 2.0, 1.5))
+    callbacks.on_step(trainer.StepInfo(2, 4, 0, None, 1e-4, 2.0, 1.0))
+    assert (job.step, job.loss, job.losses, host.reported) == (2, 0.25, [(1, 0.25)], 2)
+
+
+def test_stop_while_caching_latents_leaves_nothing_behind(tiny, dataset_dir, tmp_path):
+    encoded = []
+    original = tiny.encode_images
+    tiny.encode_images = lambda pixels: encoded.append(1) or original(pixels)
+
+    class StopAfterTwoImages(TrainCallbacks):
+        def should_stop(self):
+            return len(encoded) >= 2
+
+    out = tmp_path / "out"
+    result = train(make_config(dataset_dir, out, cache_latents_to_disk=True), tiny, StopAfterTwoImages())
+    assert result.stopped and result.output is None and result.steps == 0
+    assert len(encoded) == 2
+    written = sorted(p.relative_to(out).parts[0] for p in out.rglob("*") if p.is_file())
+    assert written == [".latent_cache", ".latent_cache"]  # two complete cache entries, nothing else
+
+
+def test_metadata_and_facts_describe_the_run_that_happened(tiny, dataset_dir, tmp_path):
+    cfg = make_config(dataset_dir, tmp_path, epochs=10, train_text_encoder=True, unet_lr=2e-3,
+                      text_encoder_lr=5e-4)
+    one_epoch = trainer.Trainer(cfg, tiny).batches_per_epoch
+    cfg = make_config(dataset_dir, tmp_path, epochs=10, max_train_steps=one_epoch + 1, train_text_encoder=True,
+                      unet_lr=2e-3, text_encoder_lr=5e-4)
+    result = train(cfg, tiny)
+    _, meta = read_lora(result.output)
+    assert meta["ss_num_epochs"] == "2" and meta["ss_epoch"] == "2"  # max_train_steps ended it in epoch 2 of 10
+    assert float(meta["ss_unet_lr"]) == 2e-3 and float(meta["ss_text_encoder_lr"]) == 5e-4
+    assert (result.facts.unet_lr, result.facts.text_encoder_lr, result.facts.num_epochs) == (2e-3, 5e-4, 2)
+
+
+class NanFromCall:
+    """Wraps bundle.predict: training forwards from the ``n``-th on return NaN (an fp16 overflow, a bad lr)."""
+
+    def __init__(self, bundle, n):
+        self.predict, self.n, self.calls = bundle.predict, n, 0
+
+    def __call__(self, noisy, timesteps, cond):
+        out = self.predict(noisy, timesteps, cond)
+        self.calls += torch.is_grad_enabled()
+        return out * float("nan") if self.calls >= self.n else out
+
+
+@pytest.mark.parametrize("log_every", [1, 10])
+def test_nan_stops_with_a_cause_and_keeps_the_last_good_checkpoint(tiny, dataset_dir, tmp_path, log_every):
+    tiny.predict = NanFromCall(tiny, 3)
+    cfg = make_config(dataset_dir, tmp_path, max_train_steps=6, save_every_n_steps=2, log_every_n_steps=log_every)
+    with pytest.raises(NonFiniteError, match="learning rate") as error:
+        train(cfg, tiny)
+    assert "test-state" in str(error.value)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["test-step00000002.safetensors"]
+    assert run_state.read(tmp_path / "test-state").step == 2  # the state left is step 2's, all finite
+    tensors, _ = read_lora(tmp_path / "test-step00000002.safetensors")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_a_nan_latent_names_the_image_and_is_not_cached(tiny, dataset_dir, tmp_path):
+    original = tiny.encode_images
+    calls = []
+
+    def third_is_broken(pixels):
+        calls.append(1)
+        latents = original(pixels)
+        return latents * float("nan") if len(calls) == 3 else latents
+
+    tiny.encode_images = third_is_broken
+    cfg = make_config(dataset_dir, tmp_path, cache_latents_to_disk=True)
+    broken = trainer.Trainer(cfg, tiny).dataset.items[2].path
+    with pytest.raises(NonFiniteError, match=broken.name):
+        train(cfg, tiny)
+    assert len(list((tmp_path / ".latent_cache").glob("*.safetensors"))) == 2
+
+
+def test_prodigy_with_an_adam_sized_learning_rate_warns(tiny, dataset_dir, tmp_path, monkeypatch):
+    fake = types.ModuleType("prodigyopt")
+    fake.Prodigy = lambda groups, lr, **kwargs: torch.optim.SGD(groups, lr=lr)
+    monkeypatch.setitem(sys.modules, "prodigyopt", fake)
+    logs = []
+
+    class Record(TrainCallbacks):
+        def on_log(self, message):
+            logs.append(message)
+
+    train(make_config(dataset_dir, tmp_path, max_train_steps=1, optimizer="prodigy", learning_rate=1e-4), tiny,
+          Record())
+    assert any("prodigy" in m and "1.0" in m for m in logs), logs
+
+
+def test_bf16_mixed_precision_trains(tiny, dataset_dir, tmp_path):
+    cfg = make_config(dataset_dir, tmp_path, max_train_steps=24, log_every_n_steps=4, learning_rate=5e-3,
+                      mixed_precision="bf16")
+    result = train(cfg, tiny)
+    assert all(math.isfinite(v) for v in result.loss_history)
+    assert sum(result.loss_history[-2:]) / 2 < 0.9 * result.loss_history[0], result.loss_history
+
+
+def test_prior_loss_weight_scales_the_regularization_images(tiny, dataset_dir, tmp_path):
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    for name in ("00_red_circle.png", "04_purple_square.png"):  # no captions: regularization images need none
+        shutil.copy(dataset_dir / name, reg / name)
+    losses = {}
+    for weight in (0.0, 0.5, 1.0):
+        run = trainer.Trainer(make_config(dataset_dir, tmp_path, reg_data_dir=str(reg), prior_loss_weight=weight),
+                              tiny)
+        train_index = next(i for i, item in enumerate(run.dataset.items) if not item.is_reg)
+        reg_index = next(i for i, item in enumerate(run.dataset.items) if item.is_reg)
+        with torch.no_grad():
+            losses[weight] = float(run._loss([train_index, reg_index], seed=7))
+    assert losses[1.0] > losses[0.0] > 0
+    assert losses[0.5] == pytest.approx((losses[0.0] + losses[1.0]) / 2, rel=1e-5)
+    result = train(make_config(dataset_dir, tmp_path, max_train_steps=1, reg_data_dir=str(reg),
+                               prior_loss_weight=0.5), tiny)
+    _, meta = read_lora(result.output)
+    assert meta["ss_num_reg_images"] == "2" and meta["ss_prior_loss_weight"] == "0.5"
+
+
+def test_max_grad_norm_zero_turns_clipping_off(tiny, dataset_dir, tmp_path):
+    def one_step(norm):
+        cfg = make_config(dataset_dir, tmp_path / str(norm), max_train_steps=1, optimizer="sgd", learning_rate=0.5,
+                          max_grad_norm=norm)
+        return unet_weights(train(cfg, tiny).output)
+
+    off, huge, tight = one_step(0), one_step(1e9), one_step(1e-6)
+    assert all(torch.equal(off[k], huge[k]) for k in off)
+    assert any(not torch.equal(off[k], tight[k]) for k in off)

@@ -22,6 +22,7 @@ from ..model import Conditioning, Family, LoraTarget, Parameterization
 from ..preflight import folder_family
 from ..weights import WeightsFileError
 from . import checkpoint_convert
+from .vae_fallback import encode_finite
 
 
 def sd_alphas_cumprod() -> torch.Tensor:
@@ -93,7 +94,7 @@ class DiffusersBundle:
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         # The distribution's mean, not a sample: cached latents then do not depend on an RNG draw.
-        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.mean
+        latents = encode_finite(self.vae, lambda p: self.vae.encode(p).latent_dist.mean, pixels)
         return latents * self.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from torch import nn
 
 from .. import kohya_names
 from ..model import Conditioning, Family, LoraTarget, Parameterization
+from .vae_fallback import encode_finite
 
 MAX_LENGTH = 77
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
@@ -229,10 +230,11 @@ class LdmBundle:
         return out, None
 
     # -- images ---------------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return encode_finite(self.vae, self._encode, pixels)  # fp32 where the half-precision VAE overflows
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.vae
-        pixels = pixels.to(next(vae.parameters()).device, next(vae.parameters()).dtype)
         if hasattr(vae, "encoder") and hasattr(vae, "quant_conv"):
             mean = vae.quant_conv(vae.encoder(pixels)).chunk(2, dim=1)[0]
             return mean * self.scale_factor
