@@ -8,6 +8,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give: 0o666 less the process umask (read once; setting the
+    umask is the only way to read it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 class OutputExistsError(FileExistsError):
     """Raised when a write would replace a file the user did not ask to replace."""
 
@@ -16,7 +27,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` for a temp file beside ``path``, fsync it, then rename it into place.
 
     The rename is atomic on one filesystem, so readers (the WebUI's Lora list, a resumed run) see either
-    the old file or the whole new one.
+    the old file or the whole new one. The file gets the umask's mode like any other new file (mkstemp's 0600
+    would hide it from a WebUI or ComfyUI running as another user or in a container).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,6 +39,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -10,7 +10,6 @@ fails at once with a message and nothing starts.
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 import time
 import traceback
@@ -27,10 +26,11 @@ from . import config as config_module
 from . import preflight
 from .config import ConfigError, TrainConfig
 from .dataset import DatasetError
-from .files import atomic_write, free_path
+from .files import atomic_write
 from .model import ModelBundle
 from .paths import PathPolicy, resolve, sanitize_name
 from .presets import preset_values
+from .run_paths import reserve_run
 from .trainer import SampleFn, StepInfo, TrainCallbacks, TrainResult, train
 
 PREFERRED_WEIGHT = 0.7
@@ -191,8 +191,9 @@ class _JobCallbacks(TrainCallbacks):
 def prepare_config(data: dict[str, Any] | TrainConfig, policy: PathPolicy) -> TrainConfig:
     """A validated config whose paths exist and pass ``policy``, and whose outputs go to the policy's roots.
 
-    The final file will be ``<output root>/<name>.safetensors`` with a name that is free now (never
-    overwriting); intermediate checkpoints, resumable state and samples go to ``<run root>/<name>/``. A caption
+    The final file will be ``<output root>/<name>.safetensors`` with a name none of whose artifacts exist now
+    (never overwriting); resumable state, step checkpoints and samples go to the run root (``<name>-state/``,
+    ``<name>-stepN.safetensors``, ``sample/``), which the policy keeps out of the WebUI's Lora folder. A caption
     ``metadata.csv`` in the dataset folder is used when no ``metadata_path`` is given. Everything that can be
     wrong with a path is found here, before a job starts, with the config key it came from.
     """
@@ -216,8 +217,8 @@ def prepare_config(data: dict[str, Any] | TrainConfig, policy: PathPolicy) -> Tr
         state = resolve(cfg.resume)
         changes["output_dir"] = str(policy.check_output(state.parent, "resume"))
     else:
-        name = _free_run_name(policy, name)
-        changes["output_dir"] = str(policy.run_root / name)
+        name = reserve_run(policy.output_root, policy.run_root, name).name
+        changes["output_dir"] = str(policy.run_root)
     changes["output_name"] = name
     changes["overwrite"] = False
     if cfg.logging_dir:
@@ -225,32 +226,23 @@ def prepare_config(data: dict[str, Any] | TrainConfig, policy: PathPolicy) -> Tr
     return dataclasses.replace(cfg, **changes)
 
 
-def _free_run_name(policy: PathPolicy, name: str) -> str:
-    """``name`` or ``name-N``: free both as a LoRA in the output root and as a run folder in the run root."""
-    candidate, n = name, 2
-    while (policy.output_root / f"{candidate}.safetensors").exists() or (policy.run_root / candidate).exists():
-        candidate, n = f"{name}-{n}", n + 1
-    return candidate
-
-
 def describe_run(cfg: TrainConfig, result: TrainResult, model_name: str) -> str:
-    """The sidecar's description: what was trained, on what, how far."""
+    """The sidecar's description: what was trained, on what, how far (rank, alpha and lr as the run used them)."""
+    facts = result.facts
     loss = f"; final loss {result.loss_history[-1]:.4f}" if result.loss_history else ""
     state = "stopped early at" if result.stopped else "trained"
     return (f"LoRA {state} {result.steps}/{result.total_steps} steps on {model_name or 'the loaded model'} "
-            f"from {Path(cfg.train_data_dir).name}: rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}, "
-            f"lr {cfg.learning_rate:g}, resolution {cfg.resolution}{loss}. Made with sd-webui-lora-train.")
+            f"from {Path(cfg.train_data_dir).name}: rank {facts.rank}, alpha {facts.alpha:g}, "
+            f"lr {facts.unet_lr:g}, resolution {cfg.resolution}{loss}. Made with sd-webui-lora-train.")
 
 
-def publish(job: Job, result: TrainResult, family: str, model_name: str, root: Path) -> Path | None:
-    """Move the final file into ``root`` under a free name, then write its card (``.json``) and preview."""
+def publish(job: Job, result: TrainResult, family: str, model_name: str) -> Path | None:
+    """Write the card (``.json``) and preview beside the final file the trainer wrote into the Lora folder."""
     from .export import write_sidecar
 
     if result.output is None:
         return None
-    target = free_path(root / f"{job.cfg.output_name}.safetensors", overwrite=False)
-    if Path(result.output).resolve() != target.resolve():
-        os.replace(result.output, target)
+    target = Path(result.output)
     write_sidecar(target, family, job.cfg.trigger_word, describe_run(job.cfg, result, model_name), PREFERRED_WEIGHT)
     if job.sample is not None:
         image = job.sample
@@ -317,9 +309,9 @@ class JobRunner:
             job.state = "waiting"
             with self.host.session(job.cfg, job) as (bundle, sample_fn):
                 job.state = "running"
-                result = train(job.cfg, bundle, _JobCallbacks(job, self.host), sample_fn)
+                result = train(job.cfg, bundle, _JobCallbacks(job, self.host), sample_fn, final_dir=job.output_root)
                 family, model_name = bundle.family, bundle.model_name
-            job.output = publish(job, result, family, model_name, job.output_root)
+            job.output = publish(job, result, family, model_name)
             job.state = "stopped" if result.stopped else "done"
             job.add_log(f"{job.state}: {result.steps}/{result.total_steps} steps -> {job.output}")
         except Exception as exc:  # noqa: BLE001 - every failure must reach the UI, not die with the thread

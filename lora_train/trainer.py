@@ -375,6 +375,17 @@ class Trainer:
         return f"The last good state is kept in {self.last_good} (resume from it)."
 
     def _sample(self, step: int) -> list[Path]:
+        """Preview images with every module in eval mode (no LoRA dropout), as txt2img will see the LoRA."""
+        modules = [self.bundle.unet, *self.bundle.text_encoders]
+        modes = ModuleFlags.capture(modules)
+        for module in modules:
+            module.eval()
+        try:
+            return self._sample_images(step)
+        finally:
+            modes.restore()
+
+    def _sample_images(self, step: int) -> list[Path]:
         height, width = self.cfg.resolution_hw
         if self.sample_fn:
             images = self.sample_fn(self.bundle, self.cfg.prompts, step)

@@ -214,8 +214,8 @@ def test_train_on_the_loaded_model_into_the_lora_folder(webui, sd1_model) -> Non
     # only the finished LoRA and its card go into models/Lora (the WebUI lists every .safetensors/.pt there)
     assert sorted(p.name for p in ns.lora_dir.rglob("*")) == ["shapes.json", "shapes.preview.png",
                                                                "shapes.safetensors"]
-    run_folder = ns.webui / "outputs" / "lora-train" / "shapes"
-    assert run_folder.is_dir() and any(run_folder.rglob("*.png"))
+    run_folder = ns.webui / "outputs" / "lora-train"  # state and samples: outside the Lora folder
+    assert (run_folder / "shapes-state" / "state.json").is_file() and any(run_folder.glob("sample/shapes_*.png"))
     # the WebUI's own machinery was used
     assert ns.shared.state.events == ["begin:LoRA training", "end"]
     assert any("step 4/4" in text for text in ns.shared.state.texts)

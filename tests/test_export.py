@@ -140,3 +140,16 @@ def test_merge_by_hand_matches_alpha_over_rank(tiny, dataset_dir, tmp_path):
         merged = torch.nn.functional.linear(x, module.weight + scale * up @ down)
         torch.testing.assert_close(wrapped(x), merged, atol=1e-5, rtol=1e-4)
     lora.remove(network)
+
+
+def test_written_files_get_the_mode_the_umask_gives(tmp_path):
+    """kohya's files are 0644 under the usual umask; mkstemp's 0600 hid ours from a WebUI run as another user."""
+    import os
+    import stat
+
+    from lora_train import files
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = files.atomic_write_text(tmp_path / "card.json", "{}")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -89,7 +89,7 @@ def test_outputs_only_in_the_lora_and_run_folders(tmp_path: Path) -> None:
 def test_prepare_config_puts_outputs_in_the_run_folder_and_checks_every_path(tmp_path: Path, dataset_dir) -> None:
     policy = PathPolicy(output_root=tmp_path / "Lora", input_roots=[dataset_dir.parent], work_root=tmp_path / "runs")
     cfg = prepare_config({"train_data_dir": str(dataset_dir), "output_name": "../evil", "output_dir": "/etc"}, policy)
-    assert Path(cfg.output_dir) == tmp_path / "runs" / cfg.output_name
+    assert Path(cfg.output_dir) == tmp_path / "runs"
     assert "/" not in cfg.output_name and ".." not in cfg.output_name
     for key in ("reg_data_dir", "network_weights", "metadata_path", "resume"):
         with pytest.raises(PathNotAllowed) as info:
@@ -104,7 +104,7 @@ def test_prepare_config_never_reuses_an_existing_name(tmp_path: Path, dataset_di
     root = tmp_path / "Lora"
     root.mkdir()
     (root / "mine.safetensors").write_bytes(b"x")
-    (tmp_path / "runs" / "mine-2").mkdir(parents=True)  # a run that crashed before its LoRA was written
+    (tmp_path / "runs" / "mine-2-state").mkdir(parents=True)  # a run that crashed before its LoRA was written
     cfg = prepare_config(TrainConfig(train_data_dir=str(dataset_dir), output_name="mine"),
                          PathPolicy(output_root=root, work_root=tmp_path / "runs"))
     assert cfg.output_name == "mine-3" and not cfg.overwrite

@@ -127,6 +127,28 @@ def test_periodic_checkpoints_and_samples(tiny, dataset_dir, tmp_path):
     assert len(result.samples) == 1 and result.samples[0].is_file()
 
 
+def test_previews_see_the_lora_in_eval_mode_and_training_resumes_in_train_mode(tiny, dataset_dir, tmp_path):
+    seen = []
+
+    def sample_fn(bundle, prompts, step):
+        layers = [m for m in bundle.unet.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A")]
+        seen.append((step, any(m.training for m in bundle.unet.modules()), len(layers)))
+        return []
+
+    cfg = make_config(dataset_dir, tmp_path, max_train_steps=4, lora_dropout=0.5, sample_every_n_steps=2,
+                      sample_prompts=["a red circle"], sample_steps=2)
+    dropout_active = []
+
+    class Watch(TrainCallbacks):
+        def on_step(self, info):
+            dropout_active.append(any(m.training for m in tiny.unet.modules() if type(m).__name__ == "Dropout"))
+
+    train(cfg, tiny, Watch(), sample_fn)
+    assert [(step, training) for step, training, _ in seen] == [(2, False), (4, False)]
+    assert all(count > 0 for _, _, count in seen)  # the LoRA was in place while sampling
+    assert dropout_active == [True] * 4  # and dropout was back on for the steps after each preview
+
+
 def test_network_weights_continue_from_a_file(tiny, dataset_dir, tmp_path):
     base = train(make_config(dataset_dir, tmp_path / "a", max_train_steps=3, lora_rank=8, lora_alpha=2), tiny)
     cfg = make_config(dataset_dir, tmp_path / "b", max_train_steps=1, learning_rate=1e-12, optimizer="sgd",
