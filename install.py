@@ -11,8 +11,10 @@ When nothing is missing it is a fast no-op: metadata look-ups, no pip. Prints on
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
+import io
 import os
 import re
 import subprocess
@@ -98,7 +100,8 @@ def pip_install(args: list[str], desc: str) -> str | None:
     if launch is None:
         return python_pip(["install", *args])
     try:
-        launch.run_pip("install " + " ".join(f'"{a}"' for a in args), f"sd-webui-lora-train: {desc}")
+        with contextlib.redirect_stdout(io.StringIO()):  # its "Installing ..." line: ours is the one line
+            launch.run_pip("install " + " ".join(f'"{a}"' for a in args), f"sd-webui-lora-train: {desc}")
     except Exception as exc:  # noqa: BLE001 - run_pip raises RuntimeError carrying pip's output
         return _pip_error(str(exc))
     return None
@@ -156,7 +159,7 @@ def install(requirements: list[str], before: dict[str, str]) -> tuple[bool, str]
     problem = f"pip could not add {', '.join(requirements)} without changing installed packages: {error}" \
         if error else None
     if problem is None and (broken := import_failure()) is not None:
-        problem = f"the extension does not import with {broken[0]} installed ({broken[1]})"
+        problem = f"with {', '.join(requirements)} added the extension does not import ({broken[0]}: {broken[1]})"
     after = installed_distributions()
     added = sorted(set(after) - set(before))
     changed = [f"{name} {before[name]} -> {after.get(name, 'removed')}" for name in sorted(before)

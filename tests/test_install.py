@@ -8,6 +8,7 @@ nothing else, the second does nothing.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import subprocess
@@ -19,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ROOT / "install.py"
@@ -126,7 +128,7 @@ def test_import_failure_after_install_removes_what_was_added(monkeypatch, capsys
     assert sorted(venv.uninstalled) == ["accelerate", "peft"] and venv.installed == WEBUI
     out = capsys.readouterr().out
     assert out.count("\n") == 1
-    assert "ERROR: the extension does not import with transformers installed" in out and error in out
+    assert "ERROR: with peft==0.13.2 added the extension does not import (transformers: ImportError" in out
     assert "removed again what was added (accelerate, peft)" in out
 
 
@@ -158,8 +160,9 @@ def _freeze(python: Path) -> set[str]:
     return {line.strip().lower() for line in out.splitlines() if line.strip()}
 
 
-@pytest.mark.slow
-def test_real_install_twice_installs_peft_once_and_nothing_else(tmp_path: Path) -> None:
+@pytest.fixture
+def venv_without_peft(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A throwaway venv seeing this interpreter's packages (symlinked, nothing copied) except peft; its python."""
     source = Path(sysconfig.get_paths()["purelib"])
     if not (source / "pip").is_dir():
         pytest.skip("this interpreter's site-packages has no pip")
@@ -168,22 +171,46 @@ def test_real_install_twice_installs_peft_once_and_nothing_else(tmp_path: Path) 
     target = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                  capture_output=True, text=True, check=True).stdout.strip())
     for entry in source.iterdir():
-        if entry.name == "peft" or entry.name.lower().startswith("peft-"):
-            continue
-        (target / entry.name).symlink_to(entry)
-    before = _freeze(python)
-    assert not any(line.startswith("peft==") for line in before)
+        if entry.name != "peft" and not entry.name.lower().startswith("peft-"):
+            (target / entry.name).symlink_to(entry)
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     env.pop("PYTHONPATH", None)
+    return python, env
+
+
+@pytest.mark.slow
+def test_real_install_twice_installs_peft_once_and_nothing_else(venv_without_peft, tmp_path: Path) -> None:
+    python, env = venv_without_peft
+    before = _freeze(python)
+    assert not any(line.startswith("peft==") for line in before)
 
     first = subprocess.run([str(python), str(INSTALL)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     assert first.stdout == "[sd-webui-lora-train] installed peft==0.13.2; nothing else changed\n"
     after = _freeze(python)
     assert after - before == {"peft==0.13.2"} and before - after == set()
-    assert (target / "peft").is_dir() and not (target / "peft").is_symlink()
 
     second = subprocess.run([str(python), str(INSTALL)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert second.returncode == 0
     assert second.stdout == "[sd-webui-lora-train] requirements present; nothing to install\n"
     assert _freeze(python) == after
+
+
+@pytest.mark.slow
+def test_real_install_that_breaks_the_import_is_undone(venv_without_peft, tmp_path: Path) -> None:
+    """peft 0.14 installs under the pins (its metadata allows transformers 4.30) but does not import there."""
+    python, env = venv_without_peft
+    if Version(importlib.metadata.version("transformers")) >= Version("4.34"):  # the venv sees our packages
+        pytest.skip("peft 0.14 imports with this transformers")
+    extension = tmp_path / "extension"
+    extension.mkdir()
+    (extension / "install.py").write_text(INSTALL.read_text().replace("peft==0.13.2", "peft==0.14.0"))
+    (extension / "lora_train").symlink_to(ROOT / "lora_train")
+    before = _freeze(python)
+
+    run = subprocess.run([str(python), str(extension / "install.py")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert run.returncode == 1
+    assert run.stdout.count("\n") == 1 and "extension does not import (transformers: ImportError" in run.stdout
+    assert "removed again what was added (peft)" in run.stdout
+    assert _freeze(python) == before

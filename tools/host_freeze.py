@@ -22,6 +22,9 @@ import sys
 from pathlib import Path
 
 CPU_TORCH = "torch==2.13.0"
+# pip freeze leaves setuptools out; the WebUI venv had 80.9.0 (its header says so), and pytorch_lightning 1.9
+# needs the pkg_resources that setuptools 81 removed
+SETUPTOOLS = "setuptools==80.9.0"
 # the machine-specific builds that are replaced (torch) or installed apart (torchvision)
 NOT_AS_FROZEN = re.compile(r"^(torch|torchvision|triton|nvidia-.*|cuda-.*)$")
 
@@ -52,7 +55,7 @@ def read_pins(freeze: Path, overrides: list[str]) -> dict[str, tuple[str, str]]:
 
 def requirement_lines(pins: dict[str, tuple[str, str]]) -> list[str]:
     kept = [f"{name}=={version}" for key, (name, version) in pins.items() if not NOT_AS_FROZEN.match(key)]
-    return [*kept, CPU_TORCH]
+    return [*kept, SETUPTOOLS, CPU_TORCH]
 
 
 def changed(pins: dict[str, tuple[str, str]]) -> list[str]:
