@@ -154,6 +154,16 @@ def test_import_check_names_the_package_that_fails(tmp_path, monkeypatch, capsys
     assert install.check_imports(str(tmp_path), ["json"]) == 0
 
 
+def test_the_tab_loads_in_this_venv_without_diffusers() -> None:
+    """What install.py leaves is enough: the glue loads over WebUI stand-ins with diffusers blocked."""
+    pytest.importorskip("ldm", reason="the WebUI stand-ins (tests/test_api.py) need stable-diffusion-sdkit")
+    pytest.importorskip("gradio")
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "webui_import_check.py")], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "lora_train_tab.py loads without diffusers" in run.stdout.splitlines()[-1]
+
+
 def _freeze(python: Path) -> set[str]:
     out = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"],
                          capture_output=True, text=True, check=True).stdout
