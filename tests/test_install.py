@@ -30,8 +30,9 @@ WEBUI = {"torch": "2.1.2+cu121", "transformers": "4.30.2", "protobuf": "3.20.0",
          "pyyaml": "6.0.4", "tqdm": "4.70.1", "open-clip-torch": "2.20.0"}
 
 
-def _load_install():
-    spec = importlib.util.spec_from_file_location("lora_train_install", INSTALL)
+def _load(path: Path = INSTALL):
+    """install.py or a tools/ script as a fresh module (neither is a package)."""
+    spec = importlib.util.spec_from_file_location(f"lora_train_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -45,7 +46,7 @@ class FakeVenv:
         self.adds, self.pip_output = adds, pip_output
         self.pip_calls: list[tuple[str, str]] = []
         self.uninstalled: list[str] = []
-        self.install = _load_install()
+        self.install = _load()
         launch = types.ModuleType("launch")
         launch.run_pip = self.run_pip
         monkeypatch.setitem(sys.modules, "launch", launch)
@@ -82,7 +83,7 @@ def test_installs_only_peft_with_every_installed_package_pinned(monkeypatch, cap
 
 
 def test_constraint_lines_take_odd_entries() -> None:
-    install = _load_install()
+    install = _load()
     installed = {"torch": "2.1.2+cu121", "clip": "1.0", "legacy-thing": "2022-01-beta", "zope-interface": "7.2"}
     lines = install.constraint_lines(installed)
     for line in lines:  # each line parses the way pip parses it and admits exactly the installed version
@@ -92,7 +93,7 @@ def test_constraint_lines_take_odd_entries() -> None:
 
 
 def test_distributions_are_read_by_canonical_name_first_copy_wins(monkeypatch) -> None:
-    install = _load_install()
+    install = _load()
     dists = [SimpleNamespace(metadata={"Name": n}, version=v) for n, v in
              [("Typing_Extensions", "4.16.0"), ("PyYAML", "6.0.4"), ("typing-extensions", "4.0.0"), (None, "1")]]
     monkeypatch.setattr(install.importlib.metadata, "distributions", lambda: iter(dists))
@@ -143,7 +144,7 @@ def test_pip_refusal_is_one_line_with_pips_reason(monkeypatch, capsys) -> None:
 
 
 def test_import_check_names_the_package_that_fails(tmp_path, monkeypatch, capsys) -> None:
-    install = _load_install()
+    install = _load()
     (tmp_path / "needs_missing.py").write_text("import surely_not_installed_pkg\n")
     (tmp_path / "needs_newer.py").write_text("from json import symbol_of_a_newer_json\n")
     monkeypatch.setattr(sys, "path", list(sys.path))
@@ -152,6 +153,35 @@ def test_import_check_names_the_package_that_fails(tmp_path, monkeypatch, capsys
     assert install.check_imports(str(tmp_path), ["needs_newer"]) == 1
     assert capsys.readouterr().out.startswith("json|ImportError: cannot import name 'symbol_of_a_newer_json'")
     assert install.check_imports(str(tmp_path), ["json"]) == 0
+
+
+def test_host_profile_is_the_freeze_with_cpu_torch_and_overrides(tmp_path) -> None:
+    host_freeze = _load(ROOT / "tools" / "host_freeze.py")
+    freeze = tmp_path / "freeze.txt"
+    freeze.write_text("# header\nhuggingface_hub==0.36.2\ntorch==2.14.1\nnvidia-cublas==13.1.1.3\ntriton==3.8.0\n"
+                      "cuda-bindings==13.5.0\ntorchvision==0.29.1\nspandrel_extra_arches==0.1.1\n")
+    lines = host_freeze.requirement_lines(host_freeze.read_pins(freeze, ["huggingface-hub==0.23.4"]))
+    assert lines == ["huggingface_hub==0.23.4", "spandrel_extra_arches==0.1.1", host_freeze.SETUPTOOLS, "torch==2.13.0"]
+    with pytest.raises(SystemExit, match="--set numpy==1.0: give NAME==VERSION for a package of"):
+        host_freeze.read_pins(freeze, ["numpy==1.0"])
+    freeze.write_text("peft @ git+https://example.invalid/peft\n")
+    with pytest.raises(SystemExit, match=r"freeze.txt:1: .* is not a 'name==version' line"):
+        host_freeze.read_pins(freeze, [])
+
+
+def test_host_check_names_each_changed_pin(tmp_path, monkeypatch) -> None:
+    host_freeze = _load(ROOT / "tools" / "host_freeze.py")
+    installed = {"protobuf": "7.34.0", "transformers": "4.30.2", "torch": "2.13.0+cpu"}
+
+    def version(name: str) -> str:
+        if name not in installed:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(host_freeze.importlib.metadata, "version", version)
+    pins = {"protobuf": ("protobuf", "3.20.0"), "transformers": ("transformers", "4.30.2"),
+            "torch": ("torch", "2.14.1"), "gradio": ("gradio", "3.41.2")}
+    assert host_freeze.changed(pins) == ["protobuf: 3.20.0 -> 7.34.0", "gradio: 3.41.2 -> missing"]
 
 
 def test_the_tab_loads_in_this_venv_without_diffusers() -> None:

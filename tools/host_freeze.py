@@ -49,7 +49,7 @@ def read_pins(freeze: Path, overrides: list[str]) -> dict[str, tuple[str, str]]:
         name, sep, version = item.partition("==")
         if not sep or canonical(name) not in pins:
             raise SystemExit(f"--set {item}: give NAME==VERSION for a package of {freeze}")
-        pins[canonical(name)] = (name.strip(), version.strip())
+        pins[canonical(name)] = (pins[canonical(name)][0], version.strip())
     return pins
 
 
