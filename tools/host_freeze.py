@@ -7,10 +7,10 @@ and torchvision is installed separately (see tools/setup_venv.sh).
 
     python tools/host_freeze.py requirements FREEZE [--set NAME==VERSION ...]   # pip lines, one a line
     python tools/host_freeze.py check FREEZE [--set NAME==VERSION ...]          # exit 1 if a pin changed
-    python tools/host_freeze.py constraints                                     # installed versions, one a line
 
-``--set`` replaces one pin (an older venv: ``--set huggingface_hub==0.23.4``). ``check`` and ``constraints``
-look at the interpreter that runs them, so run them with the venv's python.
+``--set`` replaces one pin (an older venv: ``--set huggingface_hub==0.23.4``). ``check`` looks at the
+interpreter that runs it, so run it with the venv's python. The requirement lines double as the constraints
+under which the CLI's and the tests' packages are added.
 """
 
 from __future__ import annotations
@@ -73,25 +73,12 @@ def changed(pins: dict[str, tuple[str, str]]) -> list[str]:
     return out
 
 
-def installed_constraints() -> list[str]:
-    """install.py's pins of everything installed: what test-only packages are added under."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import install
-
-    return install.constraint_lines(install.installed_distributions())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("requirements", "check", "constraints"))
-    parser.add_argument("freeze", type=Path, nargs="?")
+    parser.add_argument("command", choices=("requirements", "check"))
+    parser.add_argument("freeze", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME==VERSION")
     args = parser.parse_args(argv)
-    if args.command == "constraints":
-        print("\n".join(installed_constraints()))
-        return 0
-    if args.freeze is None:
-        parser.error(f"{args.command} needs the freeze file")
     pins = read_pins(args.freeze, args.overrides)
     if args.command == "requirements":
         print("\n".join(requirement_lines(pins)))

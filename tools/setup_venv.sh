@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create a venv from nothing. The host venvs start from a pip freeze of a real, fresh A1111 v1.10.1 venv
 # (requirements/webui-1.10.1-freeze.txt), run install.py in it as the WebUI does, and fail if it changed any
-# package; then they add the CLI's and the tests' packages with everything installed pinned.
+# package; then they add the CLI's and the tests' packages with the freeze as constraints.
 #   bash tools/setup_venv.sh            # .venv: the WebUI's venv + install.py + diffusers (the standalone CLI)
 #   bash tools/setup_venv.sh --test     # .venv as above + pytest, ruff, playwright, Stability's ldm, ...
 #   bash tools/setup_venv.sh --older    # .venv-older: the same freeze with the huggingface_hub of a mid-2024
@@ -45,10 +45,9 @@ else
   "${PIP[@]}" "${TORCHVISION[@]}"
   "$PY" install.py
   "$PY" tools/host_freeze.py check "$FREEZE" "${PIN[@]}"
-  # 4. the CLI's and the tests' packages, with everything installed so far pinned (--no-deps for sdkit: its own
-  # requirements would replace torch and transformers; the freeze already has its einops/omegaconf/lightning)
-  "$PY" tools/host_freeze.py constraints > "$VENV/installed-constraints.txt"
-  "${PIP[@]}" -c "$VENV/installed-constraints.txt" "${ADD[@]}"
+  # 4. the CLI's and the tests' packages with the freeze as constraints (--no-deps for sdkit: its own requirements
+  # would replace torch and transformers; the freeze already has its einops/omegaconf/lightning)
+  "${PIP[@]}" -c "$VENV/webui-freeze-requirements.txt" "${ADD[@]}"
   if [ "$MODE" != "" ]; then "${PIP[@]}" --no-deps -r requirements/ldm-test.txt; fi
   "$PY" tools/host_freeze.py check "$FREEZE" "${PIN[@]}"
 fi
