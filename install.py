@@ -33,7 +33,7 @@ EXTENSION_DIR = Path(__file__).resolve().parent
 # distribution -> requirement to install when it is missing
 REQUIRED = {"peft": "peft==0.13.2"}
 # part of every WebUI venv; installed (at what pip picks under the constraints) only when missing
-IF_MISSING = {"safetensors": "safetensors", "PyYAML": "PyYAML", "tqdm": "tqdm", "open-clip-torch": "open-clip-torch"}
+IF_MISSING = ("safetensors", "PyYAML", "tqdm", "open-clip-torch")
 # what scripts/lora_train_tab.py loads in the WebUI; must import after installing
 WEBUI_MODULES = ("lora_train.webui_host", "lora_train.jobs", "lora_train.api", "lora_train.lora",
                  "lora_train.trainer")
@@ -73,7 +73,7 @@ def constraint_lines(installed: dict[str, str]) -> list[str]:
 
 
 def missing_requirements(installed: dict[str, str]) -> list[str]:
-    wanted = {**IF_MISSING, **REQUIRED}
+    wanted = {**{name: name for name in IF_MISSING}, **REQUIRED}
     return [requirement for name, requirement in wanted.items() if canonical(name) not in installed]
 
 

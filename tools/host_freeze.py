@@ -21,17 +21,15 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from install import canonical  # noqa: E402 - install.py is the extension's entry point, not a package
+
 CPU_TORCH = "torch==2.13.0"
 # pip freeze leaves setuptools out; the WebUI venv had 80.9.0 (its header says so), and pytorch_lightning 1.9
 # needs the pkg_resources that setuptools 81 removed
 SETUPTOOLS = "setuptools==80.9.0"
 # the machine-specific builds that are replaced (torch) or installed apart (torchvision)
 NOT_AS_FROZEN = re.compile(r"^(torch|torchvision|triton|nvidia-.*|cuda-.*)$")
-
-
-def canonical(name: str) -> str:
-    """PEP 503 name: ``Foo_Bar.baz`` and ``foo-bar-baz`` are one distribution."""
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def read_pins(freeze: Path, overrides: list[str]) -> dict[str, tuple[str, str]]:
