@@ -87,11 +87,11 @@ def _webui_launch():
 
 
 def _pip_error(output: str) -> str:
-    """pip's own one-line reason (its last ``ERROR:`` line), else the last line it printed."""
+    """pip's own one-line reason (its first ``ERROR:`` line: the later ones point to docs), else its last line."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("ERROR:")]
-    reason = (errors or lines or ["pip failed"])[-1]
-    return reason.removeprefix("ERROR:").strip()
+    reason = errors[0] if errors else (lines or ["pip failed"])[-1]
+    return reason.removeprefix("ERROR:").strip().rstrip(".")
 
 
 def pip_install(args: list[str], desc: str) -> str | None:
