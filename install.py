@@ -1,89 +1,193 @@
-"""Install what sd-webui-lora-train needs and the WebUI lacks; the WebUI runs this at every launch.
+"""Install what sd-webui-lora-train needs and the WebUI's venv lacks; the WebUI runs this at every launch.
 
-Only missing packages are installed, at the newest versions that import in the WebUI's venv (peft 0.13.2:
-later ones need a newer transformers; diffusers 0.26.3: later ones need peft's backend for LoRA loading).
-torch, transformers, gradio, numpy and Pillow are pinned to what is installed (a pip constraint), so pip can
-never upgrade or downgrade them. When everything is there it is a fast no-op: metadata look-ups, no pip.
-Inside the WebUI it uses ``launch.run_pip``; elsewhere ``python -m pip``. Prints one line on what it did.
+It never changes a package that is installed, any package: pip runs with every installed distribution pinned
+to its installed version (a constraint file), so it can only add what is missing. A newer tensorboard once
+pulled protobuf 7 into a WebUI venv and the WebUI never started again; nothing optional is installed here.
+The WebUI path needs only peft on top of the WebUI's venv (0.13.2: later ones need a newer transformers); the
+rest is installed only when missing, which in a WebUI venv it never is. After installing, the engine modules
+the WebUI loads are imported in a fresh interpreter; if they fail, what was just added is uninstalled again.
+When nothing is missing it is a fast no-op: metadata look-ups, no pip. Prints one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.metadata
+import io
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import traceback
+from pathlib import Path
 
-# package -> version to install when it is missing
-REQUIRED = {"peft": "0.13.2", "diffusers": "0.26.3"}
-# present in the WebUI already; installed (unpinned) only when missing, e.g. in a bare venv
-OPTIONAL = {"safetensors": "", "open-clip-torch": "", "PyYAML": "", "tqdm": "", "tensorboard": ""}
-NEVER_CHANGE = ("torch", "transformers", "gradio", "numpy", "Pillow")
+try:
+    from packaging.version import InvalidVersion, Version
+except ImportError:  # a bare venv: pip always carries its own copy
+    from pip._vendor.packaging.version import InvalidVersion, Version
+
 PREFIX = "[sd-webui-lora-train]"
+EXTENSION_DIR = Path(__file__).resolve().parent
+# distribution -> requirement to install when it is missing
+REQUIRED = {"peft": "peft==0.13.2"}
+# part of every WebUI venv; installed (at what pip picks under the constraints) only when missing
+IF_MISSING = ("safetensors", "PyYAML", "tqdm", "open-clip-torch")
+# what scripts/lora_train_tab.py loads in the WebUI; must import after installing
+WEBUI_MODULES = ("lora_train.webui_host", "lora_train.jobs", "lora_train.api", "lora_train.lora",
+                 "lora_train.trainer")
+CHECK_FLAG = "--check-imports"
 
 
-def installed_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def canonical(name: str) -> str:
+    """PEP 503 name: ``Foo_Bar`` and ``foo-bar`` are one distribution."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def missing_requirements() -> list[str]:
-    """pip requirement strings for every package that is not installed."""
-    wanted = {**OPTIONAL, **REQUIRED}
-    return [f"{name}=={version}" if version else name for name, version in wanted.items()
-            if installed_version(name) is None]
+def installed_distributions() -> dict[str, str]:
+    """canonical name -> installed version; where a venv holds two copies, the one Python imports (first)."""
+    importlib.invalidate_caches()  # pip may just have added some
+    found: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        name, version = dist.metadata["Name"], dist.version
+        if name and version:
+            found.setdefault(canonical(name), version)
+    return found
 
 
-def constraints_text() -> str:
-    """``name==installed`` for each package we must never change (skipping ones not installed)."""
+def constraint_lines(installed: dict[str, str]) -> list[str]:
+    """One pip constraint per installed distribution, pinning it to exactly what is there.
+
+    ``==`` takes local versions (``2.1.2+cu121``) and packages installed from a URL (pip matches the installed
+    one); a version that is not PEP 440 gets ``===``, pip's exact string match, instead of breaking the file.
+    """
     lines = []
-    for name in NEVER_CHANGE:
-        version = installed_version(name)
-        if version:
+    for name, version in sorted(installed.items()):
+        try:
+            Version(version)
             lines.append(f"{name}=={version}")
-    return "\n".join(lines) + "\n"
+        except InvalidVersion:
+            lines.append(f"{name}==={version}")
+    return lines
+
+
+def missing_requirements(installed: dict[str, str]) -> list[str]:
+    wanted = {**{name: name for name in IF_MISSING}, **REQUIRED}
+    return [requirement for name, requirement in wanted.items() if canonical(name) not in installed]
 
 
 def _webui_launch():
-    """A1111's ``launch`` module when we run as its extension installer, else None."""
+    """A1111's ``launch`` module when we run as its extension installer (PYTHONPATH is the WebUI), else None."""
     try:
         import launch
     except Exception:  # noqa: BLE001 - outside the WebUI there is no (usable) launch module
         return None
-    return launch if hasattr(launch, "run_pip") and hasattr(launch, "is_installed") else None
+    return launch if hasattr(launch, "run_pip") else None
 
 
-def pip_install(requirements: list[str], constraints: str) -> None:
-    """Install with the WebUI's pip runner when there is one, else ``python -m pip``."""
-    handle, path = tempfile.mkstemp(prefix="lora-train-constraints-", suffix=".txt")
+def _pip_error(output: str) -> str:
+    """pip's own one-line reason (its first ``ERROR:`` line: the later ones point to docs), else its last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR:")]
+    reason = errors[0] if errors else (lines or ["pip failed"])[-1]
+    return reason.removeprefix("ERROR:").strip().rstrip(".")
+
+
+def pip_install(args: list[str], desc: str) -> str | None:
+    """``pip install`` through the WebUI's runner when there is one (it honours INDEX_URL and --skip-install)."""
+    launch = _webui_launch()
+    if launch is None:
+        return python_pip(["install", *args])
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(constraints)
-        launch = _webui_launch()
-        if launch is not None:
-            args = " ".join(f'"{r}"' for r in requirements)
-            launch.run_pip(f'install {args} -c "{path}"', f"sd-webui-lora-train: {', '.join(requirements)}")
-        else:
-            subprocess.run([sys.executable, "-m", "pip", "install", *requirements, "-c", path], check=True)
-    finally:
-        os.unlink(path)
+        with contextlib.redirect_stdout(io.StringIO()):  # its "Installing ..." line: ours is the one line
+            launch.run_pip("install " + " ".join(f'"{a}"' for a in args), f"sd-webui-lora-train: {desc}")
+    except Exception as exc:  # noqa: BLE001 - run_pip raises RuntimeError carrying pip's output
+        return _pip_error(str(exc))
+    return None
 
 
-def main() -> int:
-    requirements = missing_requirements()
-    if not requirements:
-        print(f"{PREFIX} requirements present; nothing to install")
-        return 0
-    before = {name: installed_version(name) for name in NEVER_CHANGE}
-    pip_install(requirements, constraints_text())
-    changed = [n for n in NEVER_CHANGE if installed_version(n) != before[n]]
-    outcome = f"WARNING: {', '.join(changed)} changed" if changed else "no host package changed"
-    print(f"{PREFIX} installed {', '.join(requirements)}; {outcome}")
+def python_pip(args: list[str]) -> str | None:
+    """``python -m pip`` with this interpreter; None on success, else pip's reason in one line."""
+    done = subprocess.run([sys.executable, "-m", "pip", *args, "--disable-pip-version-check"],
+                          capture_output=True, text=True)
+    return None if done.returncode == 0 else _pip_error(done.stdout + done.stderr)
+
+
+def check_imports(extension_dir: str, modules: list[str]) -> int:
+    """Child side of :func:`import_failure`: import ``modules``; on failure print ``distribution|error``."""
+    sys.path.insert(0, extension_dir)
+    try:
+        for name in modules:
+            importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - any failure to import is what we report
+        print(f"{_culprit(exc)}|{type(exc).__name__}: {exc}".splitlines()[0])
+        return 1
     return 0
 
 
+def _culprit(exc: BaseException) -> str:
+    """The distribution an import failure comes from: the module it names, else the deepest installed frame."""
+    top = (getattr(exc, "name", None) or "").split(".")[0]
+    if not top:
+        frames = [f.filename.replace("\\", "/") for f in traceback.extract_tb(exc.__traceback__)]
+        installed = [f.split("-packages/", 1)[1] for f in frames if "-packages/" in f]
+        top = installed[-1].split("/")[0].removesuffix(".py") if installed else ""
+    return (importlib.metadata.packages_distributions().get(top) or [top or "an unknown package"])[0]
+
+
+def import_failure() -> tuple[str, str] | None:
+    """None when the WebUI path's modules import in a fresh interpreter, else (distribution, error)."""
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), CHECK_FLAG, *WEBUI_MODULES],
+                          capture_output=True, text=True, cwd=EXTENSION_DIR)
+    if done.returncode == 0:
+        return None
+    lines = (done.stdout.strip() or f"an unknown package|{done.stderr.strip()}").splitlines()
+    package, _, detail = lines[-1].partition("|")
+    return package, detail
+
+
+def install(requirements: list[str], before: dict[str, str]) -> tuple[bool, str]:
+    """Install ``requirements`` with everything in ``before`` pinned; undo it if anything went wrong."""
+    handle, path = tempfile.mkstemp(prefix="lora-train-constraints-", suffix=".txt")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write("\n".join(constraint_lines(before)) + "\n")
+        error = pip_install([*requirements, "-c", path], ", ".join(requirements))
+    finally:
+        os.unlink(path)
+    problem = f"pip could not add {', '.join(requirements)} without changing installed packages: {error}" \
+        if error else None
+    if problem is None and (broken := import_failure()) is not None:
+        problem = f"with {', '.join(requirements)} added the extension does not import ({broken[0]}: {broken[1]})"
+    after = installed_distributions()
+    added = sorted(set(after) - set(before))
+    changed = [f"{name} {before[name]} -> {after.get(name, 'removed')}" for name in sorted(before)
+               if after.get(name) != before[name]]
+    if problem is None and not changed:
+        return True, f"{PREFIX} installed {', '.join(f'{n}=={after[n]}' for n in added)}; nothing else changed"
+    problem = problem or f"pip changed {', '.join(changed)}"
+    if not added:
+        outcome = "nothing was added"
+    elif python_pip(["uninstall", "-y", *added]) is None:
+        outcome = f"removed again what was added ({', '.join(added)})"
+    else:
+        outcome = f"could not remove {', '.join(added)} again: pip uninstall {' '.join(added)}"
+    return False, f"{PREFIX} ERROR: {problem}; {outcome}. The LoRA Train tab cannot load until this is fixed."
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == [CHECK_FLAG]:
+        return check_imports(str(EXTENSION_DIR), argv[1:])
+    before = installed_distributions()
+    requirements = missing_requirements(before)
+    if not requirements:
+        print(f"{PREFIX} requirements present; nothing to install")
+        return 0
+    ok, line = install(requirements, before)
+    print(line)
+    return 0 if ok else 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import make_config
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers_compat import require_kohya_loader
 
 from lora_train.export import read_lora
 from lora_train.hosts.diffusers import DiffusersBundle
@@ -80,6 +81,7 @@ def test_sd1_file_names_counts_metadata_and_diffusers_equivalence(tiny, dataset_
     assert meta["modelspec.trigger_phrase"] == "shapez"
     assert '"shapez"' in meta["ss_tag_frequency"]
 
+    require_kohya_loader()
     pipe = StableDiffusionPipeline(
         vae=pristine.vae, text_encoder=pristine.text_encoders[0], tokenizer=pristine.tokenizers[0],
         unet=pristine.unet, scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
@@ -105,6 +107,7 @@ def test_sdxl_file_uses_input_blocks_names_and_loads_in_diffusers(tiny_sdxl, dat
     assert not any("down_blocks" in m or "up_blocks" in m for m in modules)
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
 
+    require_kohya_loader()
     pipe = StableDiffusionXLPipeline(
         vae=pristine.vae, text_encoder=pristine.text_encoders[0], text_encoder_2=pristine.text_encoders[1],
         tokenizer=pristine.tokenizers[0], tokenizer_2=pristine.tokenizers[1], unet=pristine.unet,

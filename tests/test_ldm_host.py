@@ -24,6 +24,7 @@ pytest.importorskip("pytorch_lightning", reason="needs pytorch_lightning<2 (requ
 import ldm_models as M  # noqa: E402
 import torch  # noqa: E402
 from conftest import make_config  # noqa: E402
+from diffusers_compat import require_kohya_loader  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -152,7 +153,8 @@ def webui_merge(sd_model: nn.Module, family: str, tensors: dict[str, torch.Tenso
 def diffusers_unet(ldm_unet: nn.Module, unet_params: dict, sdxl: bool = False):
     """The same weights as a diffusers UNet, through diffusers' own single-file conversion."""
     from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from diffusers_compat import create_unet_diffusers_config
 
     config = create_unet_diffusers_config(M.original_config(unet_params), image_size=64)
     if sdxl:  # diffusers recognises SDXL by context_dim 2048/1280; the tiny one is 64 wide with 8-wide size ids
@@ -327,6 +329,15 @@ def test_sd1_lora_is_the_same_in_memory_in_diffusers_and_in_the_webui(tmp_path):
     expected = M.unet_target_count(M.SD1_UNET) + 6 * M.CLIP_CONFIG["num_hidden_layers"]
     assert len(_modules(tensors)) == expected and len(tensors) == 3 * expected
 
+    # the WebUI's name rules on a copy of the host, merged by hand
+    merged_host = copy.deepcopy(model)
+    assert webui_merge(merged_host, "sd1", tensors) == expected
+    merged = LdmBundle(merged_host)
+    with torch.no_grad():
+        _close(merged.predict(noisy, timesteps, Conditioning(base_context)), memory_out)
+        _close(merged.encode_text(tokens).context, memory_context)
+
+    require_kohya_loader()
     # diffusers: pipeline-level loader over a UNet and text encoder converted from the same weights
     unet, text_encoder = diffusers_unet(bundle.unet, M.SD1_UNET), diffusers_text_encoder(host_clip)
     pipe = StableDiffusionPipeline(
@@ -341,14 +352,6 @@ def test_sd1_lora_is_the_same_in_memory_in_diffusers_and_in_the_webui(tmp_path):
     with torch.no_grad():
         _close(pipe.unet(noisy, timesteps, encoder_hidden_states=base_context).sample, memory_out)
         _close(pipe.text_encoder(tokens[0]).last_hidden_state, memory_context)
-
-    # the WebUI's name rules on a copy of the host, merged by hand
-    merged_host = copy.deepcopy(model)
-    assert webui_merge(merged_host, "sd1", tensors) == expected
-    merged = LdmBundle(merged_host)
-    with torch.no_grad():
-        _close(merged.predict(noisy, timesteps, Conditioning(base_context)), memory_out)
-        _close(merged.encode_text(tokens).context, memory_context)
 
 
 @pytest.mark.parametrize("build,unet_params", [(M.tiny_sdxl, M.SDXL_UNET), (M.tiny_sd2, M.SD2_UNET)])
@@ -375,6 +378,12 @@ def test_unet_lora_is_the_same_in_memory_in_diffusers_and_in_the_webui(tmp_path,
     assert snapshot.diff() == []
     assert len(_modules(tensors)) == M.unet_target_count(unet_params)
 
+    merged_host = copy.deepcopy(model)
+    assert webui_merge(merged_host, bundle.family, tensors) == M.unet_target_count(unet_params)
+    with torch.no_grad():
+        _close(LdmBundle(merged_host).predict(noisy, timesteps, cond), memory_out)
+
+    require_kohya_loader()
     unet = diffusers_unet(bundle.unet, unet_params, sdxl=sdxl)
     loader = StableDiffusionXLLoraLoaderMixin if sdxl else LoraLoaderMixin
     # as StableDiffusionXLPipeline.load_lora_weights does: unet_config maps the sgm block names
@@ -384,11 +393,6 @@ def test_unet_lora_is_the_same_in_memory_in_diffusers_and_in_the_webui(tmp_path,
     extra = {"added_cond_kwargs": {"text_embeds": cond.pooled, "time_ids": size_ids}} if sdxl else {}
     with torch.no_grad():
         _close(unet(noisy, timesteps, encoder_hidden_states=cond.context, **extra).sample, memory_out)
-
-    merged_host = copy.deepcopy(model)
-    assert webui_merge(merged_host, bundle.family, tensors) == M.unet_target_count(unet_params)
-    with torch.no_grad():
-        _close(LdmBundle(merged_host).predict(noisy, timesteps, cond), memory_out)
 
 
 # ------------------------------------------------------------------------------ host integrity (trainer)

@@ -13,10 +13,7 @@ pytest.importorskip("pytorch_lightning", reason="needs pytorch_lightning<2 (requ
 
 import ldm_models as M  # noqa: E402
 import torch  # noqa: E402
-from diffusers.loaders.single_file_utils import (  # noqa: E402
-    create_unet_diffusers_config,
-    create_vae_diffusers_config,
-)
+from diffusers_compat import create_unet_diffusers_config, create_vae_diffusers_config  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from lora_train import weight_kinds  # noqa: E402

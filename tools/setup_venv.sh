@@ -1,32 +1,56 @@
 #!/usr/bin/env bash
-# Create a venv from nothing.
-#   bash tools/setup_venv.sh            # .venv: the WebUI host profile (the pins A1111 1.10 runs)
-#   bash tools/setup_venv.sh --test     # .venv plus pytest, ruff, Stability's ldm (for the WebUI-host tests)
-#   bash tools/setup_venv.sh --current  # .venv-current: current releases (diffusers, peft, transformers 5) + pytest
+# Create a venv from nothing. The host venvs start from a pip freeze of a real, fresh A1111 v1.10.1 venv
+# (requirements/webui-1.10.1-freeze.txt), run install.py in it as the WebUI does, and fail if it changed any
+# package; then they add the CLI's and the tests' packages with the freeze as constraints.
+#   bash tools/setup_venv.sh            # .venv: the WebUI's venv + install.py + diffusers (the standalone CLI)
+#   bash tools/setup_venv.sh --test     # .venv as above + pytest, ruff, playwright, Stability's ldm, ...
+#   bash tools/setup_venv.sh --older    # .venv-older: the same freeze with the huggingface_hub of a mid-2024
+#                                       #   install (0.23.4) + install.py + diffusers 0.26.3 + WebUI-path tests
+#   bash tools/setup_venv.sh --current  # .venv-current: current releases (diffusers, peft, transformers 5) + tests
+# VENV=DIR puts it elsewhere; PYTHON=python3.11 picks the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3.11}"
-VENV=.venv
-REQUIREMENTS=requirements/host.txt
-if [ "${1:-}" = "--current" ]; then VENV=.venv-current; REQUIREMENTS=requirements/current.txt; fi
+MODE="${1:-}"
+FREEZE=requirements/webui-1.10.1-freeze.txt
+case "$MODE" in
+  "") DEFAULT=.venv; PIN=(); ADD=(-r requirements/cli.txt) ;;
+  --test) DEFAULT=.venv; PIN=(); ADD=(-r requirements/cli.txt -r requirements/test.txt) ;;
+  --older) DEFAULT=.venv-older; PIN=(--set huggingface_hub==0.23.4); ADD=(-r requirements/older.txt) ;;
+  --current) DEFAULT=.venv-current ;;
+  *) echo "usage: bash tools/setup_venv.sh [--test|--older|--current]" >&2; exit 2 ;;
+esac
+VENV="${VENV:-$DEFAULT}"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
-"${PIP[@]}" -r "$REQUIREMENTS"
-if [ "${1:-}" = "--current" ]; then "${PIP[@]}" -r requirements/test.txt; fi
-if [ "${1:-}" = "--test" ] || [ "${1:-}" = "--current" ]; then
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install -q --disable-pip-version-check)
+# The CPU torch 2.13 imports only torchvision 0.16.2 without its deps (pip pairs it with a CUDA 0.28 that fails
+# at import). Test/CPU venvs only: the WebUI and users' GPUs have a matching torchvision.
+TORCHVISION=(--no-deps torchvision==0.16.2)
+
+if [ "$MODE" = "--test" ] || [ "$MODE" = "--current" ]; then
   # the browser test drives Debian's chromium; skipped where it cannot be installed
   if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
       || echo "chromium not installed: the browser test will skip"
   fi
 fi
-if [ "${1:-}" = "--test" ]; then
-  "${PIP[@]}" -r requirements/test.txt
-  # Stability's ldm as the WebUI vendors it; --no-deps or it replaces torch/transformers (see requirements/ldm-test.txt)
-  "${PIP[@]}" --no-deps stable-diffusion-sdkit==2.1.5
-  "${PIP[@]}" torch==2.13.0 einops omegaconf 'pytorch_lightning>=1.9,<2' 'setuptools<81'
+
+if [ "$MODE" = "--current" ]; then
+  "${PIP[@]}" -r requirements/current.txt -r requirements/test.txt
+else
+  # 1. the WebUI's venv as frozen (torch as the CPU build), 2. install.py as the WebUI runs it, 3. nothing changed
+  "$PYTHON" tools/host_freeze.py requirements "$FREEZE" "${PIN[@]}" > "$VENV/webui-freeze-requirements.txt"
+  "${PIP[@]}" -r "$VENV/webui-freeze-requirements.txt"
+  "${PIP[@]}" "${TORCHVISION[@]}"
+  "$PY" install.py
+  "$PY" tools/host_freeze.py check "$FREEZE" "${PIN[@]}"
+  # 4. the CLI's and the tests' packages with the freeze as constraints (--no-deps for sdkit: its own requirements
+  # would replace torch and transformers; the freeze already has its einops/omegaconf/lightning)
+  "${PIP[@]}" -c "$VENV/webui-freeze-requirements.txt" "${ADD[@]}"
+  if [ "$MODE" != "" ]; then "${PIP[@]}" --no-deps -r requirements/ldm-test.txt; fi
+  "$PY" tools/host_freeze.py check "$FREEZE" "${PIN[@]}"
 fi
-# Last step, test/CPU venvs only: pip pairs torch 2.13 with a torchvision build that fails to import on this CPU
-# torch; 0.16.2 without its deps imports and serves open_clip. The WebUI has its own matching torchvision.
-"${PIP[@]}" --no-deps torchvision==0.16.2
-"$VENV/bin/python" -c "import torch, diffusers, peft, open_clip; print('venv ready: torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
+# last step: nothing after it may pull torchvision again
+"${PIP[@]}" "${TORCHVISION[@]}"
+"$PY" -c "import torch, diffusers, peft, open_clip; print('venv ready: torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
