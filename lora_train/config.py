@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -118,6 +119,16 @@ class TrainConfig:
         return height, width
 
     @property
+    def tensorboard_dir(self) -> Path | None:
+        """Where TensorBoard logs go: ``logging_dir``; unset, ``output_dir/logs`` when tensorboard is installed
+        (what lora-scripts users expect); ``""`` turns logging off."""
+        if self.logging_dir:
+            return Path(self.logging_dir)
+        if self.logging_dir is None and importlib.util.find_spec("tensorboard") is not None:
+            return Path(self.output_dir) / "logs"
+        return None
+
+    @property
     def prompts(self) -> list[str]:
         """``sample_prompts`` as a list, or read one per line from a .txt file (kohya's form)."""
         file = prompts_file(self.sample_prompts)
@@ -147,6 +158,10 @@ ALIASES = {
     "optimizer_type": "optimizer",
     "lr_warmup": "lr_warmup_steps",
     "save_model_as_precision": "save_precision",
+    # lora-scripts' published configs
+    "scheduler": "lr_scheduler",
+    "alpha": "lora_alpha",
+    "save_steps": "save_every_n_steps",
 }
 _OPTIMIZER_SPELLINGS = {"adamw8bit": "adamw8bit", "adamw_8bit": "adamw8bit", "adamw": "adamw"}
 

@@ -407,8 +407,8 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, bundle = self.cfg, self.bundle
         self.paths.check_writable()
-        if cfg.logging_dir:
-            check_writable(Path(cfg.logging_dir), "logging_dir")
+        if cfg.tensorboard_dir:
+            check_writable(cfg.tensorboard_dir, "logging_dir")
         if self.paths.name != (self.resume.output_name if self.resume else cfg.output_name):
             self.callbacks.on_log(f"{self.paths.name}: a run of that name already has files; nothing is replaced")
         flags = ModuleFlags.capture([bundle.unet, *bundle.text_encoders])
@@ -554,12 +554,13 @@ class Trainer:
             writer.add_scalar("lr/unet", lr, step)
 
     def _tensorboard(self):
-        if not self.cfg.logging_dir:
+        folder = self.cfg.tensorboard_dir
+        if folder is None:
             return None
         from torch.utils.tensorboard import SummaryWriter
 
         run = time.strftime("%Y%m%d-%H%M%S")
-        return SummaryWriter(str(Path(self.cfg.logging_dir) / f"{self.paths.name}-{run}"))
+        return SummaryWriter(str(folder / f"{self.paths.name}-{run}"))
 
 
 def train(cfg: TrainConfig, bundle: ModelBundle, callbacks: TrainCallbacks | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,54 @@ def test_caption_extension_with_or_without_its_dot(given):
 def test_bad_caption_extension_names_the_key():
     with pytest.raises(ConfigError, match="caption_extension"):
         TrainConfig(caption_extension="a/b")
+
+
+LORA_SCRIPTS_STYLE = """\
+train_data_dir: ./data/style_train
+metadata_path: ./data/style_train/metadata.csv
+base_model: ./models/Stable-diffusion/v1-5-pruned.safetensors
+lora_rank: 8
+{alpha_key}: 16
+batch_size: 4
+epochs: 10
+learning_rate: 2e-4
+optimizer: adamw8bit
+scheduler: cosine
+output_dir: ./output/my_style_lora
+save_steps: 100
+"""
+
+
+def test_published_lora_scripts_spellings_mean_our_keys(tmp_path):
+    path = tmp_path / "style.yaml"
+    for alpha_key in ("lora_alpha", "alpha"):
+        path.write_text(LORA_SCRIPTS_STYLE.format(alpha_key=alpha_key), encoding="utf-8")
+        cfg = config.load(path)
+        assert (cfg.lora_alpha, cfg.lr_scheduler, cfg.save_every_n_steps) == (16.0, "cosine", 100), alpha_key
+
+
+def test_published_lora_scripts_config_runs_as_written(tmp_path, dataset_dir, tiny):
+    """lora-scripts' published style config, verbatim but for its three paths (test data, the tiny model)."""
+    pytest.importorskip("bitsandbytes")
+    from lora_train.trainer import train
+
+    project = tmp_path / "project"
+    data = project / "data" / "style_train"
+    data.parent.mkdir(parents=True)
+    dataset_dir.rename(data)
+    rows = [f"{p.name},{p.with_suffix('.txt').read_text().strip()}" for p in sorted(data.glob("*.png"))]
+    (data / "metadata.csv").write_text("filename,prompt\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    text = LORA_SCRIPTS_STYLE.format(alpha_key="alpha").replace(
+        "./models/Stable-diffusion/v1-5-pruned.safetensors", "tiny")
+    path = project / "style.yaml"
+    path.write_text(text, encoding="utf-8")
+    cfg = config.load(path)
+    assert (cfg.lora_alpha, cfg.lr_scheduler, cfg.save_every_n_steps, cfg.optimizer) == (16.0, "cosine", 100,
+                                                                                         "adamw8bit")
+    assert cfg.metadata_path == str(data / "metadata.csv")
+    result = train(cfg, tiny)
+    output = project / "output" / "my_style_lora"
+    assert result.output == output / "lora.safetensors" and result.steps == result.total_steps
+    assert result.facts.num_epochs == 10 and result.total_steps == 10 * result.facts.batches_per_epoch
+    if importlib.util.find_spec("tensorboard") is not None:  # lora-scripts users find their logs here
+        assert any((output / "logs").rglob("events.out.tfevents.*"))

@@ -182,7 +182,10 @@ def test_noising_and_targets_match_diffusers(ddpm):
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
 def test_min_snr_weights_match_diffusers_example(ddpm, parameterization):
     """diffusers' train_text_to_image: min(SNR, γ) / SNR for epsilon, / (SNR + 1) for v-prediction."""
-    from diffusers.training_utils import compute_snr
+    try:
+        from diffusers.training_utils import compute_snr
+    except (ImportError, AttributeError):  # diffusers 0.31 with transformers 4.30: needs transformers' deepspeed
+        pytest.skip("diffusers.training_utils does not import next to this transformers (runs in .venv-current)")
 
     t = torch.tensor([0, 10, 500, 999])
     snr = compute_snr(ddpm, t)
