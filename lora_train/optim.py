@@ -68,3 +68,15 @@ def make_grad_scaler(device: torch.device, enabled: bool):
     if hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler(device.type, enabled=enabled)
     return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler,
+                   params: list[torch.nn.Parameter], max_grad_norm: float) -> None:
+    """One optimizer step after the accumulated backward passes: unscale, clip (0: off), step, schedule, clear."""
+    if max_grad_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -28,7 +28,7 @@ from . import export, lora, run_state
 from .config import TrainConfig
 from .files import atomic_write, free_path
 from .model import Conditioning, ModelBundle, Parameterization
-from .optim import make_grad_scaler, make_optimizer, make_scheduler
+from .optim import make_grad_scaler, make_optimizer, make_scheduler, optimizer_step
 from .run_paths import RunPaths, check_writable, reserve_run
 
 SampleFn = Callable[[ModelBundle, list[str], int], list[Image.Image]]
@@ -490,13 +490,7 @@ class Trainer:
                     loss = self._loss(indices, seed=cfg.seed * 1_000_003 + step * accumulation + micro)
                     scaler.scale(loss / accumulation).backward()
                     running += loss.detach() / accumulation
-                if cfg.max_grad_norm:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(optimizer, scheduler, scaler, params, cfg.max_grad_norm)
                 step += 1
                 window += 1
                 loss_value = None

@@ -16,7 +16,7 @@ import torch
 
 from ..config import ConfigError
 from ..files import free_name
-from ..optim import make_grad_scaler, make_optimizer, make_scheduler
+from ..optim import make_grad_scaler, make_optimizer, make_scheduler, optimizer_step
 from ..trainer import StepInfo, TrainCallbacks, TrainResult, _autocast
 from . import checkpoint, data
 from . import model as models
@@ -194,13 +194,7 @@ class LlmTrainer:
                     loss = model(**collate(batch, self.pad_id, device)).loss
                 scaler.scale(loss / accumulation).backward()
                 running += loss.detach().float() / accumulation
-            if cfg.max_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, scheduler, scaler, params, cfg.max_grad_norm)
             step, window = step + 1, window + 1
             if window == cfg.log_every_n_steps or step == self.total_steps:
                 history.append(running.item() / window)  # the only host-device sync in the loop
