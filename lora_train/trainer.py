@@ -468,7 +468,7 @@ class Trainer:
             lora.load_kohya(network, adapter, str(self.resume.folder))
             step, history = self.resume.step, list(self.resume.loss_history)
             self.callbacks.on_log(f"resumed from {self.resume.folder} at step {step}")
-        writer = self._tensorboard()
+        writer = None  # made once there is something to log: a run stopped while caching leaves no log
         accumulation = cfg.gradient_accumulation_steps
         params = network.parameters()
         epoch, stopped, samples = 0, False, []
@@ -478,6 +478,7 @@ class Trainer:
             if not self._cache_all_latents():
                 self.callbacks.on_log("stopped while caching latents; nothing was trained or written")
                 return TrainResult(None, step, self.total_steps, True, history, facts=self.facts)
+            writer = self._tensorboard()
             self.callbacks.on_start(self.total_steps, step)
             batches = self._prefetched(self._micro_batches(step * accumulation))
             start_time, start_step = time.time(), step
