@@ -46,7 +46,8 @@ FIELD_HELP = {
     "device": "Standalone only: auto, cpu, cuda, cuda:1 ...",
     "sample_prompts": "One prompt per line; a sample image every 'sample_every_n_steps' steps.",
     "optimizer_args": "YAML mapping, e.g. {weight_decay: 0.01}",
-    "output_dir": "Set by the tab: results go to the output folder, checkpoints to <name>-checkpoints in it.",
+    "output_dir": "Set by the tab: the LoRA goes to the Lora folder; state, checkpoints and samples to the run "
+                  "folder (Settings > LoRA Train).",
     "overwrite": "The tab never overwrites: an existing name gets -2, -3 ...",
 }
 SECTIONS = (
