@@ -27,6 +27,16 @@ Precision = Literal["no", "fp16", "bf16"]
 SavePrecision = Literal["fp16", "bf16", "float"]
 
 
+def tensorboard_folder(logging_dir: str | None, output_dir: str) -> Path | None:
+    """Where TensorBoard logs go: ``logging_dir``; unset, ``output_dir/logs`` when tensorboard is installed
+    (what lora-scripts users expect); ``""`` turns logging off."""
+    if logging_dir:
+        return Path(logging_dir)
+    if logging_dir is None and importlib.util.find_spec("tensorboard") is not None:
+        return Path(output_dir) / "logs"
+    return None
+
+
 class ConfigError(ValueError):
     """A bad config value; ``key`` names the field so UIs can point at it."""
 
@@ -120,13 +130,8 @@ class TrainConfig:
 
     @property
     def tensorboard_dir(self) -> Path | None:
-        """Where TensorBoard logs go: ``logging_dir``; unset, ``output_dir/logs`` when tensorboard is installed
-        (what lora-scripts users expect); ``""`` turns logging off."""
-        if self.logging_dir:
-            return Path(self.logging_dir)
-        if self.logging_dir is None and importlib.util.find_spec("tensorboard") is not None:
-            return Path(self.output_dir) / "logs"
-        return None
+        """See ``tensorboard_folder``."""
+        return tensorboard_folder(self.logging_dir, self.output_dir)
 
     @property
     def prompts(self) -> list[str]:

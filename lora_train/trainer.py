@@ -478,7 +478,7 @@ class Trainer:
             if not self._cache_all_latents():
                 self.callbacks.on_log("stopped while caching latents; nothing was trained or written")
                 return TrainResult(None, step, self.total_steps, True, history, facts=self.facts)
-            writer = self._tensorboard()
+            writer = tensorboard_writer(cfg.tensorboard_dir, self.paths.name)
             self.callbacks.on_start(self.total_steps, step)
             batches = self._prefetched(self._micro_batches(step * accumulation))
             start_time, start_step = time.time(), step
@@ -548,14 +548,15 @@ class Trainer:
             writer.add_scalar("loss/train", loss, step)
             writer.add_scalar("lr/unet", lr, step)
 
-    def _tensorboard(self):
-        folder = self.cfg.tensorboard_dir
-        if folder is None:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
 
-        run = time.strftime("%Y%m%d-%H%M%S")
-        return SummaryWriter(str(folder / f"{self.paths.name}-{run}"))
+
+def tensorboard_writer(folder: Path | None, run_name: str):
+    """A SummaryWriter in ``folder/<run_name>-<time>`` (one run per subfolder, as TensorBoard lists them), or None."""
+    if folder is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder / f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
 def train(cfg: TrainConfig, bundle: ModelBundle, callbacks: TrainCallbacks | None = None,

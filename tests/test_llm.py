@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -365,6 +366,8 @@ def test_published_hf_style_persona_config_runs_verbatim(tmp_path):
     micro_batches = 8 * math.ceil(10 / 8)  # 8 epochs of 10 samples at batch 8
     assert result.steps == result.total_steps == math.ceil(micro_batches / 4)
     assert (result.output / "adapter_config.json").is_file() and len(result.loss_history) == 1
+    if importlib.util.find_spec("tensorboard") is not None:  # lora-scripts users find their logs here
+        assert any((tmp_path / "logs").rglob("events.out.tfevents.*"))
 
 
 def test_generate_subcommand_uses_the_adapters_base(tmp_path, tiny_llm, capsys):

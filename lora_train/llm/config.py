@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, Optimizer, Precision, Scheduler, _coerce, parse_override
+from ..config import ConfigError, Optimizer, Precision, Scheduler, _coerce, parse_override, tensorboard_folder
 
 TASK_NAMES = ("text-generation", "llm", "causal-lm", "causal_lm")
 TINY_MODEL = "tiny-llm"
@@ -64,11 +65,17 @@ class LlmConfig:
     overwrite: bool = False
     save_every_n_steps: int = 0
     log_every_n_steps: int = 10
+    logging_dir: str | None = None  # TensorBoard: unset, output_dir/logs when tensorboard is installed; "" off
     resume: str | None = None
     sample_prompts: list[str] = field(default_factory=list)  # answered before and after training, in the log
 
     def __post_init__(self) -> None:
         validate(self)
+
+    @property
+    def tensorboard_dir(self) -> Path | None:
+        """See ``config.tensorboard_folder``."""
+        return tensorboard_folder(self.logging_dir, self.output_dir)
 
 
 # lora-scripts, kohya and HF-Trainer spellings accepted as the same field.
@@ -105,7 +112,7 @@ ALIASES = {
 _OPTIMIZER_SPELLINGS = {"adamw_torch": "adamw", "adamw_hf": "adamw", "adamw_8bit": "adamw8bit",
                         "adamw_bnb_8bit": "adamw8bit", "paged_adamw_8bit": "adamw8bit"}
 _PRECISION_FLAGS = ("fp16", "bf16")  # HF-Trainer booleans for mixed_precision
-_PATH_KEYS = ("train_data_dir", "output_dir", "network_weights", "resume", "base_model")
+_PATH_KEYS = ("train_data_dir", "output_dir", "network_weights", "resume", "base_model", "logging_dir")
 _FIELDS = {f.name for f in dataclasses.fields(LlmConfig)}
 
 
@@ -136,6 +143,8 @@ def validate(cfg: LlmConfig) -> None:
         raise ConfigError("warmup_ratio", "set warmup_ratio or lr_warmup_steps (warmup_steps), not both")
     if cfg.load_in_4bit and cfg.load_in_8bit:
         raise ConfigError("load_in_4bit", "choose load_in_4bit or load_in_8bit, not both")
+    if cfg.logging_dir and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logging_dir", "TensorBoard logging needs the tensorboard package (pip install tensorboard)")
     if not cfg.output_name or any(c in cfg.output_name for c in '/\\:*?"<>|') or cfg.output_name in (".", ".."):
         raise ConfigError("output_name", f"{cfg.output_name!r} must be a plain name without path separators")
 

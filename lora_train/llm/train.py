@@ -17,7 +17,7 @@ import torch
 from ..config import ConfigError
 from ..files import free_name
 from ..optim import make_grad_scaler, make_optimizer, make_scheduler, optimizer_step
-from ..trainer import StepInfo, TrainCallbacks, TrainResult, _autocast
+from ..trainer import StepInfo, TrainCallbacks, TrainResult, _autocast, tensorboard_writer
 from . import checkpoint, data
 from . import model as models
 from .config import LlmConfig
@@ -88,6 +88,7 @@ class LlmTrainer:
         self.cfg = cfg
         self.resume_info = checkpoint.read_info(cfg.resume) if cfg.resume else {}
         self.paths = _Paths(cfg, self.resume_info.get("output_name"))
+        self.writer = None  # TensorBoard, opened when the steps start
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     # -- model --------------------------------------------------------------------------------------
@@ -180,32 +181,37 @@ class LlmTrainer:
         accumulation = cfg.gradient_accumulation_steps
         batches = self._batches(step * accumulation)
         self.callbacks.on_start(self.total_steps, step)
+        self.writer = tensorboard_writer(cfg.tensorboard_dir, self.paths.name)
         start_time, start_step, epoch, stopped = time.time(), step, 0, False
         running, window = torch.zeros((), device=device), 0
         model.train()
-        while step < self.total_steps:
-            if self.callbacks.should_stop():
-                stopped = True
-                break
-            for micro in range(accumulation):
-                epoch, batch = next(batches)
-                torch.manual_seed(cfg.seed * 1_000_003 + step * accumulation + micro)  # LoRA dropout
-                with _autocast(cfg, device):
-                    loss = model(**collate(batch, self.pad_id, device)).loss
-                scaler.scale(loss / accumulation).backward()
-                running += loss.detach().float() / accumulation
-            optimizer_step(optimizer, scheduler, scaler, params, cfg.max_grad_norm)
-            step, window = step + 1, window + 1
-            if window == cfg.log_every_n_steps or step == self.total_steps:
-                history.append(running.item() / window)  # the only host-device sync in the loop
-                running.zero_()
-                window = 0
-                self._report(step, epoch, history[-1], scheduler.get_last_lr()[0], start_time, start_step)
-            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < self.total_steps:
-                self._checkpoint(model, objects, step, history)
-        if stopped:
-            path = self._checkpoint(model, objects, step, history)
-            self.callbacks.on_log(f"stopped at step {step}/{self.total_steps}; continue with --set resume={path}")
+        try:
+            while step < self.total_steps:
+                if self.callbacks.should_stop():
+                    stopped = True
+                    break
+                for micro in range(accumulation):
+                    epoch, batch = next(batches)
+                    torch.manual_seed(cfg.seed * 1_000_003 + step * accumulation + micro)  # LoRA dropout
+                    with _autocast(cfg, device):
+                        loss = model(**collate(batch, self.pad_id, device)).loss
+                    scaler.scale(loss / accumulation).backward()
+                    running += loss.detach().float() / accumulation
+                optimizer_step(optimizer, scheduler, scaler, params, cfg.max_grad_norm)
+                step, window = step + 1, window + 1
+                if window == cfg.log_every_n_steps or step == self.total_steps:
+                    history.append(running.item() / window)  # the only host-device sync in the loop
+                    running.zero_()
+                    window = 0
+                    self._report(step, epoch, history[-1], scheduler.get_last_lr()[0], start_time, start_step)
+                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < self.total_steps:
+                    self._checkpoint(model, objects, step, history)
+            if stopped:
+                path = self._checkpoint(model, objects, step, history)
+                self.callbacks.on_log(f"stopped at step {step}/{self.total_steps}; continue with --set resume={path}")
+        finally:
+            if self.writer:
+                self.writer.close()
         self._samples(model, "after")
         output = checkpoint.save_adapter(self.paths.adapter, model)
         return TrainResult(output, step, self.total_steps, stopped, history)
@@ -215,6 +221,9 @@ class LlmTrainer:
         rate = (step - start_step) / elapsed if elapsed > 0 else 0.0
         eta = (self.total_steps - step) / rate if rate else 0.0
         self.callbacks.on_step(StepInfo(step, self.total_steps, epoch, loss, lr, rate, eta))
+        if self.writer:
+            self.writer.add_scalar("loss/train", loss, step)
+            self.writer.add_scalar("lr", lr, step)
 
 
 def train(cfg: LlmConfig, callbacks: TrainCallbacks | None = None, loaded: tuple | None = None,
