@@ -33,9 +33,9 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils import flop_counter  # noqa: E402
 
-from lora_train.architectures import SD1, TINY, Architecture  # noqa: E402
-from lora_train.config import TrainConfig  # noqa: E402
-from lora_train.trainer import TrainCallbacks, Trainer  # noqa: E402
+from lora_train.engine.config import TrainConfig  # noqa: E402
+from lora_train.engine.trainer import TrainCallbacks, Trainer  # noqa: E402
+from lora_train.hosts.architectures import SD1, TINY, Architecture  # noqa: E402
 
 # kohya's default UNet targets (Linear / 1x1 conv inside every transformer block), as a peft regex.
 UNET_TARGETS = r".*attentions\.\d+\..*(proj_in|proj_out|to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2)$"

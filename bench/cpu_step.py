@@ -19,7 +19,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from lora_train.architectures import TINY  # noqa: E402
+from lora_train.hosts.architectures import TINY  # noqa: E402
 from lora_train.hosts.diffusers import build_random  # noqa: E402
 
 METHOD = (

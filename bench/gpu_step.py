@@ -32,9 +32,9 @@ import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
 from bench import common  # noqa: E402
-from lora_train.architectures import SD1, SDXL, TINY, TINY_SDXL, Architecture  # noqa: E402
+from lora_train.engine.trainer import Trainer  # noqa: E402
+from lora_train.hosts.architectures import SD1, SDXL, TINY, TINY_SDXL, Architecture  # noqa: E402
 from lora_train.hosts.diffusers import build_random  # noqa: E402
-from lora_train.trainer import Trainer  # noqa: E402
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name().
 # More specific names first. The consumer cards' numbers are fp16 with fp32 accumulation.

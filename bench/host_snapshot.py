@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from lora_train import architectures  # noqa: E402
-from lora_train.host_snapshot import HostSnapshot  # noqa: E402
+from lora_train.hosts import architectures  # noqa: E402
+from lora_train.webui.host_snapshot import HostSnapshot  # noqa: E402
 
 
 def seconds(model: torch.nn.Module, full: bool, repeats: int) -> float:

@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import config as config_module
-from . import preflight, ui_cli
-from .config import TrainConfig
-from .export import read_lora
-from .trainer import StepInfo, TrainCallbacks, train
+from lora_train.engine import config as config_module
+from lora_train.engine import preflight
+from lora_train.engine.config import TrainConfig
+from lora_train.engine.export import read_lora
+from lora_train.engine.trainer import StepInfo, TrainCallbacks, train
+from lora_train.hosts.base_model import base_model_family
+from lora_train.webui import standalone
 
 
 def pick_device(name: str) -> torch.device:
@@ -34,7 +36,7 @@ def host_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 def load_model(cfg: TrainConfig):
     """The diffusers bundle for ``cfg.base_model``, on the configured device."""
-    from .hosts.diffusers import load_bundle
+    from lora_train.hosts.diffusers import load_bundle
 
     device = pick_device(cfg.device)
     bundle = load_bundle(cfg.base_model, cfg.v_parameterization, cfg.clip_skip)
@@ -74,14 +76,14 @@ class ConsoleCallbacks(TrainCallbacks):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from . import llm  # light; the text-generation engine loads only for an LLM config
+    from lora_train import llm  # light; the text-generation engine loads only for an LLM config
 
     callbacks = ConsoleCallbacks()
     if llm.is_llm_config_file(args.config, args.set):
         job = functools.partial(llm.run, args.config, args.set, callbacks, merge=args.merge)
     else:
         cfg = config_module.load(args.config, args.set)
-        preflight.check(cfg, preflight.base_model_family(cfg.base_model))  # every input, before the model loads
+        preflight.check(cfg, base_model_family(cfg.base_model))  # every input, before the model loads
         job = functools.partial(train, cfg, load_model(cfg), callbacks)
     previous = signal.signal(signal.SIGINT, callbacks.request_stop)
     try:
@@ -135,13 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_parser.add_argument("file")
     inspect_parser.set_defaults(func=run_inspect)
     try:
-        from . import caption_cli
+        from lora_train.caption import cli as caption_cli
     except ImportError:  # the captioner is optional at run time (open_clip missing)
         pass
     else:
         caption_cli.add_parser(sub)
-    ui_cli.add_parser(sub)
-    from . import llm  # light: argparse only; the text-generation engine loads when `generate` runs
+    standalone.add_parser(sub)
+    from lora_train import llm  # light: argparse only; the text-generation engine loads when `generate` runs
 
     llm.add_generate_parser(sub)
     return parser

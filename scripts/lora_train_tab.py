@@ -17,11 +17,11 @@ EXTENSION_DIR = Path(__file__).resolve().parent.parent
 if str(EXTENSION_DIR) not in sys.path:
     sys.path.insert(0, str(EXTENSION_DIR))
 
-from lora_train.api import build_router, parse_credentials, path_refusal  # noqa: E402
-from lora_train.jobs import JobRunner  # noqa: E402
-from lora_train.paths import PathPolicy, is_inside, resolve  # noqa: E402
-from lora_train.presets import DEFAULT_PRESET, PRESET_NAMES  # noqa: E402
-from lora_train.webui_host import WebUIHost, persistent_runner, txt2img_sampler  # noqa: E402
+from lora_train.webui.a1111 import WebUIHost, persistent_runner, txt2img_sampler  # noqa: E402
+from lora_train.webui.api import build_router, parse_credentials, path_refusal  # noqa: E402
+from lora_train.webui.jobs import JobRunner  # noqa: E402
+from lora_train.webui.paths import PathPolicy, is_inside, resolve  # noqa: E402
+from lora_train.webui.presets import DEFAULT_PRESET, PRESET_NAMES  # noqa: E402
 
 SECTION = ("lora_train", "LoRA Train")
 CATEGORY = "training"  # the WebUI's own "Training" settings category (v1.7+)
@@ -99,7 +99,7 @@ RUNNER = persistent_runner(shared, lambda: JobRunner(
 
 
 def on_ui_tabs():
-    from lora_train.ui import UISettings, build_ui
+    from lora_train.webui.ui import UISettings, build_ui
 
     settings = UISettings(
         datasets_root=data_dir() / "lora_train_datasets",

@@ -33,7 +33,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from lora_train.clip_tokenizer import build_clip_tokenizer  # noqa: E402
+from lora_train.hosts.clip_tokenizer import build_clip_tokenizer  # noqa: E402
 
 # 4 levels like SD's VAE (latents are 1/8 of the image), 32 channels because ldm's GroupNorm has 32 groups.
 VAE_DDCONFIG = {

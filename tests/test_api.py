@@ -32,7 +32,7 @@ from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lora_train.host_snapshot import HostSnapshot  # noqa: E402
+from lora_train.webui.host_snapshot import HostSnapshot  # noqa: E402
 
 GLUE = Path(__file__).resolve().parent.parent / "scripts" / "lora_train_tab.py"
 SMALL = dict(resolution="64", min_bucket_reso=64, max_bucket_reso=128, bucket_reso_steps=32, lora_rank=4,

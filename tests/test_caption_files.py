@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from lora_train import caption_files as cf
+from lora_train.engine import caption_store as cf
 
 TRICKY = {
     "a.png": 'sks, a "quoted" word, commas, and more',
@@ -130,7 +130,7 @@ def test_non_utf8_csv_names_the_file(tmp_path):
     ("", "sks"),
 ])
 def test_one_trigger_rule_for_captioner_and_trainer(caption, expected):
-    from lora_train.captioner import assemble_caption
+    from lora_train.caption.captioner import assemble_caption
 
     assert cf.with_trigger(caption, "sks") == expected
     assert assemble_caption("sks", caption, [], lambda text: 0) == expected

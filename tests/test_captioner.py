@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_train import caption_cli, caption_files, captioner
+from lora_train.caption import captioner
+from lora_train.caption import cli as caption_cli
+from lora_train.engine import caption_store
 
 TINY_COCA = {
     "embed_dim": 32,
@@ -95,7 +97,7 @@ def cli_args(folder, weights, *extra):
 def test_cli_csv_mode_captions_every_image(tmp_path, weights):
     folder = make_images(tmp_path / "imgs")
     assert run_cli(cli_args(folder, weights, "--trigger", "sks")) == 0
-    table = caption_files.read_metadata_csv(folder / "metadata.csv")
+    table = caption_store.read_metadata_csv(folder / "metadata.csv")
     assert sorted(table) == ["a.png", "b.png", "c.png"]
     for caption in table.values():
         assert caption.startswith("sks, ") and len(caption) > len("sks, ")
@@ -114,22 +116,22 @@ def test_cli_output_path_is_used(tmp_path, weights):
     folder = make_images(tmp_path / "imgs", ("a.png",))
     out = tmp_path / "elsewhere" / "captions.csv"
     assert run_cli(cli_args(folder, weights, "--output", out)) == 0
-    assert list(caption_files.read_metadata_csv(out)) == ["a.png"]
+    assert list(caption_store.read_metadata_csv(out)) == ["a.png"]
     assert not (folder / "metadata.csv").exists()
 
 
 def test_existing_csv_captions_kept_unless_overwrite(tmp_path, weights):
     folder = make_images(tmp_path / "imgs")
     mine = 'mine, with "quotes"\nand a newline'
-    caption_files.write_metadata_csv(folder / "metadata.csv", {"a.png": mine, "gone.png": "keep me"})
+    caption_store.write_metadata_csv(folder / "metadata.csv", {"a.png": mine, "gone.png": "keep me"})
     assert run_cli(cli_args(folder, weights)) == 0
-    table = caption_files.read_metadata_csv(folder / "metadata.csv")
+    table = caption_store.read_metadata_csv(folder / "metadata.csv")
     assert table["a.png"] == mine
     assert table["gone.png"] == "keep me"  # rows of images not in the folder are not dropped
     assert table["b.png"] and table["c.png"]
 
     assert run_cli(cli_args(folder, weights, "--overwrite")) == 0
-    table = caption_files.read_metadata_csv(folder / "metadata.csv")
+    table = caption_store.read_metadata_csv(folder / "metadata.csv")
     assert table["a.png"] != mine and table["a.png"]
 
 
@@ -137,9 +139,9 @@ def test_existing_sidecars_kept_unless_overwrite(tmp_path, weights):
     folder = make_images(tmp_path / "imgs")
     (folder / "b.txt").write_text("hand written\n", encoding="utf-8")
     assert run_cli(cli_args(folder, weights, "--sidecar")) == 0
-    assert caption_files.read_sidecar(folder / "b.png") == "hand written"
+    assert caption_store.read_sidecar(folder / "b.png") == "hand written"
     assert run_cli(cli_args(folder, weights, "--sidecar", "--overwrite")) == 0
-    assert caption_files.read_sidecar(folder / "b.png") not in (None, "", "hand written")
+    assert caption_store.read_sidecar(folder / "b.png") not in (None, "", "hand written")
 
 
 def test_unreadable_images_reported_by_name_and_rest_written(tmp_path, weights, capsys):
@@ -150,7 +152,7 @@ def test_unreadable_images_reported_by_name_and_rest_written(tmp_path, weights, 
     err = capsys.readouterr().err
     assert "2 image(s) could not be captioned" in err
     assert "broken.png" in err and "empty.jpg" in err
-    table = caption_files.read_metadata_csv(folder / "metadata.csv")
+    table = caption_store.read_metadata_csv(folder / "metadata.csv")
     assert sorted(table) == ["a.png", "b.png", "c.png"]
 
 
@@ -248,7 +250,7 @@ def test_assemble_caption_trigger_first_no_duplicates(model):
         "sks", "a red car, SKS, parked on a street", ["red", "car park", "Sks", "street", "blue", "blue"],
         model.count_tokens,
     )  # fmt: skip
-    parts = caption_files.split_tags(line)
+    parts = caption_store.split_tags(line)
     assert parts[0] == "sks"
     assert [p.lower() for p in parts].count("sks") == 1
     assert parts == ["sks", "a red car", "parked on a street", "car park", "blue"]
@@ -267,7 +269,7 @@ def test_assemble_caption_respects_token_limit(model):
 def test_cli_max_tokens_limits_written_captions(tmp_path, weights, model):
     folder = make_images(tmp_path / "imgs")
     assert run_cli(cli_args(folder, weights, "--trigger", "sks", "--max-tokens", "10")) == 0
-    for caption in caption_files.read_metadata_csv(folder / "metadata.csv").values():
+    for caption in caption_store.read_metadata_csv(folder / "metadata.csv").values():
         assert caption.startswith("sks")
         assert model.count_tokens(caption) <= 10
 
@@ -295,7 +297,7 @@ def test_stop_keeps_what_was_done(tmp_path, model):
         on_progress=lambda done, total: calls.append((done, total)),
     )  # fmt: skip
     assert report.stopped and report.written == ["a.png"] and calls == [(1, 3)]
-    assert list(caption_files.read_metadata_csv(folder / "metadata.csv")) == ["a.png"]
+    assert list(caption_store.read_metadata_csv(folder / "metadata.csv")) == ["a.png"]
 
 
 def test_corrupt_weights_file_named_in_error(tmp_path, weights, capsys):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_train import config
-from lora_train.config import TrainConfig
+from lora_train.engine import config
+from lora_train.engine.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

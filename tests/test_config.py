@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_train import config
-from lora_train.config import ConfigError, TrainConfig
+from lora_train.engine import config
+from lora_train.engine.config import ConfigError, TrainConfig
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -143,7 +143,7 @@ def test_published_lora_scripts_spellings_mean_our_keys(tmp_path):
 def test_published_lora_scripts_config_runs_as_written(tmp_path, dataset_dir, tiny):
     """lora-scripts' published style config, verbatim but for its three paths (test data, the tiny model)."""
     pytest.importorskip("bitsandbytes")
-    from lora_train.trainer import train
+    from lora_train.engine.trainer import train
 
     project = tmp_path / "project"
     data = project / "data" / "style_train"

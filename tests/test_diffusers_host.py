@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lora_train.engine.weights import WeightsFileError
 from lora_train.hosts.diffusers import _parameterization, load_folder, sd_alphas_cumprod
-from lora_train.weights import WeightsFileError
 
 
 def test_clip_skip_uses_the_penultimate_layer_through_the_final_norm(tiny):

@@ -11,9 +11,9 @@ from conftest import make_config
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers_compat import require_kohya_loader
 
-from lora_train.export import read_lora
+from lora_train.engine.export import read_lora
+from lora_train.engine.trainer import TrainCallbacks, train
 from lora_train.hosts.diffusers import DiffusersBundle
-from lora_train.trainer import TrainCallbacks, train
 
 KEY = re.compile(r"^lora_(unet|te|te1|te2)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
@@ -132,8 +132,8 @@ def test_merge_by_hand_matches_alpha_over_rank(tiny, dataset_dir, tmp_path):
     assert scale == pytest.approx(0.5)
     module = pristine.unet.get_submodule("up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v")
     x = torch.randn(3, module.in_features)
-    from lora_train import lora
-    from lora_train.model import LoraTarget
+    from lora_train.engine import lora
+    from lora_train.engine.model import LoraTarget
 
     network = lora.inject([LoraTarget(pristine.unet, "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v",
                                       key)], 4, 2, 0.0)
@@ -150,7 +150,7 @@ def test_written_files_get_the_mode_the_umask_gives(tmp_path):
     import os
     import stat
 
-    from lora_train import files
+    from lora_train.engine import files
 
     umask = os.umask(0o022)
     os.umask(umask)

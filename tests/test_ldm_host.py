@@ -28,16 +28,13 @@ from diffusers_compat import require_kohya_loader  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lora_train import (
-    lora,  # noqa: E402
-    trainer,  # noqa: E402
-)
-from lora_train.export import read_lora  # noqa: E402
-from lora_train.host_snapshot import HostSnapshot  # noqa: E402
+from lora_train.engine import lora, trainer  # noqa: E402
+from lora_train.engine.export import read_lora  # noqa: E402
+from lora_train.engine.model import Conditioning  # noqa: E402
+from lora_train.engine.sampler import sample_images  # noqa: E402
+from lora_train.engine.trainer import TrainCallbacks, train  # noqa: E402
 from lora_train.hosts.ldm import LdmBundle, detect_family, reset_builtin_lora  # noqa: E402
-from lora_train.model import Conditioning  # noqa: E402
-from lora_train.sampler import sample_images  # noqa: E402
-from lora_train.trainer import TrainCallbacks, train  # noqa: E402
+from lora_train.webui.host_snapshot import HostSnapshot  # noqa: E402
 
 CAPTIONS = ["a photo of a red cat", "a painting of a house by the sea"]
 RANK, ALPHA = 4, 2.0

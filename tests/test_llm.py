@@ -20,14 +20,14 @@ from safetensors.torch import load_file
 
 from lora_train import llm
 from lora_train.cli import ConsoleCallbacks
-from lora_train.config import ConfigError
+from lora_train.engine.config import ConfigError
+from lora_train.engine.trainer import TrainCallbacks
 from lora_train.llm import data
 from lora_train.llm import model as models
 from lora_train.llm.config import ALIASES, LlmConfig, from_dict
 from lora_train.llm.config import load as load_config
 from lora_train.llm.generate import generate, load_for_generation
 from lora_train.llm.train import LlmTrainer, train
-from lora_train.trainer import TrainCallbacks
 
 ROOT = Path(__file__).resolve().parent.parent
 PERSONA = ROOT / "lora_train" / "llm" / "sample_data" / "persona.jsonl"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lora_train.config import ConfigError, TrainConfig
-from lora_train.files import free_name
-from lora_train.jobs import prepare_config
-from lora_train.paths import SETTING_NAME, PathNotAllowed, PathPolicy, sanitize_name
+from lora_train.engine.config import ConfigError, TrainConfig
+from lora_train.engine.files import free_name
+from lora_train.webui.jobs import prepare_config
+from lora_train.webui.paths import SETTING_NAME, PathNotAllowed, PathPolicy, sanitize_name
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_train import cli, preflight
-from lora_train.config import ConfigError, TrainConfig
+from lora_train import cli
+from lora_train.engine import preflight
+from lora_train.engine.config import ConfigError, TrainConfig
+from lora_train.hosts.base_model import base_model_family
 
 SD1_UNET_KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
 SDXL_TE2_KEY = "lora_te2_text_model_encoder_layers_0_mlp_fc1"
@@ -69,8 +71,8 @@ def run_cli(tmp_path: Path, monkeypatch, capsys, yaml_text: str) -> str:
 
 def test_truncated_random_and_pickled_base_models_name_the_file(tmp_path):
     good = write_checkpoint(tmp_path / "good.safetensors")
-    assert preflight.base_model_family(str(good)) == "sd1"
-    assert preflight.base_model_family(str(write_checkpoint(tmp_path / "v2.safetensors", "sd2"))) == "sd2"
+    assert base_model_family(str(good)) == "sd1"
+    assert base_model_family(str(write_checkpoint(tmp_path / "v2.safetensors", "sd2"))) == "sd2"
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     noise = tmp_path / "noise.safetensors"
@@ -82,7 +84,7 @@ def test_truncated_random_and_pickled_base_models_name_the_file(tmp_path):
     for path, words in ((truncated, "download or export it again"), (noise, "download or export it again"),
                         (pickled, "Convert it to .safetensors"), (garbage_ckpt, "download or export it again")):
         with pytest.raises(ConfigError) as err:
-            preflight.base_model_family(str(path))
+            base_model_family(str(path))
         assert err.value.key == "base_model"
         assert str(path) in str(err.value) and words in str(err.value) and "\n" not in str(err.value)
 
@@ -91,28 +93,28 @@ def test_zip_ckpt_family_is_read_without_loading_it(tmp_path):
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(2),
                                "conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}}, path)
-    assert preflight.base_model_family(str(path)) == "sdxl"
+    assert base_model_family(str(path)) == "sdxl"
 
 
 def test_lora_or_other_file_as_base_model_says_what_it_is(tmp_path):
     lora = write_lora(tmp_path / "style.safetensors", [SD1_UNET_KEY])
     with pytest.raises(ConfigError, match=r"style\.safetensors is a LoRA .*not a Stable Diffusion checkpoint.*"
                                           r"network_weights"):
-        preflight.base_model_family(str(lora))
+        base_model_family(str(lora))
     vae = tmp_path / "vae.safetensors"
     save_file({"encoder.down.0.block.0.conv1.weight": torch.zeros(2), "decoder.conv_in.weight": torch.zeros(2)},
               str(vae))
     with pytest.raises(ConfigError, match=r"vae\.safetensors is a VAE"):
-        preflight.base_model_family(str(vae))
+        base_model_family(str(vae))
     refiner = tmp_path / "refiner.safetensors"
     save_file({"model.diffusion_model.out.2.weight": torch.zeros(2),
                "conditioner.embedders.0.model.ln_final.weight": torch.zeros(2)}, str(refiner))
     with pytest.raises(ConfigError, match=r"refiner\.safetensors is an SDXL refiner checkpoint"):
-        preflight.base_model_family(str(refiner))
+        base_model_family(str(refiner))
     with pytest.raises(ConfigError, match="not a diffusers model"):
-        preflight.base_model_family(str(tmp_path))
+        base_model_family(str(tmp_path))
     with pytest.raises(ConfigError, match="no such file"):
-        preflight.base_model_family(str(tmp_path / "missing.safetensors"))
+        base_model_family(str(tmp_path / "missing.safetensors"))
 
 
 # --------------------------------------------------------------------------------------- network_weights
@@ -240,7 +242,7 @@ def test_cli_names_a_non_utf8_caption(tmp_path, dataset_dir, monkeypatch, capsys
 def test_preflight_runs_where_diffusers_is_missing(dataset_dir):
     """The WebUI's venv has no diffusers: the job runner's checks must not import it."""
     code = ("import sys; sys.modules['diffusers'] = None\n"
-            "from lora_train import preflight\nfrom lora_train.config import TrainConfig\n"
+            "from lora_train.engine import preflight\nfrom lora_train.engine.config import TrainConfig\n"
             "preflight.check(TrainConfig(train_data_dir=sys.argv[1]), 'sd1')\n")
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run([sys.executable, "-c", code, str(dataset_dir)], cwd=root, capture_output=True, text=True,

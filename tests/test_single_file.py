@@ -16,11 +16,11 @@ import torch  # noqa: E402
 from diffusers_compat import create_unet_diffusers_config, create_vae_diffusers_config  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from lora_train import weight_kinds  # noqa: E402
-from lora_train.architectures import Architecture  # noqa: E402
+from lora_train.engine import weight_kinds  # noqa: E402
+from lora_train.engine.weights import WeightsFileError  # noqa: E402
 from lora_train.hosts import checkpoint_convert  # noqa: E402
+from lora_train.hosts.architectures import Architecture  # noqa: E402
 from lora_train.hosts.diffusers import load_bundle, load_single_file  # noqa: E402
-from lora_train.weights import WeightsFileError  # noqa: E402
 
 CAPTIONS = ["a photo of a red cat", "a house by the sea"]
 
@@ -48,7 +48,7 @@ def unwrap_open_clip(model):
 
 
 def compare_unet(ldm_unet, bundle, context, y=None, size_ids=None, pooled=None):
-    from lora_train.model import Conditioning
+    from lora_train.engine.model import Conditioning
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((2, 4, 8, 8), generator=generator)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import make_config, state_hashes
 
-from lora_train import lora, run_state, trainer
-from lora_train.export import read_lora
-from lora_train.trainer import NonFiniteError, TrainCallbacks, train
+from lora_train.engine import lora, run_state, trainer
+from lora_train.engine.export import read_lora
+from lora_train.engine.trainer import NonFiniteError, TrainCallbacks, train
 
 
 def test_loss_falls_and_host_weights_are_untouched(tiny, dataset_dir, tmp_path):
@@ -286,8 +286,8 @@ def test_progress_every_step_and_loss_every_n_steps(tiny, dataset_dir, tmp_path)
 
 
 def test_the_job_keeps_its_last_loss_on_steps_without_a_reading():
-    from lora_train.config import TrainConfig
-    from lora_train.jobs import Job, _JobCallbacks
+    from lora_train.engine.config import TrainConfig
+    from lora_train.webui.jobs import Job, _JobCallbacks
 
     class Host:
         def report(self, job):

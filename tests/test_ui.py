@@ -23,12 +23,12 @@ import pytest  # noqa: E402
 
 gr = pytest.importorskip("gradio")
 
-from lora_train import ui  # noqa: E402
 from lora_train.cli import describe  # noqa: E402
-from lora_train.config import ConfigError, TrainConfig  # noqa: E402
-from lora_train.jobs import Job, JobRunner  # noqa: E402
-from lora_train.paths import PathPolicy  # noqa: E402
-from lora_train.ui_cli import DiffusersHost, make_app  # noqa: E402
+from lora_train.engine.config import ConfigError, TrainConfig  # noqa: E402
+from lora_train.webui import ui  # noqa: E402
+from lora_train.webui.jobs import Job, JobRunner  # noqa: E402
+from lora_train.webui.paths import PathPolicy  # noqa: E402
+from lora_train.webui.standalone import DiffusersHost, make_app  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
 
@@ -103,7 +103,7 @@ def test_widget_values_round_trip_through_the_config() -> None:
                       optimizer_args={"weight_decay": 0.1}, lr_scheduler="cosine", mixed_precision="bf16")
     values = ui.config_to_values(cfg)
     assert len(values) == len(dataclasses.fields(TrainConfig))
-    from lora_train.config import from_dict
+    from lora_train.engine.config import from_dict
 
     assert from_dict(ui.values_to_config(values)) == cfg
     values[ui.FIELD_NAMES.index("v_parameterization")] = "auto"
@@ -302,7 +302,7 @@ def test_status_line_of_a_running_job(tmp_path: Path) -> None:
 
 
 def test_shipped_example_still_builds_a_config_the_ui_accepts() -> None:
-    from lora_train import config
+    from lora_train.engine import config
 
     cfg = config.load(EXAMPLE)
     assert ui.values_to_config(ui.config_to_values(cfg))["output_name"] == cfg.output_name

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_train.uploads import Limits, UploadError, import_upload
+from lora_train.webui.uploads import Limits, UploadError, import_upload
 
 
 def _png() -> bytes:

@@ -15,14 +15,14 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .. import kohya_names
-from ..architectures import BUILTIN, BY_FAMILY, Architecture
-from ..clip_tokenizer import MAX_LENGTH, build_clip_tokenizer
-from ..model import Conditioning, Family, LoraTarget, Parameterization
-from ..preflight import folder_family
-from ..weights import WeightsFileError
-from . import checkpoint_convert
-from .vae_fallback import encode_finite
+from lora_train.engine import kohya_names
+from lora_train.engine.model import Conditioning, Family, LoraTarget, Parameterization
+from lora_train.engine.weights import WeightsFileError
+from lora_train.hosts import checkpoint_convert
+from lora_train.hosts.architectures import BUILTIN, BY_FAMILY, Architecture
+from lora_train.hosts.base_model import folder_family
+from lora_train.hosts.clip_tokenizer import MAX_LENGTH, build_clip_tokenizer
+from lora_train.hosts.vae_fallback import encode_finite
 
 
 def sd_alphas_cumprod() -> torch.Tensor:

@@ -32,9 +32,9 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .. import kohya_names
-from ..model import Conditioning, Family, LoraTarget, Parameterization
-from .vae_fallback import encode_finite
+from lora_train.engine import kohya_names
+from lora_train.engine.model import Conditioning, Family, LoraTarget, Parameterization
+from lora_train.hosts.vae_fallback import encode_finite
 
 MAX_LENGTH = 77
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")

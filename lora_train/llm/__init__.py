@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .config import is_llm_config, read_yaml
+from lora_train.llm.config import is_llm_config, read_yaml
 
 
 def is_llm_config_file(path: str | Path, overrides: list[str] | None = None) -> bool:
@@ -19,13 +19,13 @@ def is_llm_config_file(path: str | Path, overrides: list[str] | None = None) -> 
 
 def run(config_path: str | Path, overrides: list[str] | None = None, callbacks=None, merge: bool = False):
     """Train from a YAML file as ``python -m lora_train train`` does; returns the engine's TrainResult."""
-    from . import config, train
+    from lora_train.llm import config, train
 
     return train.train(config.load(config_path, overrides), callbacks, merge=merge)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from .generate import run_generate
+    from lora_train.llm.generate import run_generate
 
     return run_generate(args)
 

@@ -1,6 +1,6 @@
 """The text-generation task's config: lora-scripts and HF-Trainer key spellings in one typed dataclass.
 
-Field names match the SD engine's ``TrainConfig`` where the meaning is the same, so ``lora_train.optim``'s
+Field names match the SD engine's ``TrainConfig`` where the meaning is the same, so ``lora_train.engine.optim``'s
 optimizer, schedule and scaler factories read this config unchanged. Type checks are ``config._coerce``'s.
 """
 
@@ -16,7 +16,15 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, Optimizer, Precision, Scheduler, _coerce, parse_override, tensorboard_folder
+from lora_train.engine.config import (
+    ConfigError,
+    Optimizer,
+    Precision,
+    Scheduler,
+    _coerce,
+    parse_override,
+    tensorboard_folder,
+)
 
 TASK_NAMES = ("text-generation", "llm", "causal-lm", "causal_lm")
 TINY_MODEL = "tiny-llm"

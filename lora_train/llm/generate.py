@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
-from . import data
-from . import model as models
+from lora_train.engine.config import ConfigError
+from lora_train.llm import data
+from lora_train.llm import model as models
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48, temperature: float = 0.0, seed: int = 0,

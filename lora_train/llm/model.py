@@ -13,9 +13,9 @@ import torch
 import transformers
 from torch import nn
 
-from ..clip_tokenizer import _byte_symbols
-from ..config import ConfigError
-from .config import TINY_MODEL
+from lora_train.engine.config import ConfigError
+from lora_train.hosts.clip_tokenizer import _byte_symbols
+from lora_train.llm.config import TINY_MODEL
 
 TINY_FOLDER = Path(__file__).resolve().parent / "tiny-llm"
 EOS = "<|endoftext|>"

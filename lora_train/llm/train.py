@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
-from ..files import free_name
-from ..optim import make_grad_scaler, make_optimizer, make_scheduler, optimizer_step
-from ..trainer import StepInfo, TrainCallbacks, TrainResult, _autocast, tensorboard_writer
-from . import checkpoint, data
-from . import model as models
-from .config import LlmConfig
-from .generate import generate
+from lora_train.engine.config import ConfigError
+from lora_train.engine.files import free_name
+from lora_train.engine.optim import make_grad_scaler, make_optimizer, make_scheduler, optimizer_step
+from lora_train.engine.trainer import StepInfo, TrainCallbacks, TrainResult, _autocast, tensorboard_writer
+from lora_train.llm import checkpoint, data
+from lora_train.llm import model as models
+from lora_train.llm.config import LlmConfig
+from lora_train.llm.generate import generate
 
 
 def epoch_order(count: int, seed: int, epoch: int) -> list[int]:

@@ -15,7 +15,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .model import LoraTarget
+from lora_train.engine.model import LoraTarget
 
 ADAPTER = "default"
 

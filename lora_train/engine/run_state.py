@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError
-from .files import atomic_write, atomic_write_text
+from lora_train.engine.config import ConfigError
+from lora_train.engine.files import atomic_write, atomic_write_text
 
 STATE_JSON = "state.json"
 # the .safetensors-state extension keeps a state folder inside models/Lora from showing up as a Lora card

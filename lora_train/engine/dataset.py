@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from . import caption_files
-from .config import TrainConfig
+from lora_train.engine import caption_store
+from lora_train.engine.config import TrainConfig
 
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 _EXIF_ORIENTATION = 0x0112
@@ -76,7 +76,7 @@ class Dataset:
 
 def _subsets(root: Path) -> list[tuple[Path, int]]:
     """(folder, repeats): the root's own images once, plus every ``N_name`` subfolder N times."""
-    subsets = [(root, 1)] if caption_files.list_images(root) else []
+    subsets = [(root, 1)] if caption_store.list_images(root) else []
     for child in sorted(p for p in root.iterdir() if p.is_dir()):
         match = _REPEAT_FOLDER.match(child.name)
         if match:
@@ -89,8 +89,8 @@ def _read_metadata(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise DatasetError(f"metadata_path {str(path)!r} is not a file")
     try:
-        return {name: caption.strip() for name, caption in caption_files.read_metadata_csv(path).items()}
-    except caption_files.CaptionFileError as exc:
+        return {name: caption.strip() for name, caption in caption_store.read_metadata_csv(path).items()}
+    except caption_store.CaptionFileError as exc:
         raise DatasetError(str(exc)) from None
 
 
@@ -118,10 +118,10 @@ def scan(cfg: TrainConfig) -> Dataset:
             raise DatasetError(f"{key} {str(root)!r} is not a folder")
         subsets = _subsets(root)
         if not subsets:
-            kinds = ", ".join(sorted(caption_files.IMAGE_EXTENSIONS))
+            kinds = ", ".join(sorted(caption_store.IMAGE_EXTENSIONS))
             raise DatasetError(f"{key} {root}: no images ({kinds}) in it or in N_name subfolders")
         for folder, repeats in subsets:
-            for path in caption_files.list_images(folder):
+            for path in caption_store.list_images(folder):
                 try:
                     size = _image_size(path)
                 except Exception as exc:  # noqa: BLE001 - any decoder error means the same to the user
@@ -131,7 +131,7 @@ def scan(cfg: TrainConfig) -> Dataset:
                 if caption is None and not is_reg:
                     uncaptioned.append(str(path))
                     continue
-                caption = caption_files.with_trigger(caption or "", None if is_reg else cfg.trigger_word)
+                caption = caption_store.with_trigger(caption or "", None if is_reg else cfg.trigger_word)
                 items.append(ImageItem(path, caption, repeats, is_reg, folder.name, size))
     problems = []
     if unreadable:
@@ -175,8 +175,8 @@ class _Captions:
                     return self.metadata[name]
             return None
         try:
-            return caption_files.read_sidecar(path, self.extension)
-        except caption_files.CaptionFileError as exc:
+            return caption_store.read_sidecar(path, self.extension)
+        except caption_store.CaptionFileError as exc:
             self.undecodable.append(str(exc))
             return ""  # reported above; not also listed as missing
 

@@ -27,14 +27,15 @@ import pandas as pd
 import torch
 import yaml
 
-from . import caption_files, captioner
-from . import config as config_module
-from .config import ConfigError, TrainConfig
-from .files import free_name
-from .jobs import BusyError, HostError, Job, JobRunner
-from .paths import sanitize_name
-from .presets import DEFAULT_PRESET, PRESET_NAMES, preset_values
-from .uploads import UploadError, import_upload
+from lora_train.caption import captioner
+from lora_train.engine import caption_store
+from lora_train.engine import config as config_module
+from lora_train.engine.config import ConfigError, TrainConfig
+from lora_train.engine.files import free_name
+from lora_train.webui.jobs import BusyError, HostError, Job, JobRunner
+from lora_train.webui.paths import sanitize_name
+from lora_train.webui.presets import DEFAULT_PRESET, PRESET_NAMES, preset_values
+from lora_train.webui.uploads import UploadError, import_upload
 
 GRADIO_MAJOR = int(gr.__version__.split(".")[0])
 POLL_SECONDS = 1.0
@@ -193,8 +194,8 @@ CAPTION_HEADERS = ["image", "caption"]
 TAG_HEADERS = ["tag", "count"]
 
 
-def _rows(folder: str) -> list[caption_files.CaptionRow]:
-    return caption_files.list_rows(folder)
+def _rows(folder: str) -> list[caption_store.CaptionRow]:
+    return caption_store.list_rows(folder)
 
 
 def empty_view(note: str = "") -> tuple[pd.DataFrame, list, str, pd.DataFrame]:
@@ -212,12 +213,12 @@ def dataset_view(folder: str, runner: JobRunner) -> tuple[pd.DataFrame, list[tup
         return empty_view(f"No images in {path}.")
     table = pd.DataFrame([[row.name, row.caption or ""] for row in rows], columns=CAPTION_HEADERS)
     gallery = [(str(row.image), row.name) for row in rows[:200]]
-    missing = caption_files.missing_captions(rows)
+    missing = caption_store.missing_captions(rows)
     if missing:
         note = f"**{len(missing)} of {len(rows)} image(s) have no caption:** {', '.join(missing[:10])}"
     else:
         note = f"{len(rows)} image(s), all captioned."
-    tags = pd.DataFrame(caption_files.tag_frequency(row.caption for row in rows)[:50], columns=TAG_HEADERS)
+    tags = pd.DataFrame(caption_store.tag_frequency(row.caption for row in rows)[:50], columns=TAG_HEADERS)
     return table, gallery, note, tags
 
 
@@ -237,7 +238,7 @@ def save_table(folder: str, table: Any, runner: JobRunner) -> str:
     current = {row.name: row.caption or "" for row in _rows(str(path))}
     edits = {name: caption for name, caption in _table_rows(table) if name in current
              and caption.strip() != current[name].strip() and caption.strip()}
-    written = caption_files.save_captions(path, edits)
+    written = caption_store.save_captions(path, edits)
     return f"Saved {len(edits)} caption(s) to {len(written)} file(s)." if edits else "No caption changed."
 
 
@@ -451,7 +452,7 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
         def load_dataset(folder: str):
             try:
                 return (*dataset_view(folder, runner), "")
-            except (ConfigError, FileNotFoundError, caption_files.CaptionFileError) as exc:
+            except (ConfigError, FileNotFoundError, caption_store.CaptionFileError) as exc:
                 return (*empty_view(), f"⚠️ {exc}")
 
         load_button.click(load_dataset, [widgets["train_data_dir"]], [*dataset_outputs, status])
@@ -476,7 +477,7 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
             try:
                 message = save_table(folder, rows, runner)
                 return (*dataset_view(folder, runner), message)
-            except (ConfigError, FileNotFoundError, caption_files.CaptionFileError) as exc:
+            except (ConfigError, FileNotFoundError, caption_store.CaptionFileError) as exc:
                 return gr.update(), gr.update(), gr.update(), gr.update(), f"⚠️ {exc}"
 
         save_button.click(save, [widgets["train_data_dir"], table], [*dataset_outputs, status])
@@ -485,10 +486,10 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
             try:
                 runner.policy.check_input(folder, "train_data_dir")
                 captions = {name: caption for name, caption in _table_rows(rows)}
-                changed = caption_files.find_replace(captions, find, replacement, regex=use_regex)
-                caption_files.save_captions(folder, changed)
+                changed = caption_store.find_replace(captions, find, replacement, regex=use_regex)
+                caption_store.save_captions(folder, changed)
                 return (*dataset_view(folder, runner), f"Changed {len(changed)} caption(s).")
-            except (ConfigError, FileNotFoundError, caption_files.CaptionFileError) as exc:
+            except (ConfigError, FileNotFoundError, caption_store.CaptionFileError) as exc:
                 return gr.update(), gr.update(), gr.update(), gr.update(), f"⚠️ {exc}"
 
         replace_button.click(replace, [widgets["train_data_dir"], table, find_text, replace_text, regex],
@@ -611,7 +612,7 @@ def run_captioner(folder: Path, trigger: str, overwrite: bool, weights: str | No
     with runner.host.exclusive("LoRA captioning"):  # the WebUI's queue: no txt2img or training beside it
         model = captioner.get_captioner(weights=weights or None, device=device)
         options = captioner.CaptionOptions(trigger=trigger or None)
-        mode = caption_files.detect_mode(folder)
+        mode = caption_store.detect_mode(folder)
         report = captioner.caption_images(folder, model, options, mode=mode, overwrite=overwrite, progress=False)
     text = f"Captioned {len(report.written)} image(s), kept {len(report.kept)}."
     failure = report.failure_message()

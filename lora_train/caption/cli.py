@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from lora_train import caption_files, captioner
+from lora_train.caption import captioner
+from lora_train.engine import caption_store
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +50,7 @@ def run_caption(args: argparse.Namespace) -> int:
     try:
         options = _options(args)
         model = _load(args)
-    except (captioner.CaptionerError, caption_files.CaptionFileError, OSError, ValueError) as exc:
+    except (captioner.CaptionerError, caption_store.CaptionFileError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     mode = "sidecar" if args.sidecar else "csv"
@@ -65,7 +66,7 @@ def run_caption(args: argparse.Namespace) -> int:
             recursive=args.recursive,
             progress=not args.no_progress,
         )
-    except (captioner.CaptionerError, caption_files.CaptionFileError, OSError) as exc:
+    except (captioner.CaptionerError, caption_store.CaptionFileError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lora_train import caption_files
-from lora_train.weights import WeightsFileError, load_tensors
+from lora_train.engine import caption_store
+from lora_train.engine.weights import WeightsFileError, load_tensors
 
 DEFAULT_MODEL = "coca_ViT-L-14"
 VOCAB_DIR = Path(__file__).parent / "vocab"
@@ -422,7 +422,7 @@ def assemble_caption(
     (case-insensitive). Tags that do not fit are left out from the end; a caption that alone is too long is
     cut at a word boundary. The trigger is always kept.
     """
-    parts = caption_files.split_tags(caption_files.with_trigger(caption, trigger))
+    parts = caption_store.split_tags(caption_store.with_trigger(caption, trigger))
     kept = parts[:1] if (trigger or "").strip() else []
     caption_parts = parts[len(kept):]
     candidates: list[str] = []
@@ -481,7 +481,7 @@ def caption_images(
     folder: str | Path,
     captioner: Captioner,
     options: CaptionOptions | None = None,
-    mode: caption_files.Mode = "csv",
+    mode: caption_store.Mode = "csv",
     csv_path: str | Path | None = None,
     overwrite: bool = False,
     batch_size: int = 8,
@@ -501,12 +501,12 @@ def caption_images(
 
     folder = Path(folder)
     options = options or CaptionOptions()
-    images = caption_files.list_images(folder, recursive=recursive)
-    existing = caption_files.load_captions(folder, images, mode, csv_path)
-    report = CaptionReport(output=caption_files.default_csv_path(folder, csv_path) if mode == "csv" else None)
-    todo = [p for p in images if overwrite or not existing.get(caption_files.relative_name(folder, p))]
+    images = caption_store.list_images(folder, recursive=recursive)
+    existing = caption_store.load_captions(folder, images, mode, csv_path)
+    report = CaptionReport(output=caption_store.default_csv_path(folder, csv_path) if mode == "csv" else None)
+    todo = [p for p in images if overwrite or not existing.get(caption_store.relative_name(folder, p))]
     pending = set(todo)
-    report.kept = [caption_files.relative_name(folder, p) for p in images if p not in pending]
+    report.kept = [caption_store.relative_name(folder, p) for p in images if p not in pending]
     bar = tqdm(total=len(todo), desc="Captioning", unit="img", disable=not progress)
     try:
         for start in range(0, len(todo), max(1, batch_size)):
@@ -531,7 +531,7 @@ def _caption_batch(
     """Open each image (recording the unreadable ones), caption the rest in one forward pass."""
     names, pictures = [], []
     for image in batch:
-        name = caption_files.relative_name(folder, image)
+        name = caption_store.relative_name(folder, image)
         try:
             with Image.open(image) as handle:
                 pictures.append(handle.convert("RGB"))
@@ -541,9 +541,9 @@ def _caption_batch(
     return dict(zip(names, captioner.describe(pictures, options), strict=True)) if pictures else {}
 
 
-def _save(folder: Path, captions: dict[str, str], mode: caption_files.Mode, csv_path: str | Path | None) -> None:
+def _save(folder: Path, captions: dict[str, str], mode: caption_store.Mode, csv_path: str | Path | None) -> None:
     if captions:
-        caption_files.save_captions(folder, captions, mode=mode, csv_path=csv_path)
+        caption_store.save_captions(folder, captions, mode=mode, csv_path=csv_path)
 
 
 # ---------------------------------------------------------------------------------------------- cache

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import TrainConfig
-from .model import Family
+from lora_train.engine.config import TrainConfig
+from lora_train.engine.model import Family
 
 PRESET_NAMES = ("Character", "Style", "Concept")
 DEFAULT_PRESET = "Character"

@@ -23,13 +23,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import dataset as data
-from . import export, lora, run_state
-from .config import TrainConfig
-from .files import atomic_write, free_path
-from .model import Conditioning, ModelBundle, Parameterization
-from .optim import make_grad_scaler, make_optimizer, make_scheduler, optimizer_step
-from .run_paths import RunPaths, check_writable, reserve_run
+from lora_train.engine import dataset as data
+from lora_train.engine import export, lora, run_state
+from lora_train.engine.config import TrainConfig
+from lora_train.engine.files import atomic_write, free_path
+from lora_train.engine.model import Conditioning, ModelBundle, Parameterization
+from lora_train.engine.optim import make_grad_scaler, make_optimizer, make_scheduler, optimizer_step
+from lora_train.engine.run_paths import RunPaths, check_writable, reserve_run
 
 SampleFn = Callable[[ModelBundle, list[str], int], list[Image.Image]]
 
@@ -390,7 +390,9 @@ class Trainer:
         if self.sample_fn:
             images = self.sample_fn(self.bundle, self.cfg.prompts, step)
         else:
-            from .sampler import sample_images  # diffusers: the CLI's venv has it, the WebUI's need not
+            from lora_train.engine.sampler import (
+                sample_images,  # diffusers: the CLI's venv has it, the WebUI's need not
+            )
 
             with _autocast(self.cfg, self.device):
                 images = sample_images(self.bundle, self.cfg.prompts, height, width, self.cfg.sample_steps,

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError
+from lora_train.engine.config import ConfigError
 
 
 @dataclass(frozen=True)

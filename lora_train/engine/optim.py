@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from lora_train.engine.config import ConfigError, TrainConfig
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, TrainConfig
-from .host_snapshot import HostSnapshot
-from .hosts.ldm import LdmBundle, detect_family, reset_builtin_lora
-from .jobs import HostError, Job, JobRunner, TrainHost
-from .model import ModelBundle
-from .trainer import SampleFn
+from lora_train.engine.config import ConfigError, TrainConfig
+from lora_train.engine.model import ModelBundle
+from lora_train.engine.trainer import SampleFn
+from lora_train.hosts.ldm import LdmBundle, detect_family, reset_builtin_lora
+from lora_train.webui.host_snapshot import HostSnapshot
+from lora_train.webui.jobs import HostError, Job, JobRunner, TrainHost
 
 NO_MODEL = ("No checkpoint is loaded in the WebUI. Pick an SD1, SD2 or SDXL checkpoint in the dropdown at the "
             "top of the page, then press Train again.")
@@ -205,7 +205,7 @@ def _untrainable_storage(shared: Any, model: Any) -> str | None:
 
 def _unload_captioner() -> None:
     try:
-        from . import captioner
+        from lora_train.caption import captioner
     except ImportError:
         return
     captioner.unload()
@@ -226,7 +226,7 @@ def txt2img_sampler(processing: Any, shared: Any, cfg: TrainConfig, log: Callabl
             return webui_sample(bundle, prompts, step)
         except Exception as exc:  # noqa: BLE001 - see above
             try:
-                from .sampler import sample_images  # needs diffusers, which the WebUI's venv may lack
+                from lora_train.engine.sampler import sample_images  # needs diffusers, which the WebUI's venv may lack
             except ImportError:
                 log(f"txt2img preview failed ({type(exc).__name__}: {exc}); no preview at step {step}")
                 return []

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save, save_file
 
-from .config import TrainConfig
-from .dataset import Dataset
-from .files import atomic_write, atomic_write_text
-from .model import BASE_MODEL_VERSION, Family, Parameterization
+from lora_train.engine.config import TrainConfig
+from lora_train.engine.dataset import Dataset
+from lora_train.engine.files import atomic_write, atomic_write_text
+from lora_train.engine.model import BASE_MODEL_VERSION, Family, Parameterization
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 _ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}

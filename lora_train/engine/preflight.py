@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 
-from . import dataset, weight_kinds
-from .architectures import BUILTIN
-from .config import ConfigError, TrainConfig, prompts_file
-from .model import Family
-from .weight_kinds import FAMILY_NAMES, Shapes
-from .weights import WeightsFileError, read_header
+from lora_train.engine import dataset, weight_kinds
+from lora_train.engine.config import ConfigError, TrainConfig, prompts_file
+from lora_train.engine.model import Family
+from lora_train.engine.weight_kinds import FAMILY_NAMES, Shapes
+from lora_train.engine.weights import WeightsFileError, read_header
 
 # (config key, value that needs it, importable package, what to tell the user)
 _PACKAGES = (
@@ -33,8 +32,8 @@ def check(cfg: TrainConfig, family: Family | None) -> None:
     """Raise ConfigError naming the key (or DatasetError listing every dataset problem) for any input that would
     fail later in the run.
 
-    ``family`` is the model's (the WebUI's loaded one, or ``base_model_family`` for the CLI); None skips the
-    check that ``network_weights`` was trained on that family.
+    ``family`` is the model's (the WebUI's loaded one, or ``hosts.base_model.base_model_family`` for the CLI);
+    None skips the check that ``network_weights`` was trained on that family.
     """
     check_device(cfg.device)
     _check_packages(cfg)
@@ -104,39 +103,6 @@ def _check_resume(resume: str | None) -> None:
         raise ConfigError("resume", f"{info} is damaged (no readable step); resume from another checkpoint") from None
     if not isinstance(step, int):
         raise ConfigError("resume", f"{info} is damaged (step {step!r}); resume from another checkpoint")
-
-
-def base_model_family(base_model: str) -> Family:
-    """The family of the CLI's ``base_model`` (built-in name, diffusers folder or checkpoint file), from config
-    files and tensor headers only; ConfigError naming the file when it is not a model we can train."""
-    if base_model in BUILTIN:
-        return BUILTIN[base_model].family
-    path = Path(base_model).expanduser()
-    if path.is_dir():
-        return folder_family(path)
-    if not path.is_file():
-        raise ConfigError("base_model", f"{base_model!r}: no such file or folder; give a .safetensors/.ckpt "
-                          f"checkpoint, a diffusers folder, or one of the built-in models: {', '.join(BUILTIN)}")
-    try:
-        shapes, metadata = read_header(path)
-        return weight_kinds.require_checkpoint(path, shapes, metadata)
-    except WeightsFileError as exc:
-        raise ConfigError("base_model", str(exc)) from None
-
-
-def folder_family(path: Path) -> Family:
-    """SDXL folders have text_encoder_2; SD2's text encoder is 1024 wide; else SD1."""
-    config = path / "text_encoder" / "config.json"
-    if not (path / "unet" / "config.json").is_file() or not config.is_file():
-        raise ConfigError("base_model", f"{path} is a folder but not a diffusers model (no unet/config.json or "
-                          "text_encoder/config.json); give a diffusers folder or a checkpoint file")
-    if (path / "text_encoder_2").is_dir():
-        return "sdxl"
-    try:
-        width = json.loads(config.read_text(encoding="utf-8"))["hidden_size"]
-    except (ValueError, KeyError):
-        raise ConfigError("base_model", f"{config} is damaged (no hidden_size)") from None
-    return "sd2" if width == 1024 else "sd1"
 
 
 def lora_header(path: str | Path, key: str) -> tuple[Shapes, dict[str, str]]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from lora_train.files import atomic_write_bytes, atomic_write_text
+from lora_train.engine.files import atomic_write_bytes, atomic_write_text
 
 # The one list the captioner, the tab, uploads and the trainer share: all of them open images with Pillow.
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from . import caption_files
+from lora_train.engine import caption_store
 
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "sgd"]
 Scheduler = Literal[
@@ -143,8 +143,8 @@ class TrainConfig:
         if not path.is_file():
             raise ConfigError("sample_prompts", f"file {path} not found; give a .txt with one prompt per line")
         try:
-            lines = caption_files.read_text(path).splitlines()
-        except caption_files.CaptionFileError as exc:
+            lines = caption_store.read_text(path).splitlines()
+        except caption_store.CaptionFileError as exc:
             raise ConfigError("sample_prompts", str(exc)) from None
         return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
@@ -345,10 +345,10 @@ def load(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     if not path.is_file():
         raise ConfigError("--config", f"file {str(path)!r} not found")
     try:
-        data = yaml.safe_load(caption_files.read_text(path)) or {}
+        data = yaml.safe_load(caption_store.read_text(path)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from None
-    except caption_files.CaptionFileError as exc:
+    except caption_store.CaptionFileError as exc:
         raise ConfigError("--config", str(exc)) from None
     if not isinstance(data, dict):
         raise ConfigError("--config", f"{path} must hold a mapping of key: value lines")

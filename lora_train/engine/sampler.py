@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from .model import Conditioning, ModelBundle
+from lora_train.engine.model import Conditioning, ModelBundle
 
 
 def _scheduler(bundle: ModelBundle) -> DDIMScheduler:

@@ -14,10 +14,10 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from .config import ConfigError
-from .jobs import BusyError, HostError, JobRunner
-from .paths import INPUT_KEYS, PathNotAllowed
-from .presets import DEFAULT_PRESET, PRESET_NAMES, all_presets
+from lora_train.engine.config import ConfigError
+from lora_train.webui.jobs import BusyError, HostError, JobRunner
+from lora_train.webui.paths import INPUT_KEYS, PathNotAllowed
+from lora_train.webui.presets import DEFAULT_PRESET, PRESET_NAMES, all_presets
 
 PREFIX = "/lora-train/v1"
 INSECURE_FLAG = "--enable-insecure-extension-access"

@@ -17,11 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
-from .jobs import HostError, Job, JobRunner, TrainHost
-from .model import ModelBundle
-from .paths import PathPolicy, resolve
-from .trainer import SampleFn
+from lora_train.engine.config import TrainConfig
+from lora_train.engine.model import ModelBundle
+from lora_train.engine.trainer import SampleFn
+from lora_train.webui.jobs import HostError, Job, JobRunner, TrainHost
+from lora_train.webui.paths import PathPolicy, resolve
 
 
 class DiffusersHost(TrainHost):
@@ -34,7 +34,7 @@ class DiffusersHost(TrainHost):
         self._lock = threading.Lock()
 
     def family(self) -> str | None:
-        from .architectures import BUILTIN
+        from lora_train.hosts.architectures import BUILTIN
 
         if self._bundle is not None:
             return self._bundle.family
@@ -47,14 +47,14 @@ class DiffusersHost(TrainHost):
 
     def check(self, cfg: TrainConfig) -> None:
         model = cfg.base_model or self.base_model
-        from .architectures import BUILTIN
+        from lora_train.hosts.architectures import BUILTIN
 
         if model not in BUILTIN and not Path(model).expanduser().exists():
             raise HostError(f"base_model {model!r}: no such checkpoint file or folder")
 
     @contextmanager
     def session(self, cfg: TrainConfig, job: Job) -> Iterator[tuple[ModelBundle, SampleFn | None]]:
-        from .cli import load_model
+        from lora_train.cli import load_model
 
         key = (cfg.base_model, cfg.device, cfg.mixed_precision, cfg.clip_skip, cfg.v_parameterization)
         with self._lock:
@@ -67,7 +67,7 @@ class DiffusersHost(TrainHost):
 
 def make_app(args: argparse.Namespace) -> tuple[Any, JobRunner]:
     """The Blocks and the runner for the standalone UI (tests build it without serving)."""
-    from .ui import UISettings, build_ui
+    from lora_train.webui.ui import UISettings, build_ui
 
     output = resolve(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def make_app(args: argparse.Namespace) -> tuple[Any, JobRunner]:
     runner = JobRunner(DiffusersHost(args.base_model), PathPolicy(output_root=output, input_roots=roots))
     defaults: dict[str, Any] = {"base_model": args.base_model}
     if args.config:
-        from . import config as config_module
+        from lora_train.engine import config as config_module
 
         defaults = {**config_module.load(args.config).to_dict(), "base_model": args.base_model}
         defaults.pop("output_dir", None)
@@ -87,11 +87,11 @@ def make_app(args: argparse.Namespace) -> tuple[Any, JobRunner]:
 
 
 def run_ui(args: argparse.Namespace) -> int:
-    from .ui import enable_queue
+    from lora_train.webui.ui import enable_queue
 
     demo, runner = make_app(args)
     enable_queue(demo)
-    css = (Path(__file__).resolve().parent.parent / "style.css")
+    css = (Path(__file__).resolve().parents[2] / "style.css")
     launch: dict[str, Any] = {"server_name": args.host, "server_port": args.port, "show_error": True,
                               "prevent_thread_lock": True}
     if css.is_file():  # the WebUI adds an extension's style.css itself; standalone we do

@@ -12,7 +12,7 @@ import re
 
 from torch import nn
 
-from .model import Family, LoraTarget, UnetLayout
+from lora_train.engine.model import Family, LoraTarget, UnetLayout
 
 # kohya's default targets inside a UNet transformer (Transformer2DModel / SpatialTransformer).
 UNET_TARGET_SUFFIXES = (

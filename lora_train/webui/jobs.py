@@ -22,16 +22,16 @@ from typing import Any
 
 from PIL import Image
 
-from . import config as config_module
-from . import preflight
-from .config import ConfigError, TrainConfig
-from .dataset import DatasetError
-from .files import atomic_write
-from .model import ModelBundle
-from .paths import PathPolicy, resolve, sanitize_name
-from .presets import preset_values
-from .run_paths import reserve_run
-from .trainer import SampleFn, StepInfo, TrainCallbacks, TrainResult, train
+from lora_train.engine import config as config_module
+from lora_train.engine import preflight
+from lora_train.engine.config import ConfigError, TrainConfig
+from lora_train.engine.dataset import DatasetError
+from lora_train.engine.files import atomic_write
+from lora_train.engine.model import ModelBundle
+from lora_train.engine.run_paths import reserve_run
+from lora_train.engine.trainer import SampleFn, StepInfo, TrainCallbacks, TrainResult, train
+from lora_train.webui.paths import PathPolicy, resolve, sanitize_name
+from lora_train.webui.presets import preset_values
 
 PREFERRED_WEIGHT = 0.7
 MAX_KEPT_JOBS = 20
@@ -238,7 +238,7 @@ def describe_run(cfg: TrainConfig, result: TrainResult, model_name: str) -> str:
 
 def publish(job: Job, result: TrainResult, family: str, model_name: str) -> Path | None:
     """Write the card (``.json``) and preview beside the final file the trainer wrote into the Lora folder."""
-    from .export import write_sidecar
+    from lora_train.engine.export import write_sidecar
 
     if result.output is None:
         return None

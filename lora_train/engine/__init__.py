@@ -1,0 +1,1 @@
+"""The training engine: config → dataset → lora → trainer → export. Knows no host and no UI."""
