@@ -118,6 +118,12 @@ def main(argv: list[str] | None = None, prog: str = "lora-train") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         return args.func(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").startswith("lora_train"):
+            raise  # our own import: a bug, keep the traceback
+        print(f"error: {args.command} needs the Python package {exc.name!r}, which is not installed here (README, "
+              "CLI: which python to use and what to install)", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as exc:
         # bad input (ConfigError, DatasetError, CaptionFileError, WeightsFileError are ValueErrors) or a file
         # that cannot be read/written: one line, no traceback
