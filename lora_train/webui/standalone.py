@@ -51,7 +51,7 @@ def run_ui(args: argparse.Namespace) -> int:
     enable_queue(demo)
     css = (Path(__file__).resolve().parents[2] / "style.css")
     launch: dict[str, Any] = {"server_name": args.host, "server_port": args.port, "show_error": True,
-                              "prevent_thread_lock": True}
+                              "prevent_thread_lock": True, "quiet": True}  # our line below gives the address
     if css.is_file():  # the WebUI adds an extension's style.css itself; standalone we do
         if "css" in inspect.signature(demo.launch).parameters:
             launch["css"] = css.read_text(encoding="utf-8")
