@@ -4,4 +4,4 @@ import sys
 
 from lora_train.cli import main
 
-sys.exit(main())
+sys.exit(main(prog="python -m lora_train"))

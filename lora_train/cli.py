@@ -1,87 +1,35 @@
-"""``python -m lora_train train|inspect|caption``: the headless entry points."""
+"""``lora-train`` / ``python -m lora_train``: train, inspect, caption, ui and generate from a terminal.
+
+Only argparse runs at import: each subcommand imports torch and friends when it runs, so ``--help`` is instant.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import functools
 import json
 import signal
 import sys
-from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from lora_train.engine import config as config_module
-from lora_train.engine import preflight
-from lora_train.engine.config import TrainConfig
-from lora_train.engine.export import read_lora
-from lora_train.engine.trainer import StepInfo, TrainCallbacks, train
-from lora_train.hosts.base_model import base_model_family
-from lora_train.webui import standalone
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def host_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    """Frozen base weights in half precision on a GPU when training mixed precision; fp32 on the CPU."""
-    if device.type == "cpu" or cfg.mixed_precision == "no":
-        return torch.float32
-    return torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
-
-
-def load_model(cfg: TrainConfig):
-    """The diffusers bundle for ``cfg.base_model``, on the configured device."""
-    from lora_train.hosts.diffusers import load_bundle
-
-    device = pick_device(cfg.device)
-    bundle = load_bundle(cfg.base_model, cfg.v_parameterization, cfg.clip_skip)
-    return bundle.to(device, host_dtype(cfg, device))
-
-
-class ConsoleCallbacks(TrainCallbacks):
-    """tqdm progress; the first Ctrl-C stops cleanly after the current step and saves, a second one aborts."""
-
-    def __init__(self) -> None:
-        self.bar: tqdm | None = None
-        self.stop_requested = False
-
-    def on_start(self, total_steps: int, start_step: int) -> None:
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-
-    def on_step(self, info: StepInfo) -> None:
-        assert self.bar is not None
-        self.bar.update(info.step - self.bar.n)
-        if info.loss is not None:  # read every log_every_n_steps only
-            self.bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", epoch=info.epoch)
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        tqdm.write(f"checkpoint: {path}")
-
-    def on_log(self, message: str) -> None:
-        tqdm.write(message)
-
-    def should_stop(self) -> bool:
-        return self.stop_requested
-
-    def request_stop(self, *_: object) -> None:
-        if self.stop_requested:
-            raise KeyboardInterrupt
-        self.stop_requested = True
-        tqdm.write("stopping after this step (Ctrl-C again to abort without saving)")
+from lora_train.quiet import silence_dependency_noise
 
 
 def run_train(args: argparse.Namespace) -> int:
     from lora_train import llm  # light; the text-generation engine loads only for an LLM config
+    from lora_train.console import ConsoleCallbacks
 
     callbacks = ConsoleCallbacks()
     if llm.is_llm_config_file(args.config, args.set):
         job = functools.partial(llm.run, args.config, args.set, callbacks, merge=args.merge)
     else:
+        from lora_train.engine import config as config_module
+        from lora_train.engine import preflight
+        from lora_train.engine.trainer import train
+        from lora_train.hosts.base_model import base_model_family
+        from lora_train.hosts.diffusers import load_model
+
         cfg = config_module.load(args.config, args.set)
         preflight.check(cfg, base_model_family(cfg.base_model))  # every input, before the model loads
         job = functools.partial(train, cfg, load_model(cfg), callbacks)
@@ -97,12 +45,24 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def readable_time(value: str) -> str:
+    """A unix-seconds metadata value (kohya's ``ss_training_*_at``) as ISO-8601 local time; others unchanged."""
+    try:
+        moment = datetime.datetime.fromtimestamp(float(value))
+    except (ValueError, OverflowError, OSError):
+        return value
+    return moment.astimezone().isoformat(timespec="seconds")
+
+
 def describe(path: str) -> dict:
-    """Family, rank, alpha, module counts and metadata of a LoRA file."""
+    """Family, rank, alpha, module counts and metadata (sorted, times readable) of a LoRA file."""
+    from lora_train.engine.export import read_lora
+
     tensors, metadata = read_lora(path)
     modules = sorted({key.split(".")[0] for key in tensors})
     downs = [tensors[f"{m}.lora_down.weight"] for m in modules if f"{m}.lora_down.weight" in tensors]
     alphas = {float(tensors[f"{m}.alpha"]) for m in modules if f"{m}.alpha" in tensors}
+    shown = sorted(key for key in metadata if key not in ("ss_tag_frequency", "ss_bucket_info"))
     return {
         "file": str(path),
         "family": metadata.get("ss_base_model_version", "unknown"),
@@ -113,18 +73,28 @@ def describe(path: str) -> dict:
             "text_encoder": sum(m.startswith("lora_te") for m in modules),
         },
         "dtype": sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}),
-        "metadata": {k: v for k, v in metadata.items() if k not in ("ss_tag_frequency", "ss_bucket_info")},
+        "metadata": {k: readable_time(metadata[k]) if k.endswith("_at") else metadata[k] for k in shown},
     }
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    preflight.lora_header(args.file, "file")
-    print(json.dumps(describe(args.file), indent=2))
+    from lora_train.engine import preflight
+
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON alone, for `| jq`
+        preflight.lora_header(args.file, "file")
+        info = describe(args.file)
+    print(json.dumps(info, indent=2))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lora_train", description=__doc__)
+def build_parser(prog: str = "lora-train") -> argparse.ArgumentParser:
+    """Every subcommand's arguments; importing nothing heavy (tests check torch stays unloaded)."""
+    from lora_train import llm  # light: argparse only; the text-generation engine loads when `generate` runs
+    from lora_train.caption import cli as caption_cli
+    from lora_train.webui import standalone
+
+    parser = argparse.ArgumentParser(prog=prog, description="Train LoRA adapters from a YAML config, inspect them, "
+                                     "caption an image folder, or serve the training tab in a browser.")
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser = sub.add_parser("train", help="train a LoRA from a YAML config")
     train_parser.add_argument("--config", required=True, help="YAML file (kohya / lora-scripts key names)")
@@ -133,26 +103,27 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--merge", action="store_true",
                               help="text-generation configs: also write <name>-merged (adapter folded in)")
     train_parser.set_defaults(func=run_train)
-    inspect_parser = sub.add_parser("inspect", help="show family, rank, alpha, modules and metadata of a LoRA")
+    inspect_parser = sub.add_parser("inspect", help="print a LoRA's family, rank, alpha, modules and metadata as JSON")
     inspect_parser.add_argument("file")
     inspect_parser.set_defaults(func=run_inspect)
-    try:
-        from lora_train.caption import cli as caption_cli
-    except ImportError:  # the captioner is optional at run time (open_clip missing)
-        pass
-    else:
-        caption_cli.add_parser(sub)
+    caption_cli.add_parser(sub)
     standalone.add_parser(sub)
-    from lora_train import llm  # light: argparse only; the text-generation engine loads when `generate` runs
-
     llm.add_generate_parser(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "lora-train") -> int:
+    """Run one subcommand; returns its exit code (2: bad input, one line on stderr)."""
+    silence_dependency_noise()
+    args = build_parser(prog).parse_args(argv)
     try:
         return args.func(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").startswith("lora_train"):
+            raise  # our own import: a bug, keep the traceback
+        print(f"error: {args.command} needs the Python package {exc.name!r}, which is not installed here (README, "
+              "CLI: which python to use and what to install)", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as exc:
         # bad input (ConfigError, DatasetError, CaptionFileError, WeightsFileError are ValueErrors) or a file
         # that cannot be read/written: one line, no traceback

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -22,17 +23,72 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+# What our dependencies print on import in the test venvs (bitsandbytes' kernels line; diffusers', timm's and
+# torchvision's warnings): none of it may reach the user.
+DEPENDENCY_NOISE = ("gemm_4bit", "kernels-community", "Warning:", "warn(")
+HEAVY = ("torch", "diffusers", "peft", "transformers", "gradio", "bitsandbytes", "open_clip", "accelerate")
+
+
+def assert_quiet(stderr: str) -> None:
+    noisy = [line for line in stderr.splitlines() if any(mark in line for mark in DEPENDENCY_NOISE)]
+    assert noisy == []
+
+
 def test_tiny_example_trains_end_to_end_and_inspects(tmp_path):
+    before = datetime.datetime.now().astimezone().replace(microsecond=0)
     result = run("train", "--config", "examples/tiny.yaml", "--set", f"output_dir={tmp_path}",
                  "--set", "max_train_steps=6")
     assert result.returncode == 0, result.stderr
+    assert_quiet(result.stderr)
     output = tmp_path / "tiny-shapes.safetensors"
     assert output.is_file() and "done: 6/6" in result.stdout
     shown = run("inspect", str(output))
     assert shown.returncode == 0, shown.stderr
-    info = json.loads(shown.stdout)
+    assert_quiet(shown.stderr)
+    info = json.loads(shown.stdout)  # stdout is the JSON and nothing else
     assert info["family"] == "sd_v1" and info["rank"] == [4] and info["modules"]["unet"] == 72
-    assert info["metadata"]["ss_steps"] == "6"
+    metadata = info["metadata"]
+    assert metadata["ss_steps"] == "6" and list(metadata) == sorted(metadata)
+    started = datetime.datetime.fromisoformat(metadata["ss_training_started_at"])  # ISO-8601 with the UTC offset
+    finished = datetime.datetime.fromisoformat(metadata["ss_training_finished_at"])
+    assert before <= started <= finished <= datetime.datetime.now().astimezone()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["inspect", "--help"], ["caption", "--help"],
+                                  ["ui", "--help"], ["generate", "--help"]], ids=" ".join)
+def test_help_is_quick_and_quiet(argv, tmp_path):
+    """--help loads none of the big packages (it took 4-9 s when it did) and prints only our usage."""
+    probe = ("import json, runpy, sys\n"
+             f"sys.argv = ['lora_train', *{argv!r}]\n"
+             "try:\n    runpy.run_module('lora_train', run_name='__main__')\n"
+             "except SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+             f"print('LOADED', json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)  # cwd outside the repository: the package comes from PYTHONPATH
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: ")
+    assert result.stdout.splitlines()[-1] == "LOADED []"
+    assert result.stderr == ""
+
+
+def test_module_runs_from_any_folder_with_the_package_on_the_path(tmp_path):
+    result = run("--help", cwd=tmp_path)
+    assert result.returncode == 0 and "train" in result.stdout and "inspect" in result.stdout
+    assert result.stderr == ""
+
+
+def test_missing_dependency_is_one_line_naming_it(tmp_path):
+    probe = ("import sys\n"
+             "sys.modules['diffusers'] = None  # as if it were not installed\n"
+             "from lora_train.cli import main\n"
+             f"sys.exit(main(['train', '--config', {str(ROOT / 'examples' / 'tiny.yaml')!r}, '--set', "
+             f"'output_dir={tmp_path}']))\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert "'diffusers'" in result.stderr and "not installed" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bad_config_key_exits_2_with_a_clear_message(tmp_path):

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_train import llm
-from lora_train.cli import ConsoleCallbacks
+from lora_train.console import ConsoleCallbacks
 from lora_train.engine.config import ConfigError
 from lora_train.engine.trainer import TrainCallbacks
 from lora_train.llm import data

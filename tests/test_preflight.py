@@ -57,7 +57,7 @@ def run_cli(tmp_path: Path, monkeypatch, capsys, yaml_text: str) -> str:
     def no_model(cfg):
         raise AssertionError("the model must not be loaded for bad input")
 
-    monkeypatch.setattr(cli, "load_model", no_model)
+    monkeypatch.setattr("lora_train.hosts.diffusers.load_model", no_model)
     path = tmp_path / "run.yaml"
     path.write_text(yaml_text)
     assert cli.main(["train", "--config", str(path)]) == 2

@@ -26,9 +26,10 @@ gr = pytest.importorskip("gradio")
 from lora_train.cli import describe  # noqa: E402
 from lora_train.engine.config import ConfigError, TrainConfig  # noqa: E402
 from lora_train.webui import ui  # noqa: E402
+from lora_train.webui.diffusers_host import DiffusersHost  # noqa: E402
 from lora_train.webui.jobs import Job, JobRunner  # noqa: E402
 from lora_train.webui.paths import PathPolicy  # noqa: E402
-from lora_train.webui.standalone import DiffusersHost, make_app  # noqa: E402
+from lora_train.webui.standalone import make_app  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
 

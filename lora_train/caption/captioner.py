@@ -23,12 +23,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from lora_train.caption.defaults import CATEGORIES, DEFAULT_MODEL, VOCAB_DIR
 from lora_train.engine import caption_store
 from lora_train.engine.weights import WeightsFileError, load_tensors
 
-DEFAULT_MODEL = "coca_ViT-L-14"
-VOCAB_DIR = Path(__file__).parent / "vocab"
-CATEGORIES = ("subject", "style", "medium", "colour", "composition", "lighting")
 WEIGHT_FILE_NAMES = ("open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
 # open_clip pretrained tag and its hub repository for the CoCa models we know.
 PRETRAINED = {

@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lora_train.caption import captioner
-from lora_train.engine import caption_store
+from lora_train.caption.defaults import CATEGORIES, DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from lora_train.caption import captioner
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     target.add_argument("--sidecar", action="store_true", help="write a .txt next to each image instead")
     parser.add_argument("--trigger", help="trigger word put first in every new caption")
     parser.add_argument("--overwrite", action="store_true", help="replace existing captions")
-    parser.add_argument("--model", default=captioner.DEFAULT_MODEL, help="open_clip CoCa model name")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip CoCa model name")
     parser.add_argument("--weights", type=Path, help="local weights file (.safetensors or .bin)")
     parser.add_argument("--models-dir", type=Path, help="folder searched for the weights when --weights is not set")
     parser.add_argument("--model-config", type=Path, help="open_clip model config json (custom CoCa)")
@@ -36,8 +39,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tags", type=int, default=1, help="tags per vocabulary category (0: none)")
     parser.add_argument(
         "--categories",
-        default=",".join(captioner.CATEGORIES),
-        help=f"comma-separated tag vocabularies (default: {','.join(captioner.CATEGORIES)})",
+        default=",".join(CATEGORIES),
+        help=f"comma-separated tag vocabularies (default: {','.join(CATEGORIES)})",
     )
     parser.add_argument("--max-tokens", type=int, default=75, help="CLIP token limit of a caption")
     parser.add_argument("--recursive", action="store_true", help="include images in subfolders")
@@ -47,6 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_caption(args: argparse.Namespace) -> int:
     """Run the subcommand. Exit codes: 0 done, 1 some images unreadable (the rest written), 2 bad input."""
+    from lora_train.caption import captioner
+    from lora_train.engine import caption_store
+
     try:
         options = _options(args)
         model = _load(args)
@@ -80,6 +86,8 @@ def run_caption(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace) -> captioner.CaptionOptions:
+    from lora_train.caption import captioner
+
     if not args.input.is_dir():
         raise captioner.CaptionerError(f"Image folder not found: {args.input}")
     if args.batch_size < 1 or args.beams < 1 or args.max_tokens < 1:
@@ -99,6 +107,8 @@ def _options(args: argparse.Namespace) -> captioner.CaptionOptions:
 
 def _load(args: argparse.Namespace) -> captioner.Captioner:
     import torch
+
+    from lora_train.caption import captioner
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = json.loads(args.model_config.read_text(encoding="utf-8")) if args.model_config else None

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lora_train.engine import kohya_names
+from lora_train.engine.config import TrainConfig
 from lora_train.engine.model import Conditioning, Family, LoraTarget, Parameterization
 from lora_train.engine.weights import WeightsFileError
 from lora_train.hosts import checkpoint_convert
@@ -238,3 +239,24 @@ def load_bundle(
         f"base_model {base_model!r}: no such file or folder; give a .safetensors/.ckpt checkpoint, a diffusers "
         f"folder, or one of the built-in models: {', '.join(BUILTIN)}"
     )
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: the GPU when there is one."""
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def host_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """Frozen base weights in half precision on a GPU when training mixed precision; fp32 on the CPU."""
+    if device.type == "cpu" or cfg.mixed_precision == "no":
+        return torch.float32
+    return torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
+
+
+def load_model(cfg: TrainConfig) -> DiffusersBundle:
+    """The bundle for ``cfg.base_model`` on the configured device: what ``train`` and the ``ui`` server train."""
+    device = pick_device(cfg.device)
+    bundle = load_bundle(cfg.base_model, cfg.v_parameterization, cfg.clip_skip)
+    return bundle.to(device, host_dtype(cfg, device))

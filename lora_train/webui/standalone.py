@@ -12,61 +12,19 @@ import argparse
 import inspect
 import signal
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lora_train.engine.config import TrainConfig
-from lora_train.engine.model import ModelBundle
-from lora_train.engine.trainer import SampleFn
-from lora_train.webui.jobs import HostError, Job, JobRunner, TrainHost
 from lora_train.webui.paths import PathPolicy, resolve
 
-
-class DiffusersHost(TrainHost):
-    """Loads ``cfg.base_model`` with the CLI's loader and keeps the last one for the next run."""
-
-    def __init__(self, base_model: str = "tiny"):
-        self.base_model = base_model
-        self._key: tuple | None = None
-        self._bundle: ModelBundle | None = None
-        self._lock = threading.Lock()
-
-    def family(self) -> str | None:
-        from lora_train.hosts.architectures import BUILTIN
-
-        if self._bundle is not None:
-            return self._bundle.family
-        arch = BUILTIN.get(self.base_model)
-        return arch.family if arch else None
-
-    def device_type(self) -> str:
-        """Where the loaded model is (``device`` may pin it to the CPU on a GPU machine)."""
-        return self._bundle.device.type if self._bundle is not None else super().device_type()
-
-    def check(self, cfg: TrainConfig) -> None:
-        model = cfg.base_model or self.base_model
-        from lora_train.hosts.architectures import BUILTIN
-
-        if model not in BUILTIN and not Path(model).expanduser().exists():
-            raise HostError(f"base_model {model!r}: no such checkpoint file or folder")
-
-    @contextmanager
-    def session(self, cfg: TrainConfig, job: Job) -> Iterator[tuple[ModelBundle, SampleFn | None]]:
-        from lora_train.cli import load_model
-
-        key = (cfg.base_model, cfg.device, cfg.mixed_precision, cfg.clip_skip, cfg.v_parameterization)
-        with self._lock:
-            if key != self._key:
-                job.add_log(f"loading {cfg.base_model}")
-                self._bundle, self._key = None, None
-                self._bundle, self._key = load_model(cfg), key
-            yield self._bundle, None
+if TYPE_CHECKING:
+    from lora_train.webui.jobs import JobRunner
 
 
 def make_app(args: argparse.Namespace) -> tuple[Any, JobRunner]:
     """The Blocks and the runner for the standalone UI (tests build it without serving)."""
+    from lora_train.webui.diffusers_host import DiffusersHost
+    from lora_train.webui.jobs import JobRunner
     from lora_train.webui.ui import UISettings, build_ui
 
     output = resolve(args.output_dir)
@@ -93,7 +51,7 @@ def run_ui(args: argparse.Namespace) -> int:
     enable_queue(demo)
     css = (Path(__file__).resolve().parents[2] / "style.css")
     launch: dict[str, Any] = {"server_name": args.host, "server_port": args.port, "show_error": True,
-                              "prevent_thread_lock": True}
+                              "prevent_thread_lock": True, "quiet": True}  # our line below gives the address
     if css.is_file():  # the WebUI adds an extension's style.css itself; standalone we do
         if "css" in inspect.signature(demo.launch).parameters:
             launch["css"] = css.read_text(encoding="utf-8")

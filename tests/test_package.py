@@ -1,0 +1,54 @@
+"""``pip install .`` gives a working ``lora-train`` command that runs from any folder (no repository needed)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_installed_command_trains_from_outside_the_repository(tmp_path):
+    # The sources alone (what a user downloads), so no build/ folder from an earlier run leaks into the wheel.
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "lora_train", source / "lora_train", ignore=shutil.ignore_patterns("__pycache__"))
+    # A fresh venv that sees the test venv's packages (torch, diffusers, pip, setuptools) but not the repository.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = Path(subprocess.run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()"
+                                "['purelib'])"], check=True, capture_output=True, text=True).stdout.strip())
+    (site / "test_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    install = subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps",
+                              "--no-build-isolation", "--no-index", str(source)],
+                             cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stdout + install.stderr
+    installed = site / "lora_train"
+    assert sorted(p.name for p in site.iterdir() if not p.name.endswith((".dist-info", ".pth"))) == ["lora_train"]
+    assert (installed / "caption" / "vocab" / "subject.txt").is_file()
+    assert (installed / "llm" / "tiny-llm" / "config.json").is_file()
+    command = venv / "bin" / "lora-train"
+
+    shown = subprocess.run([command, "--help"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: lora-train") and shown.stderr == ""
+
+    config = (ROOT / "examples" / "tiny.yaml").read_text()
+    config = config.replace("../lora_train/sample_data", str(installed / "sample_data")).replace("../output", "out")
+    (work / "tiny.yaml").write_text(config)
+    trained = subprocess.run([command, "train", "--config", "tiny.yaml", "--set", "max_train_steps=2"], cwd=work,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    assert "done: 2/2" in trained.stdout and (work / "out" / "tiny-shapes.safetensors").is_file()
+    assert "Warning" not in trained.stderr and "gemm_4bit" not in trained.stderr
