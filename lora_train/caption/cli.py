@@ -7,7 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from lora_train.caption import captioner
+from lora_train.caption.coca import Captioner
+from lora_train.caption.coca_weights import DEFAULT_MODEL
+from lora_train.caption.errors import CaptionerError
+from lora_train.caption.options import CaptionOptions, DecodeOptions
+from lora_train.caption.run import caption_images
+from lora_train.caption.tags import CATEGORIES, VOCAB_DIR
 from lora_train.engine import caption_store
 
 
@@ -25,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     target.add_argument("--sidecar", action="store_true", help="write a .txt next to each image instead")
     parser.add_argument("--trigger", help="trigger word put first in every new caption")
     parser.add_argument("--overwrite", action="store_true", help="replace existing captions")
-    parser.add_argument("--model", default=captioner.DEFAULT_MODEL, help="open_clip CoCa model name")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip CoCa model name")
     parser.add_argument("--weights", type=Path, help="local weights file (.safetensors or .bin)")
     parser.add_argument("--models-dir", type=Path, help="folder searched for the weights when --weights is not set")
     parser.add_argument("--model-config", type=Path, help="open_clip model config json (custom CoCa)")
@@ -36,8 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tags", type=int, default=1, help="tags per vocabulary category (0: none)")
     parser.add_argument(
         "--categories",
-        default=",".join(captioner.CATEGORIES),
-        help=f"comma-separated tag vocabularies (default: {','.join(captioner.CATEGORIES)})",
+        default=",".join(CATEGORIES),
+        help=f"comma-separated tag vocabularies (default: {','.join(CATEGORIES)})",
     )
     parser.add_argument("--max-tokens", type=int, default=75, help="CLIP token limit of a caption")
     parser.add_argument("--recursive", action="store_true", help="include images in subfolders")
@@ -50,12 +55,12 @@ def run_caption(args: argparse.Namespace) -> int:
     try:
         options = _options(args)
         model = _load(args)
-    except (captioner.CaptionerError, caption_store.CaptionFileError, OSError, ValueError) as exc:
+    except (CaptionerError, caption_store.CaptionFileError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     mode = "sidecar" if args.sidecar else "csv"
     try:
-        report = captioner.caption_images(
+        report = caption_images(
             args.input,
             model,
             options,
@@ -66,7 +71,7 @@ def run_caption(args: argparse.Namespace) -> int:
             recursive=args.recursive,
             progress=not args.no_progress,
         )
-    except (captioner.CaptionerError, caption_store.CaptionFileError, OSError) as exc:
+    except (CaptionerError, caption_store.CaptionFileError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -79,30 +84,30 @@ def run_caption(args: argparse.Namespace) -> int:
     return 0
 
 
-def _options(args: argparse.Namespace) -> captioner.CaptionOptions:
+def _options(args: argparse.Namespace) -> CaptionOptions:
     if not args.input.is_dir():
-        raise captioner.CaptionerError(f"Image folder not found: {args.input}")
+        raise CaptionerError(f"Image folder not found: {args.input}")
     if args.batch_size < 1 or args.beams < 1 or args.max_tokens < 1:
         raise ValueError("--batch-size, --beams and --max-tokens must be at least 1")
     categories = tuple(c.strip() for c in args.categories.split(",") if c.strip())
-    unknown = [c for c in categories if not (captioner.VOCAB_DIR / f"{c}.txt").is_file()]
+    unknown = [c for c in categories if not (VOCAB_DIR / f"{c}.txt").is_file()]
     if unknown:
-        raise captioner.CaptionerError(f"Unknown tag categories {unknown}; known: {', '.join(captioner.CATEGORIES)}")
-    return captioner.CaptionOptions(
+        raise CaptionerError(f"Unknown tag categories {unknown}; known: {', '.join(CATEGORIES)}")
+    return CaptionOptions(
         trigger=args.trigger,
         tags_per_category=args.tags,
         categories=categories,
         max_tokens=args.max_tokens,
-        decode=captioner.DecodeOptions(beams=args.beams),
+        decode=DecodeOptions(beams=args.beams),
     )
 
 
-def _load(args: argparse.Namespace) -> captioner.Captioner:
+def _load(args: argparse.Namespace) -> Captioner:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = json.loads(args.model_config.read_text(encoding="utf-8")) if args.model_config else None
-    return captioner.Captioner.load(
+    return Captioner.load(
         args.model,
         weights=args.weights,
         models_dir=args.models_dir,

@@ -27,7 +27,10 @@ import pandas as pd
 import torch
 import yaml
 
-from lora_train.caption import captioner
+from lora_train.caption import coca_weights, loaded
+from lora_train.caption.errors import WeightsMissingError
+from lora_train.caption.options import CaptionOptions
+from lora_train.caption.run import caption_images
 from lora_train.engine import caption_store
 from lora_train.engine import config as config_module
 from lora_train.engine.config import ConfigError, TrainConfig
@@ -245,10 +248,10 @@ def save_table(folder: str, table: Any, runner: JobRunner) -> str:
 def captioner_weights_text(weights: str | None, setting: str) -> str:
     """The tab's "no captioner weights" message: which file to get, and the tab's own ``setting`` to point at
     it (the captioner's own message names CLI flags the tab does not have)."""
-    model = captioner.DEFAULT_MODEL
-    tag, repo = captioner.PRETRAINED[model]
+    model = coca_weights.DEFAULT_MODEL
+    tag, repo = coca_weights.PRETRAINED[model]
     head = f"Captioner weights not found at {weights}." if weights else "No captioner weights are set."
-    return (f"{head} Download {captioner.WEIGHT_FILE_NAMES[1]} (open_clip {model}, '{tag}') from "
+    return (f"{head} Download {coca_weights.WEIGHT_FILE_NAMES[1]} (open_clip {model}, '{tag}') from "
             f"https://huggingface.co/{repo} and enter its path in {setting}.")
 
 
@@ -500,7 +503,7 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
                 path = runner.policy.check_input(folder, "train_data_dir")
                 message = run_captioner(path, trigger, overwrite, settings.captioner_weights, runner)
                 return (*dataset_view(str(path), runner), message)
-            except captioner.WeightsMissingError:
+            except WeightsMissingError:
                 text = captioner_weights_text(settings.captioner_weights, settings.captioner_setting)
                 return gr.update(), gr.update(), gr.update(), gr.update(), f"⚠️ {text}"
             except Exception as exc:  # noqa: BLE001 - missing weights, bad images: show, don't crash the tab
@@ -610,10 +613,10 @@ def run_captioner(folder: Path, trigger: str, overwrite: bool, weights: str | No
         raise BusyError("a LoRA is training; caption after it finishes")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with runner.host.exclusive("LoRA captioning"):  # the WebUI's queue: no txt2img or training beside it
-        model = captioner.get_captioner(weights=weights or None, device=device)
-        options = captioner.CaptionOptions(trigger=trigger or None)
+        model = loaded.get_captioner(weights=weights or None, device=device)
+        options = CaptionOptions(trigger=trigger or None)
         mode = caption_store.detect_mode(folder)
-        report = captioner.caption_images(folder, model, options, mode=mode, overwrite=overwrite, progress=False)
+        report = caption_images(folder, model, options, mode=mode, overwrite=overwrite, progress=False)
     text = f"Captioned {len(report.written)} image(s), kept {len(report.kept)}."
     failure = report.failure_message()
     return f"{text}\n{failure}" if failure else text
