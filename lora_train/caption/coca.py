@@ -24,7 +24,7 @@ from lora_train.caption.coca_weights import (
     DEFAULT_MODEL,
     build_model,
     check_matches,
-    download_model,
+    download_weights,
     find_weights,
     read_state_dict,
 )
@@ -76,14 +76,14 @@ class Captioner:
         allow_download: bool = False,
         dtype: torch.dtype | None = None,
     ) -> Captioner:
-        """Build the model and load its weights from a local file (see find_weights); no network unless
-        ``allow_download`` and the file is missing, then open_clip fetches its pretrained tag."""
+        """Build the model and load its weights: a local file (see find_weights), else open_clip's pretrained
+        weights downloaded on first use when ``allow_download`` (a named model without --weights only)."""
         try:
             path = find_weights(model_name, weights, models_dir)
         except WeightsMissingError:
-            if not allow_download or model_config is not None:
+            if weights is not None or model_config is not None:
                 raise
-            return cls(download_model(model_name, models_dir), device=device, dtype=dtype)
+            path = download_weights(model_name, models_dir, allow_download)
         model = build_model(model_name, model_config)
         state = read_state_dict(path)
         check_matches(model, state, path, model_name)

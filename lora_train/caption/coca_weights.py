@@ -1,7 +1,7 @@
 """Find, check and build the open_clip CoCa model's weights (read from a local file only).
 
-A missing file raises WeightsMissingError saying which file to get and where to put it; ``download_model`` is
-the only path that lets open_clip download.
+A file that is not on this machine is downloaded on first use when allowed (``download_weights``); otherwise
+WeightsMissingError says which file to get and where to put it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from lora_train.caption.download import hub_file
 from lora_train.caption.errors import CaptionerError, WeightsMissingError
 from lora_train.engine.weights import WeightsFileError, load_tensors
 
@@ -32,7 +33,7 @@ def weight_candidates(model_name: str, models_dir: str | Path) -> list[Path]:
 
 
 def missing_weights_message(model_name: str, models_dir: str | Path | None, weights: str | Path | None) -> str:
-    """Tell the user which file to get and where to put it (we never download without being asked)."""
+    """Tell the user which file to get and where to put it."""
     tag, repo = PRETRAINED.get(model_name, ("<pretrained tag>", "<hub repository>"))
     where = (
         f"put it at {Path(models_dir) / model_name / WEIGHT_FILE_NAMES[1]} (or .safetensors)"
@@ -42,8 +43,7 @@ def missing_weights_message(model_name: str, models_dir: str | Path | None, weig
     head = f"CoCa weights not found at {weights}." if weights else f"CoCa weights for {model_name} not found."
     return (
         f"{head} Get open_clip's pretrained '{tag}' for {model_name}: the file {WEIGHT_FILE_NAMES[1]} "
-        f"(or {WEIGHT_FILE_NAMES[0]}) from https://huggingface.co/{repo} and {where}. "
-        "Or rerun with --allow-download while online."
+        f"(or {WEIGHT_FILE_NAMES[0]}) from https://huggingface.co/{repo} and {where}."
     )
 
 
@@ -112,12 +112,11 @@ def coca_models() -> list[str]:
 
 
 
-def download_model(model_name: str, models_dir: str | Path | None) -> torch.nn.Module:
-    """Opt-in only: let open_clip fetch the pretrained tag into ``models_dir`` (or its cache)."""
-    import open_clip
-
+def download_weights(model_name: str, models_dir: str | Path | None, allow_download: bool) -> Path:
+    """open_clip's pretrained weights for a known CoCa: into ``models_dir/<model>/`` (else the hub cache) on first
+    use; offline, or with downloads off, a WeightsMissingError that names the file and where to get it."""
     if model_name not in PRETRAINED:
-        raise CaptionerError(f"No known pretrained weights for {model_name}; pass --weights")
-    tag = PRETRAINED[model_name][0]
-    cache_dir = str(Path(models_dir) / model_name) if models_dir else None
-    return open_clip.create_model(model_name, pretrained=tag, cache_dir=cache_dir)
+        raise WeightsMissingError(missing_weights_message(model_name, models_dir, None))
+    tag, repo = PRETRAINED[model_name]
+    folder = Path(models_dir) / model_name if models_dir else None
+    return hub_file(repo, WEIGHT_FILE_NAMES[1], folder, allow_download, f"CoCa weights for {model_name} ('{tag}')")

@@ -8,4 +8,12 @@ class CaptionerError(RuntimeError):
 
 
 class WeightsMissingError(CaptionerError, FileNotFoundError):
-    """The CoCa weights file is not where we looked; the message names the file and where to put it."""
+    """A captioner's weights are not on this machine and could not be downloaded.
+
+    The message names the file and where to get it; ``downloads_off`` tells the caller to point at its own way of
+    allowing downloads (a CLI flag, a tab setting), which the message leaves out.
+    """
+
+    def __init__(self, message: str, downloads_off: bool = False) -> None:
+        super().__init__(message)
+        self.downloads_off = downloads_off

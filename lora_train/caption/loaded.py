@@ -2,35 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable, Hashable
 
-import torch
+from lora_train.caption.run import ImageCaptioner
 
-from lora_train.caption.coca import Captioner
-from lora_train.caption.coca_weights import DEFAULT_MODEL
-
-_LOADED: dict[tuple, Captioner] = {}
+_LOADED: dict[Hashable, ImageCaptioner] = {}
 
 
-def get_captioner(
-    model_name: str = DEFAULT_MODEL,
-    weights: str | Path | None = None,
-    models_dir: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    allow_download: bool = False,
-) -> Captioner:
-    """A loaded Captioner, reused across calls with the same arguments (the UI's Caption button)."""
-    key = (model_name, str(weights), str(models_dir), str(device))
+def get_captioner(key: Hashable, build: Callable[[], ImageCaptioner]) -> ImageCaptioner:
+    """The captioner loaded for ``key``, built (and any other one freed first) when it is not the one in memory."""
     if key not in _LOADED:
         unload()
-        _LOADED[key] = Captioner.load(
-            model_name, weights=weights, models_dir=models_dir, device=device, allow_download=allow_download
-        )
+        _LOADED[key] = build()
     return _LOADED[key]
 
 
 def unload() -> None:
-    """Free the cached captioner's memory (call before training starts); each unload collects and frees."""
+    """Free the cached captioner's memory (call before training starts)."""
     while _LOADED:
         _, captioner = _LOADED.popitem()
         captioner.unload()

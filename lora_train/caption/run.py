@@ -107,3 +107,12 @@ def _save(folder: Path, captions: dict[str, str], mode: caption_store.Mode, csv_
     if captions:
         caption_store.save_captions(folder, captions, mode=mode, csv_path=csv_path)
 
+
+
+def preview_captions(
+    folder: str | Path, captioner: ImageCaptioner, options: CaptionOptions | None = None, count: int = 4
+) -> dict[str, str]:
+    """Captions for the first ``count`` images, nothing written: what "Caption images" would write, seen first."""
+    folder = Path(folder)
+    images = caption_store.list_images(folder)[: max(0, count)]
+    return _caption_batch(folder, images, captioner, options or CaptionOptions(), CaptionReport())
