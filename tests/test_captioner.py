@@ -163,22 +163,28 @@ def test_unreadable_images_reported_by_name_and_rest_written(tmp_path, weights, 
     assert sorted(table) == ["a.png", "b.png", "c.png"]
 
 
-def test_missing_weights_names_the_file_and_does_not_download(tmp_path, monkeypatch, capsys):
-    import open_clip
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("download attempted")
-
-    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", no_network)
-    monkeypatch.setattr(open_clip, "create_model", no_network)
+def test_missing_weights_offline_names_the_file_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     folder = make_images(tmp_path / "imgs", ("a.png",))
     models = tmp_path / "models"
     models.mkdir()
     assert run_cli(["--input", folder, "--models-dir", models, "--no-progress", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
+    assert "could not be downloaded (offline: HF_HUB_OFFLINE is set)" in err and "Traceback" not in err
     assert "open_clip_pytorch_model.bin" in err
     assert "mscoco_finetuned_laion2B-s13B-b90k" in err
     assert str(models / "coca_ViT-L-14" / "open_clip_pytorch_model.bin") in err
+    assert "Captioners: " in err and "wd14" in err  # what the other captioner needs
+    assert list(models.iterdir()) == []  # no partial download left
+
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        assert kwargs.get("local_files_only"), "a download was attempted"
+        raise FileNotFoundError("not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    assert run_cli(["--input", folder, "--models-dir", models, "--no-progress", "--no-download"]) == 2
+    assert "downloads are off" in (err := capsys.readouterr().err) and "without --no-download" in err
 
     assert run_cli(["--input", folder, "--weights", tmp_path / "nope.bin", "--no-progress"]) == 2
     assert "nope.bin" in capsys.readouterr().err
@@ -281,18 +287,18 @@ def test_cli_max_tokens_limits_written_captions(tmp_path, weights, model):
         assert model.count_tokens(caption) <= 10
 
 
-def test_unload_frees_the_cached_model(tmp_path, weights, monkeypatch):
+def test_unload_frees_the_cached_model():
     built = []
-    monkeypatch.setattr(Captioner, "load", classmethod(lambda cls, *a, **k: built.append(1) or model_of()))
 
-    def model_of():
-        return Captioner(tiny_coca())
+    def build():
+        built.append(Captioner(tiny_coca()))
+        return built[-1]
 
-    first = loaded.get_captioner("tiny", weights=weights[0])
-    assert loaded.get_captioner("tiny", weights=weights[0]) is first and len(built) == 1
+    first = loaded.get_captioner("tiny", build)
+    assert loaded.get_captioner("tiny", build) is first and len(built) == 1
     loaded.unload()
     assert first.model is None
-    assert loaded.get_captioner("tiny", weights=weights[0]) is not first and len(built) == 2
+    assert loaded.get_captioner("tiny", build) is not first and len(built) == 2
     loaded.unload()
 
 
