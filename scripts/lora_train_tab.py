@@ -6,6 +6,7 @@ package, which gets the WebUI's objects (shared, queue lock, Lora extension) han
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -98,6 +99,31 @@ RUNNER = persistent_runner(shared, lambda: JobRunner(
     WebUIHost(shared, call_queue.queue_lock, _networks, _sampler, _full_host_check), policy))
 
 
+def _install_package(name: str) -> str | None:
+    """Add ``name`` with install.py's constrained pip (nothing installed changes); None when it worked."""
+    spec = importlib.util.spec_from_file_location("lora_train_install", EXTENSION_DIR / "install.py")
+    install = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install)
+    ok, line = install.install([name], install.installed_distributions())
+    return None if ok else line
+
+
+def _caption_sources():
+    """The WebUI's interrogators (BLIP, DeepBooru) and the captioner settings, read at each click."""
+    from modules import deepbooru, paths
+
+    from lora_train.caption.choices import CaptionSources
+
+    return CaptionSources(
+        interrogator=shared.interrogator,
+        deepbooru=deepbooru.model,
+        coca_weights=_opt("lora_train_captioner_weights") or None,
+        models_dir=Path(paths.models_path) / "lora_train_captioners",
+        allow_download=bool(getattr(shared.opts, "lora_train_allow_downloads", True)),
+        install=_install_package,
+    )
+
+
 def on_ui_tabs():
     from lora_train.webui.ui import UISettings, build_ui
 
@@ -105,6 +131,7 @@ def on_ui_tabs():
         datasets_root=data_dir() / "lora_train_datasets",
         captioner_weights=_opt("lora_train_captioner_weights") or None,
         default_preset=_opt("lora_train_default_preset", DEFAULT_PRESET),
+        caption_sources=_caption_sources,
     )
     return [(build_ui(RUNNER, settings), "LoRA Train", "lora_train")]
 
@@ -120,6 +147,8 @@ def on_ui_settings():
         "outputs/lora-train; never inside the Lora folder)")
     add("lora_train_default_preset", DEFAULT_PRESET, "Default preset", gr.Dropdown, {"choices": list(PRESET_NAMES)})
     add("lora_train_captioner_weights", "", "Captioner weights (open_clip CoCa .safetensors/.bin)")
+    add("lora_train_allow_downloads", True, "Allow captioner downloads (WD14 and CoCa weights on first use, into "
+        "models/lora_train_captioners; onnxruntime for WD14)")
     add("lora_train_full_host_check", False, "Hash every byte of the loaded model before and after training (slow "
         "on big models; the default quick check compares tensor identity, version counters and sampled values)")
     add("lora_train_allowed_dirs", "", "Extra allowed dataset folders (one per line or ;-separated)", gr.Textbox,

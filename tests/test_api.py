@@ -127,7 +127,7 @@ def _namespace(tmp_path: Path, model, **cmd) -> SimpleNamespace:
     cmd_opts = SimpleNamespace(api=True, api_auth=None, lora_dir=str(lora_dir), data_dir=str(webui),
                                disable_extension_access=False)
     cmd_opts.__dict__.update(cmd)
-    shared = SimpleNamespace(cmd_opts=cmd_opts, opts=opts, state=FakeState(), sd_model=model,
+    shared = SimpleNamespace(cmd_opts=cmd_opts, opts=opts, state=FakeState(), sd_model=model, interrogator=None,
                              OptionInfo=lambda *a, **k: SimpleNamespace(args=a, kwargs=k))
     modules = types.ModuleType("modules")
     modules.__path__ = []
@@ -137,6 +137,7 @@ def _namespace(tmp_path: Path, model, **cmd) -> SimpleNamespace:
         "script_callbacks": SimpleNamespace(**{f"on_{k}": callbacks[k].append for k in callbacks}),
         "processing": SimpleNamespace(StableDiffusionProcessingTxt2Img=Txt2Img, process_images=process_images),
         "paths": SimpleNamespace(models_path=str(webui / "models")),
+        "deepbooru": SimpleNamespace(model=None),
     }
     for name, value in parts.items():
         setattr(modules, name, value)
@@ -331,7 +332,8 @@ def test_settings_and_tab_registered(webui) -> None:
     for callback in ns.callbacks["ui_settings"]:
         callback()
     assert set(ns.options) == {"lora_train_output_dir", "lora_train_run_dir", "lora_train_default_preset",
-                               "lora_train_captioner_weights", "lora_train_full_host_check", "lora_train_allowed_dirs"}
+                               "lora_train_captioner_weights", "lora_train_full_host_check", "lora_train_allowed_dirs",
+                               "lora_train_allow_downloads"}
     assert all(info.kwargs["section"] == ("lora_train", "LoRA Train") for info in ns.options.values())
     assert all(info.category_id == "training" for info in ns.options.values())  # not "Uncategorized"
     ns.shared.opts.lora_train_run_dir = str(ns.lora_dir / "runs")  # would put .pt/.safetensors state among cards

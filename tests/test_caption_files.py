@@ -130,7 +130,7 @@ def test_non_utf8_csv_names_the_file(tmp_path):
     ("", "sks"),
 ])
 def test_one_trigger_rule_for_captioner_and_trainer(caption, expected):
-    from lora_train.caption.captioner import assemble_caption
+    from lora_train.caption.assemble import assemble_caption
 
     assert cf.with_trigger(caption, "sks") == expected
     assert assemble_caption("sks", caption, [], lambda text: 0) == expected

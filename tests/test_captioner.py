@@ -11,8 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_train.caption import captioner
 from lora_train.caption import cli as caption_cli
+from lora_train.caption import loaded
+from lora_train.caption.assemble import assemble_caption
+from lora_train.caption.coca import Captioner
+from lora_train.caption.coca_weights import build_model
+from lora_train.caption.defaults import CATEGORIES
+from lora_train.caption.errors import CaptionerError
+from lora_train.caption.options import CaptionOptions, DecodeOptions
+from lora_train.caption.run import caption_images
+from lora_train.caption.tags import load_vocab
 from lora_train.engine import caption_store
 
 TINY_COCA = {
@@ -50,7 +58,7 @@ TINY_COCA = {
 def tiny_coca(seed: int = 0) -> torch.nn.Module:
     """Random tiny CoCa; open_clip leaves some CoCa weights uninitialised, so fill every one."""
     torch.manual_seed(seed)
-    model = captioner.build_model(model_config=TINY_COCA)
+    model = build_model(model_config=TINY_COCA)
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.2)
@@ -71,7 +79,7 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model():
-    return captioner.Captioner(tiny_coca())
+    return Captioner(tiny_coca())
 
 
 def make_images(folder, names=("a.png", "b.png", "c.png")):
@@ -156,22 +164,28 @@ def test_unreadable_images_reported_by_name_and_rest_written(tmp_path, weights, 
     assert sorted(table) == ["a.png", "b.png", "c.png"]
 
 
-def test_missing_weights_names_the_file_and_does_not_download(tmp_path, monkeypatch, capsys):
-    import open_clip
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("download attempted")
-
-    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", no_network)
-    monkeypatch.setattr(open_clip, "create_model", no_network)
+def test_missing_weights_offline_names_the_file_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     folder = make_images(tmp_path / "imgs", ("a.png",))
     models = tmp_path / "models"
     models.mkdir()
     assert run_cli(["--input", folder, "--models-dir", models, "--no-progress", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
+    assert "could not be downloaded (offline: HF_HUB_OFFLINE is set)" in err and "Traceback" not in err
     assert "open_clip_pytorch_model.bin" in err
     assert "mscoco_finetuned_laion2B-s13B-b90k" in err
     assert str(models / "coca_ViT-L-14" / "open_clip_pytorch_model.bin") in err
+    assert "Captioners: " in err and "wd14" in err  # what the other captioner needs
+    assert list(models.iterdir()) == []  # no partial download left
+
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        assert kwargs.get("local_files_only"), "a download was attempted"
+        raise FileNotFoundError("not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    assert run_cli(["--input", folder, "--models-dir", models, "--no-progress", "--no-download"]) == 2
+    assert "downloads are off" in (err := capsys.readouterr().err) and "without --no-download" in err
 
     assert run_cli(["--input", folder, "--weights", tmp_path / "nope.bin", "--no-progress"]) == 2
     assert "nope.bin" in capsys.readouterr().err
@@ -183,7 +197,7 @@ def test_weights_found_in_models_dir_and_bin_format(tmp_path, model):
     models.mkdir(parents=True)
     state = {f"module.{k}": v for k, v in model.model.state_dict().items()}
     torch.save({"state_dict": state}, models / "open_clip_pytorch_model.bin")
-    loaded = captioner.Captioner.load("tiny", models_dir=tmp_path / "models", model_config=TINY_COCA)
+    loaded = Captioner.load("tiny", models_dir=tmp_path / "models", model_config=TINY_COCA)
     for key, value in model.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
 
@@ -191,8 +205,8 @@ def test_weights_found_in_models_dir_and_bin_format(tmp_path, model):
 def test_mismatched_weights_give_clear_error(tmp_path):
     path = tmp_path / "wrong.bin"
     torch.save({"visual.proj": torch.zeros(3)}, path)
-    with pytest.raises(captioner.CaptionerError, match="wrong.bin") as err:
-        captioner.Captioner.load("tiny", weights=path, model_config=TINY_COCA)
+    with pytest.raises(CaptionerError, match="wrong.bin") as err:
+        Captioner.load("tiny", weights=path, model_config=TINY_COCA)
     message = str(err.value)  # one line, not torch's list of every missing key
     assert "\n" not in message and len(message) < 500 and "missing" in message
 
@@ -202,16 +216,16 @@ def test_weights_of_another_size_give_one_line(tmp_path):
     path = tmp_path / "other.safetensors"
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in captioner.build_model(model_config=other).state_dict().items()},
+    save_file({k: v.contiguous() for k, v in build_model(model_config=other).state_dict().items()},
               str(path))
-    with pytest.raises(captioner.CaptionerError, match=r"other\.safetensors is not open_clip tiny weights") as err:
-        captioner.Captioner.load("tiny", weights=path, model_config=TINY_COCA)
+    with pytest.raises(CaptionerError, match=r"other\.safetensors is not open_clip tiny weights") as err:
+        Captioner.load("tiny", weights=path, model_config=TINY_COCA)
     assert "\n" not in str(err.value) and "of another shape" in str(err.value)
 
 
 def test_batched_greedy_matches_one_by_one(model):
     images = [Image.new("RGB", (32, 32), (40 * i, 200 - 40 * i, 90)) for i in range(3)]
-    options = captioner.CaptionOptions(tags_per_category=0)
+    options = CaptionOptions(tags_per_category=0)
     together = model.describe(images, options)
     alone = [model.describe([image], options)[0] for image in images]
     assert together == alone
@@ -220,7 +234,7 @@ def test_batched_greedy_matches_one_by_one(model):
 
 def test_beam_search_gives_a_caption_per_image(model):
     images = [Image.new("RGB", (32, 32), (40 * i, 90, 90)) for i in range(2)]
-    options = captioner.CaptionOptions(tags_per_category=0, decode=captioner.DecodeOptions(beams=3))
+    options = CaptionOptions(tags_per_category=0, decode=DecodeOptions(beams=3))
     captions = model.describe(images, options)
     assert len(captions) == 2 and all(captions)
     _, tokens = model.encode_images(images)
@@ -230,23 +244,23 @@ def test_beam_search_gives_a_caption_per_image(model):
 
 def test_tags_ranked_from_shipped_vocabularies(model):
     images = [Image.new("RGB", (32, 32), (200, 10, 10))]
-    tags = model.rank_tags(model.encode_images(images)[0], ("colour", "lighting"), per_category=2)
-    colours = captioner.load_vocab("colour")
-    lighting = captioner.load_vocab("lighting")
+    tags = model.tags.rank(model.encode_images(images)[0], ("colour", "lighting"), per_category=2)
+    colours = load_vocab("colour")
+    lighting = load_vocab("lighting")
     assert len(tags[0]) == 4
     assert tags[0][0] in colours and tags[0][1] in colours
     assert tags[0][2] in lighting and tags[0][3] in lighting
 
 
 def test_vocabularies_are_plain_term_lists():
-    for category in captioner.CATEGORIES:
-        terms = captioner.load_vocab(category)
+    for category in CATEGORIES:
+        terms = load_vocab(category)
         assert 40 <= len(terms) <= 150, category
         assert all("," not in t and t == t.strip() for t in terms), category
 
 
 def test_assemble_caption_trigger_first_no_duplicates(model):
-    line = captioner.assemble_caption(
+    line = assemble_caption(
         "sks", "a red car, SKS, parked on a street", ["red", "car park", "Sks", "street", "blue", "blue"],
         model.count_tokens,
     )  # fmt: skip
@@ -258,10 +272,10 @@ def test_assemble_caption_trigger_first_no_duplicates(model):
 
 def test_assemble_caption_respects_token_limit(model):
     long_caption = " ".join(["a very long description of a scene"] * 20)
-    line = captioner.assemble_caption("sks", long_caption, ["red", "blue"], model.count_tokens, max_tokens=75)
+    line = assemble_caption("sks", long_caption, ["red", "blue"], model.count_tokens, max_tokens=75)
     assert line.startswith("sks, a very long")
     assert 60 < model.count_tokens(line) <= 75
-    short = captioner.assemble_caption("sks", "a cat", ["red", "blue", "green"], model.count_tokens, max_tokens=6)
+    short = assemble_caption("sks", "a cat", ["red", "blue", "green"], model.count_tokens, max_tokens=6)
     assert short == "sks, a cat, red"  # tags left out from the end
     assert model.count_tokens(short) <= 6
 
@@ -274,25 +288,25 @@ def test_cli_max_tokens_limits_written_captions(tmp_path, weights, model):
         assert model.count_tokens(caption) <= 10
 
 
-def test_unload_frees_the_cached_model(tmp_path, weights, monkeypatch):
+def test_unload_frees_the_cached_model():
     built = []
-    monkeypatch.setattr(captioner.Captioner, "load", classmethod(lambda cls, *a, **k: built.append(1) or model_of()))
 
-    def model_of():
-        return captioner.Captioner(tiny_coca())
+    def build():
+        built.append(Captioner(tiny_coca()))
+        return built[-1]
 
-    first = captioner.get_captioner("tiny", weights=weights[0])
-    assert captioner.get_captioner("tiny", weights=weights[0]) is first and len(built) == 1
-    captioner.unload()
+    first = loaded.get_captioner("tiny", build)
+    assert loaded.get_captioner("tiny", build) is first and len(built) == 1
+    loaded.unload()
     assert first.model is None
-    assert captioner.get_captioner("tiny", weights=weights[0]) is not first and len(built) == 2
-    captioner.unload()
+    assert loaded.get_captioner("tiny", build) is not first and len(built) == 2
+    loaded.unload()
 
 
 def test_stop_keeps_what_was_done(tmp_path, model):
     folder = make_images(tmp_path / "imgs")
     calls = []
-    report = captioner.caption_images(
+    report = caption_images(
         folder, model, batch_size=1, progress=False, should_stop=lambda: len(calls) >= 1,
         on_progress=lambda done, total: calls.append((done, total)),
     )  # fmt: skip
@@ -319,7 +333,7 @@ def test_greedy_loop_matches_open_clip_generate_where_it_works():
     with torch.no_grad():  # larger embeddings than tiny_coca so that the tokens vary along the sequence
         for name, param in model.named_parameters():
             param.normal_(0.0, 0.5 if "token_embedding" in name or "positional" in name else 0.1)
-    cap = captioner.Captioner(model)
+    cap = Captioner(model)
     images = [Image.new("RGB", (32, 32), (40 * i, 200 - 40 * i, 90)) for i in range(2)]
     pixels = torch.stack([cap.preprocess(image) for image in images])
     try:
@@ -327,6 +341,6 @@ def test_greedy_loop_matches_open_clip_generate_where_it_works():
     except (AssertionError, ImportError, TypeError, AttributeError) as exc:
         pytest.skip(f"open_clip generate unavailable here: {exc}")
     _, tokens = cap.encode_images(images)
-    mine = cap._greedy(tokens, captioner.DecodeOptions(min_new_tokens=4), limit=18)
+    mine = cap._greedy(tokens, DecodeOptions(min_new_tokens=4), limit=18)
     assert len(set(mine[0, 1:].tolist())) > 3  # a varied sequence, not one repeated token
     assert torch.equal(mine[:, :19], theirs[:, :19])  # theirs forces <eot> at position 19

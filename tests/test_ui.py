@@ -150,11 +150,11 @@ def test_paths_outside_the_allowed_folders_are_refused_in_the_tab(tmp_path: Path
 
 def test_missing_captioner_weights_point_at_the_tab_setting(app, dataset_dir: Path) -> None:
     demo, _ = app
-    *_, message = _fns(demo)["caption"](str(dataset_dir), "shapez", False)
+    *_, message = _fns(demo)["caption"](str(dataset_dir), "shapez", "CoCa", 0.35, False)
     assert "--captioner-weights" in message and "--allow-download" not in message
     runner = JobRunner(DiffusersHost(), PathPolicy(output_root=dataset_dir.parent / "out"))
     settings = ui.UISettings(datasets_root=dataset_dir.parent, captioner_weights=str(dataset_dir / "coca.bin"))
-    *_, message = _fns(ui.build_ui(runner, settings))["caption"](str(dataset_dir), "", False)
+    *_, message = _fns(ui.build_ui(runner, settings))["caption"](str(dataset_dir), "", "CoCa", 0.35, False)
     assert "Settings > LoRA Train > Captioner weights" in message and "coca.bin" in message
     assert "--weights" not in message and "--allow-download" not in message
 

@@ -8,19 +8,22 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_train.caption.defaults import CATEGORIES, DEFAULT_MODEL
+from lora_train.caption.defaults import CATEGORIES, DEFAULT_MODEL, VOCAB_DIR
 
 if TYPE_CHECKING:
-    from lora_train.caption import captioner
+    from lora_train.caption.options import CaptionOptions
+    from lora_train.caption.run import ImageCaptioner
+
+WD14_MODEL = "wd14"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``caption`` subcommand; its ``func`` is run_caption."""
     parser = subparsers.add_parser(
         "caption",
-        help="auto-caption an image folder (CoCa + CLIP tags), offline",
+        help="auto-caption an image folder (CoCa + CLIP tags, or WD14 tags)",
         description="Write a caption for each image: metadata.csv (filename,prompt) or .txt sidecars. "
-        "Existing captions are kept unless --overwrite.",
+        "Existing captions are kept unless --overwrite. Weights are downloaded on first use unless --no-download.",
     )
     parser.add_argument("--input", required=True, type=Path, help="image folder")
     target = parser.add_mutually_exclusive_group()
@@ -28,11 +31,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     target.add_argument("--sidecar", action="store_true", help="write a .txt next to each image instead")
     parser.add_argument("--trigger", help="trigger word put first in every new caption")
     parser.add_argument("--overwrite", action="store_true", help="replace existing captions")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="open_clip CoCa model name")
-    parser.add_argument("--weights", type=Path, help="local weights file (.safetensors or .bin)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"open_clip CoCa model name, or {WD14_MODEL} for "
+                        "SmilingWolf's WD14 tagger (needs onnxruntime)")
+    parser.add_argument("--weights", type=Path, help="CoCa: local weights file (.safetensors or .bin); wd14: folder "
+                        "with model.onnx and selected_tags.csv (downloaded there when missing)")
+    parser.add_argument("--threshold", type=float, default=0.35, help="wd14: lowest probability of a general tag")
     parser.add_argument("--models-dir", type=Path, help="folder searched for the weights when --weights is not set")
     parser.add_argument("--model-config", type=Path, help="open_clip model config json (custom CoCa)")
-    parser.add_argument("--allow-download", action="store_true", help="let open_clip download missing weights")
+    parser.add_argument("--no-download", action="store_true", help="never download weights (default: on first use)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--beams", type=int, default=1, help="1 = greedy decoding, more = beam search")
@@ -50,18 +56,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_caption(args: argparse.Namespace) -> int:
     """Run the subcommand. Exit codes: 0 done, 1 some images unreadable (the rest written), 2 bad input."""
-    from lora_train.caption import captioner
+    from lora_train.caption.choices import CaptionSources, needs_line
+    from lora_train.caption.errors import CaptionerError, WeightsMissingError
+    from lora_train.caption.run import caption_images
     from lora_train.engine import caption_store
 
     try:
         options = _options(args)
         model = _load(args)
-    except (captioner.CaptionerError, caption_store.CaptionFileError, OSError, ValueError) as exc:
+    except WeightsMissingError as exc:
+        hint = " Or rerun without --no-download while online." if exc.downloads_off else ""
+        print(f"error: {exc}{hint}\n{needs_line(CaptionSources(), cli=True)}", file=sys.stderr)
+        return 2
+    except (CaptionerError, caption_store.CaptionFileError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     mode = "sidecar" if args.sidecar else "csv"
     try:
-        report = captioner.caption_images(
+        report = caption_images(
             args.input,
             model,
             options,
@@ -72,7 +84,7 @@ def run_caption(args: argparse.Namespace) -> int:
             recursive=args.recursive,
             progress=not args.no_progress,
         )
-    except (captioner.CaptionerError, caption_store.CaptionFileError, OSError) as exc:
+    except (CaptionerError, caption_store.CaptionFileError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -85,38 +97,45 @@ def run_caption(args: argparse.Namespace) -> int:
     return 0
 
 
-def _options(args: argparse.Namespace) -> captioner.CaptionOptions:
-    from lora_train.caption import captioner
+def _options(args: argparse.Namespace) -> CaptionOptions:
+    from lora_train.caption.errors import CaptionerError
+    from lora_train.caption.options import CaptionOptions, DecodeOptions
 
     if not args.input.is_dir():
-        raise captioner.CaptionerError(f"Image folder not found: {args.input}")
+        raise CaptionerError(f"Image folder not found: {args.input}")
     if args.batch_size < 1 or args.beams < 1 or args.max_tokens < 1:
         raise ValueError("--batch-size, --beams and --max-tokens must be at least 1")
+    if not 0.0 < args.threshold <= 1.0:
+        raise ValueError("--threshold must lie in (0, 1]")
     categories = tuple(c.strip() for c in args.categories.split(",") if c.strip())
-    unknown = [c for c in categories if not (captioner.VOCAB_DIR / f"{c}.txt").is_file()]
+    unknown = [c for c in categories if not (VOCAB_DIR / f"{c}.txt").is_file()]
     if unknown:
-        raise captioner.CaptionerError(f"Unknown tag categories {unknown}; known: {', '.join(captioner.CATEGORIES)}")
-    return captioner.CaptionOptions(
+        raise CaptionerError(f"Unknown tag categories {unknown}; known: {', '.join(CATEGORIES)}")
+    return CaptionOptions(
         trigger=args.trigger,
         tags_per_category=args.tags,
         categories=categories,
         max_tokens=args.max_tokens,
-        decode=captioner.DecodeOptions(beams=args.beams),
+        decode=DecodeOptions(beams=args.beams),
     )
 
 
-def _load(args: argparse.Namespace) -> captioner.Captioner:
+def _load(args: argparse.Namespace) -> ImageCaptioner:
     import torch
 
-    from lora_train.caption import captioner
+    from lora_train.caption.coca import Captioner
+    from lora_train.caption.wd14 import TagOptions, WD14Tagger
 
+    if args.model == WD14_MODEL:
+        options = TagOptions(threshold=args.threshold)
+        return WD14Tagger.load(args.weights, allow_download=not args.no_download, options=options)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = json.loads(args.model_config.read_text(encoding="utf-8")) if args.model_config else None
-    return captioner.Captioner.load(
+    return Captioner.load(
         args.model,
         weights=args.weights,
         models_dir=args.models_dir,
         device=device,
         model_config=config,
-        allow_download=args.allow_download,
+        allow_download=not args.no_download,
     )

@@ -205,10 +205,10 @@ def _untrainable_storage(shared: Any, model: Any) -> str | None:
 
 def _unload_captioner() -> None:
     try:
-        from lora_train.caption import captioner
+        from lora_train.caption import loaded
     except ImportError:
         return
-    captioner.unload()
+    loaded.unload()
 
 
 def txt2img_sampler(processing: Any, shared: Any, cfg: TrainConfig, log: Callable[[str], None] = print) -> SampleFn:

@@ -18,16 +18,16 @@ import inspect
 import tempfile
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import gradio as gr
 import pandas as pd
-import torch
 import yaml
 
-from lora_train.caption import captioner
+from lora_train.caption.choices import CaptionSources
 from lora_train.engine import caption_store
 from lora_train.engine import config as config_module
 from lora_train.engine.config import ConfigError, TrainConfig
@@ -35,6 +35,7 @@ from lora_train.engine.files import free_name
 from lora_train.webui.jobs import BusyError, HostError, Job, JobRunner
 from lora_train.webui.paths import sanitize_name
 from lora_train.webui.presets import DEFAULT_PRESET, PRESET_NAMES, preset_values
+from lora_train.webui.ui_caption import CaptionRun, caption_controls, wire
 from lora_train.webui.uploads import UploadError, import_upload
 
 GRADIO_MAJOR = int(gr.__version__.split(".")[0])
@@ -69,6 +70,10 @@ class UISettings:
     default_preset: str = DEFAULT_PRESET
     defaults: dict[str, Any] = field(default_factory=dict)
     captioner_setting: str = "Settings > LoRA Train > Captioner weights"  # named when the weights are missing
+    caption_sources: Callable[[], CaptionSources] | None = None  # read at each click; None: CoCa + WD14 only
+
+    def captioners(self) -> CaptionSources:
+        return self.caption_sources() if self.caption_sources else CaptionSources(coca_weights=self.captioner_weights)
 
 
 # ------------------------------------------------------------------------------------------ compatibility
@@ -242,16 +247,6 @@ def save_table(folder: str, table: Any, runner: JobRunner) -> str:
     return f"Saved {len(edits)} caption(s) to {len(written)} file(s)." if edits else "No caption changed."
 
 
-def captioner_weights_text(weights: str | None, setting: str) -> str:
-    """The tab's "no captioner weights" message: which file to get, and the tab's own ``setting`` to point at
-    it (the captioner's own message names CLI flags the tab does not have)."""
-    model = captioner.DEFAULT_MODEL
-    tag, repo = captioner.PRETRAINED[model]
-    head = f"Captioner weights not found at {weights}." if weights else "No captioner weights are set."
-    return (f"{head} Download {captioner.WEIGHT_FILE_NAMES[1]} (open_clip {model}, '{tag}') from "
-            f"https://huggingface.co/{repo} and enter its path in {setting}.")
-
-
 # ------------------------------------------------------------------------------------------ progress
 LONG_RUN_S = 3600.0
 
@@ -397,9 +392,8 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
 
         with gr.Tabs():
             with gr.Tab("Captions"):
+                caption_ui = caption_controls(_make, settings.captioners())
                 with gr.Row():
-                    caption_button = _make(gr.Button, value="Caption images", elem_id="lora_train_caption")
-                    overwrite_captions = _make(gr.Checkbox, label="Replace existing captions", value=False)
                     save_button = _make(gr.Button, value="Save captions", elem_id="lora_train_save_captions")
                 missing_note = _make(gr.Markdown, value="", elem_id="lora_train_missing")
                 with gr.Row():
@@ -495,19 +489,8 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
         replace_button.click(replace, [widgets["train_data_dir"], table, find_text, replace_text, regex],
                              [*dataset_outputs, status])
 
-        def caption(folder: str, trigger: str, overwrite: bool):
-            try:
-                path = runner.policy.check_input(folder, "train_data_dir")
-                message = run_captioner(path, trigger, overwrite, settings.captioner_weights, runner)
-                return (*dataset_view(str(path), runner), message)
-            except captioner.WeightsMissingError:
-                text = captioner_weights_text(settings.captioner_weights, settings.captioner_setting)
-                return gr.update(), gr.update(), gr.update(), gr.update(), f"⚠️ {text}"
-            except Exception as exc:  # noqa: BLE001 - missing weights, bad images: show, don't crash the tab
-                return gr.update(), gr.update(), gr.update(), gr.update(), f"⚠️ Captioning failed: {exc}"
-
-        caption_button.click(caption, [widgets["train_data_dir"], widgets["trigger_word"], overwrite_captions],
-                             [*dataset_outputs, status])
+        wire(caption_ui, CaptionRun(runner, settings.captioners), widgets["train_data_dir"], widgets["trigger_word"],
+             [*dataset_outputs, status], lambda folder: dataset_view(folder, runner), settings.captioner_setting)
 
         # -- presets and config files ---------------------------------------------------------------------
         preset_names = list(preset_values(DEFAULT_PRESET, None))
@@ -601,20 +584,3 @@ def _family_text(family: str | None) -> str:
     if family is None:
         return "Model: not known yet (presets use SD1 values)."
     return f"Model family: **{family.upper()}** (presets tuned for it)."
-
-
-def run_captioner(folder: Path, trigger: str, overwrite: bool, weights: str | None, runner: JobRunner) -> str:
-    """Caption a folder with the open_clip captioner; refuses while a LoRA trains (they share the GPU)."""
-    current = runner.current
-    if current is not None and current.active:
-        raise BusyError("a LoRA is training; caption after it finishes")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with runner.host.exclusive("LoRA captioning"):  # the WebUI's queue: no txt2img or training beside it
-        model = captioner.get_captioner(weights=weights or None, device=device)
-        options = captioner.CaptionOptions(trigger=trigger or None)
-        mode = caption_store.detect_mode(folder)
-        report = captioner.caption_images(folder, model, options, mode=mode, overwrite=overwrite, progress=False)
-    text = f"Captioned {len(report.written)} image(s), kept {len(report.kept)}."
-    failure = report.failure_message()
-    return f"{text}\n{failure}" if failure else text
-
