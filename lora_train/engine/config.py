@@ -65,14 +65,17 @@ class TrainConfig:
     enable_bucket: bool = setting(
         True, group="Data", label="Aspect-ratio buckets",
         help="Group images by aspect ratio instead of centre-cropping everything square.")
-    min_bucket_reso: int = setting(256, group="Data", label="Smallest bucket side", help="In pixels.")
-    max_bucket_reso: int = setting(1024, group="Data", label="Largest bucket side", help="In pixels.")
+    min_bucket_reso: int = setting(
+        256, group="Data", label="Smallest bucket side", help="Smallest bucket width or height, in pixels.")
+    max_bucket_reso: int = setting(
+        1024, group="Data", label="Largest bucket side", help="Largest bucket width or height, in pixels.")
     bucket_reso_steps: int = setting(
         64, group="Data", label="Bucket side step", help="Bucket sides are multiples of this (pixels).")
     shuffle_caption: bool = setting(
         False, group="Data", label="Shuffle caption tags", help="Shuffle comma-separated tags every step.")
     keep_tokens: int = setting(
-        0, group="Data", label="Tags kept in place", help="Leading tags never shuffled (1 keeps the trigger).")
+        0, group="Data", label="Tags kept in place",
+        help="Leading tags never shuffled (the trigger word always stays first).")
     caption_dropout_rate: float = setting(
         0.0, group="Data", label="Caption dropout",
         help="Probability (0-1) of training a step with an empty caption.")

@@ -66,11 +66,12 @@ class FieldInfo:
     unset: str | None
     choices: tuple[Any, ...] | None
     aliases: tuple[str, ...]
+    inverted_aliases: tuple[str, ...]  # true there means false here
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["choices"] = list(self.choices) if self.choices is not None else None
-        data["aliases"] = list(self.aliases)
+        data["aliases"], data["inverted_aliases"] = list(self.aliases), list(self.inverted_aliases)
         return data
 
 
@@ -90,10 +91,8 @@ def _type_name(annotation: Any) -> tuple[str, bool, tuple[Any, ...] | None]:
     return annotation.__name__, nullable, None
 
 
-def _aliases(name: str) -> tuple[str, ...]:
-    plain = [alias for alias, target in ALIASES.items() if target == name]
-    inverted = [f"{alias} (inverted)" for alias, target in INVERTED_ALIASES.items() if target == name]
-    return tuple(plain + inverted)
+def _aliases(name: str, table: dict[str, str]) -> tuple[str, ...]:
+    return tuple(alias for alias, target in table.items() if target == name)
 
 
 def describe(cls: type) -> list[FieldInfo]:
@@ -108,5 +107,5 @@ def describe(cls: type) -> list[FieldInfo]:
         type_name, nullable, choices = _type_name(hints[f.name])
         infos.append(FieldInfo(f.name, type_name, nullable, default, f.metadata["help"], f.metadata["group"],
                                f.metadata["label"], f.metadata["scope"], f.metadata["unset"], choices,
-                               _aliases(f.name)))
+                               _aliases(f.name, ALIASES), _aliases(f.name, INVERTED_ALIASES)))
     return infos
