@@ -68,7 +68,7 @@ def widget(name: str, value: Any, in_webui: bool = False, **extra: Any) -> Any:
     """One widget for a config field: its kind from the type, its label and tooltip from the metadata."""
     info = INFOS[name]
     kind, optional = _kind(name)
-    common = {"label": info.label, "info": info.help, "elem_id": f"lora_train_cfg_{name}",
+    common = {"label": info.label, "info": info.help.replace("`", ""), "elem_id": f"lora_train_cfg_{name}",
               "visible": shown_in_tab(info, in_webui), **extra}
     if typing.get_origin(kind) is Literal:
         return make(gr.Dropdown, choices=list(typing.get_args(kind)), value=value, **common)
@@ -79,7 +79,7 @@ def widget(name: str, value: Any, in_webui: bool = False, **extra: Any) -> Any:
     if kind in (int, float) and not optional:
         return make(gr.Number, value=value, precision=0 if kind is int else None, **common)
     lines = 3 if typing.get_origin(kind) in (list, dict) else 1
-    placeholder = (info.unset or "not set") if optional else None
+    placeholder = (info.unset or "not set").replace("`", "") if optional else None  # tooltips are plain text
     return make(gr.Textbox, **{"value": to_widget(name, value), "lines": lines, "placeholder": placeholder, **common})
 
 
