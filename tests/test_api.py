@@ -32,6 +32,7 @@ from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from lora_train.engine.config import TrainConfig, from_dict  # noqa: E402
 from lora_train.webui.host_snapshot import HostSnapshot  # noqa: E402
 
 GLUE = Path(__file__).resolve().parent.parent / "scripts" / "lora_train_tab.py"
@@ -477,3 +478,21 @@ def test_inputs_the_run_would_trip_on_are_refused_at_submit(webui) -> None:
         assert ns.glue.RUNNER.jobs == {}
     else:
         assert response.status_code == 200, response.text
+
+
+def test_schema_describes_every_key_a_job_accepts(webui) -> None:
+    _, client = webui()
+    response = client.get("/lora-train/v1/schema")
+    assert response.status_code == 200
+    fields = {f["name"]: f for f in response.json()["fields"]}
+    assert list(fields) == list(TrainConfig.__dataclass_fields__)
+    assert from_dict({name: f["default"] for name, f in fields.items()}) == TrainConfig()  # defaults are real
+    rank, alpha = fields["lora_rank"], fields["lora_alpha"]
+    assert (rank["label"], rank["group"], rank["type"], rank["aliases"]) == (
+        "Rank (network_dim)", "Model and network", "int", ["network_dim"])
+    assert "alpha / rank" in alpha["help"] and alpha["aliases"] == ["network_alpha", "alpha"]
+    assert fields["optimizer"]["choices"] == ["adamw", "adamw8bit", "prodigy", "sgd"]
+    assert fields["max_train_steps"]["nullable"] is True and fields["max_train_steps"]["default"] is None
+    assert fields["train_text_encoder"]["inverted_aliases"] == ["network_train_unet_only"]
+    assert (fields["base_model"]["scope"], fields["output_dir"]["scope"], fields["seed"]["scope"]) == (
+        "standalone", "cli", "both")

@@ -165,3 +165,32 @@ def test_published_lora_scripts_config_runs_as_written(tmp_path, dataset_dir, ti
     assert result.facts.num_epochs == 10 and result.total_steps == 10 * result.facts.batches_per_epoch
     if importlib.util.find_spec("tensorboard") is not None:  # lora-scripts users find their logs here
         assert any((output / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_readme_config_table_is_generated_from_the_field_metadata_and_current(tmp_path: Path) -> None:
+    from lora_train.engine import config_doc
+
+    readme = config_doc.README.read_text(encoding="utf-8")
+    assert config_doc.main(["--check"]) == 0, f"README's config table is stale; run {config_doc.REGENERATE}"
+    table = readme.split(config_doc.BEGIN, 1)[1].split(config_doc.END, 1)[0]
+    documented = [info.name for info in config.field_infos()]
+    assert documented == list(TrainConfig.__dataclass_fields__)  # every key, none missing
+    assert [key for key in [*documented, *config.ALIASES, *config.INVERTED_ALIASES] if f"`{key}`" not in table] == []
+    stale = tmp_path / "README.md"
+    stale.write_text(readme.replace("| `lora_rank` | 8 |", "| `lora_rank` | 4 |"), encoding="utf-8")
+    assert config_doc.main(["--check", "--readme", str(stale)]) == 1
+    assert config_doc.main(["--readme", str(stale)]) == 0 and stale.read_text(encoding="utf-8") == readme
+
+
+def test_a_field_without_help_is_refused() -> None:
+    import dataclasses
+
+    from lora_train.engine.config_fields import describe, setting
+
+    @dataclasses.dataclass
+    class Partial:
+        documented: int = setting(1, group="Data", label="Documented", help="Has help.")
+        bare: int = 2
+
+    with pytest.raises(ValueError, match="'bare' has no help"):
+        describe(Partial)

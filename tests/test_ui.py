@@ -25,10 +25,11 @@ gr = pytest.importorskip("gradio")
 
 from lora_train.cli import describe  # noqa: E402
 from lora_train.engine.config import ConfigError, TrainConfig  # noqa: E402
-from lora_train.webui import ui  # noqa: E402
+from lora_train.webui import ui, ui_fields, ui_gradio, ui_status  # noqa: E402
 from lora_train.webui.diffusers_host import DiffusersHost  # noqa: E402
 from lora_train.webui.jobs import Job, JobRunner  # noqa: E402
 from lora_train.webui.paths import PathPolicy  # noqa: E402
+from lora_train.webui.presets import preset_values  # noqa: E402
 from lora_train.webui.standalone import make_app  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
@@ -98,23 +99,52 @@ def test_blocks_build_with_a_widget_for_every_config_field(app) -> None:
     assert send.visible is False  # standalone: no txt2img to send to
 
 
+def test_fields_show_human_labels_and_help_and_hide_what_the_host_decides(app, tmp_path: Path) -> None:
+    standalone, _ = app
+
+    class InWebUI(DiffusersHost):
+        in_webui = True
+
+    runner = JobRunner(InWebUI(), PathPolicy(output_root=tmp_path / "out"))
+    webui = ui.build_ui(runner, ui.UISettings(datasets_root=tmp_path / "ds"))
+
+    def field(demo, key):
+        return _component(demo, f"lora_train_cfg_{key}")
+
+    rank, alpha = field(webui, "lora_rank"), field(webui, "lora_alpha")
+    assert (rank.label, alpha.label) == ("Rank (network_dim)", "Alpha (network_alpha)")
+    assert "alpha / rank" in alpha.info and "Min-SNR" in field(webui, "min_snr_gamma").info
+    assert "lora_train_cfg" not in field(webui, "learning_rate").label  # no snake_case keys as labels
+    visible = {demo: {key: field(demo, key).visible for key in ("base_model", "device", "output_dir", "overwrite",
+                                                                 "seed")} for demo in (standalone, webui)}
+    # the WebUI trains its loaded checkpoint on its device; the tab itself decides where outputs go
+    assert visible[webui] == {"base_model": False, "device": False, "output_dir": False, "overwrite": False,
+                              "seed": True}
+    assert visible[standalone] == {"base_model": True, "device": True, "output_dir": False, "overwrite": False,
+                                   "seed": True}
+    headings = [b.value for b in webui.blocks.values() if type(b).__name__ == "Markdown" and b.visible]
+    assert [h for h in headings if h.startswith("####")] == [
+        "#### Data", "#### Model and network", "#### Optimisation", "#### Output", "#### Samples"]
+    assert "alpha/rank" in _component(webui, "lora_train_preset").info  # why presets differ from the defaults
+
+
 def test_widget_values_round_trip_through_the_config() -> None:
     cfg = TrainConfig(train_data_dir="/d", trigger_word="zz", v_parameterization=True, max_train_steps=12,
                       min_snr_gamma=5.0, unet_lr=None, sample_prompts=["a", "b c"], sample_every_n_steps=3,
                       optimizer_args={"weight_decay": 0.1}, lr_scheduler="cosine", mixed_precision="bf16")
-    values = ui.config_to_values(cfg)
+    values = ui_fields.config_to_values(cfg)
     assert len(values) == len(dataclasses.fields(TrainConfig))
     from lora_train.engine.config import from_dict
 
-    assert from_dict(ui.values_to_config(values)) == cfg
-    values[ui.FIELD_NAMES.index("v_parameterization")] = "auto"
-    values[ui.FIELD_NAMES.index("max_train_steps")] = ""
-    values[ui.FIELD_NAMES.index("lora_rank")] = 16.0
-    data = ui.values_to_config(values)
+    assert from_dict(ui_fields.values_to_config(values)) == cfg
+    values[ui_fields.FIELD_NAMES.index("v_parameterization")] = "auto"
+    values[ui_fields.FIELD_NAMES.index("max_train_steps")] = ""
+    values[ui_fields.FIELD_NAMES.index("lora_rank")] = 16.0
+    data = ui_fields.values_to_config(values)
     assert data["v_parameterization"] is None and data["max_train_steps"] is None and data["lora_rank"] == 16
-    values[ui.FIELD_NAMES.index("optimizer_args")] = "{unclosed"
+    values[ui_fields.FIELD_NAMES.index("optimizer_args")] = "{unclosed"
     with pytest.raises(ConfigError) as info:
-        ui.values_to_config(values)
+        ui_fields.values_to_config(values)
     assert info.value.key == "optimizer_args"
 
 
@@ -173,31 +203,31 @@ def test_preset_and_config_files(app, tmp_path: Path) -> None:
     demo, _ = app
     fns = _fns(demo)
     updates = fns["apply_preset"]("Style")
-    values = {name: u["value"] for name, u in zip(ui.preset_values("Style", "sd1"), updates, strict=False)}
+    values = {name: u["value"] for name, u in zip(preset_values("Style", "sd1"), updates, strict=False)}
     assert values["lora_rank"] == 32 and values["resolution"] == "512"
-    start = ui.config_to_values(TrainConfig(train_data_dir=str(tmp_path), output_name="cfgtest", lora_rank=7))
+    start = ui_fields.config_to_values(TrainConfig(train_data_dir=str(tmp_path), output_name="cfgtest", lora_rank=7))
     path, message = fns["save_config"](*start)
     assert Path(path).name == "cfgtest.yaml" and "written" in message
     loaded = fns["load_config"](path)
-    assert loaded[ui.FIELD_NAMES.index("lora_rank")] == 7 and "Loaded" in loaded[-1]
+    assert loaded[ui_fields.FIELD_NAMES.index("lora_rank")] == 7 and "Loaded" in loaded[-1]
     bad = tmp_path / "bad.yaml"
     bad.write_text("lora_rnk: 3\n")
     assert "lora_rank" in fns["load_config"](str(bad))[-1]
 
 
 def _small_run(dataset_dir: Path, **overrides) -> list:
-    data = ui.initial_config(ui.UISettings(datasets_root=dataset_dir), "sd1", "cpu")
+    data = ui_fields.initial_config(ui.UISettings(datasets_root=dataset_dir), "sd1", "cpu")
     data.update(train_data_dir=str(dataset_dir), output_name="streamed", trigger_word="shapez", resolution="64",
                 min_bucket_reso=64, max_bucket_reso=128, bucket_reso_steps=32, max_train_steps=4, batch_size=2,
                 log_every_n_steps=1, lr_warmup_steps=0, mixed_precision="no", lora_rank=4, lora_alpha=4,
                 sample_prompts=["shapez"], sample_every_n_steps=4, sample_steps=2)
     data.update(overrides)
-    return ui.config_to_values(data)
+    return ui_fields.config_to_values(data)
 
 
 def test_the_live_view_follows_a_job_started_with_train_to_the_snippet(app, dataset_dir: Path, monkeypatch) -> None:
     demo, runner = app
-    monkeypatch.setattr(ui, "POLL_SECONDS", 0.05)
+    monkeypatch.setattr(ui_status, "POLL_SECONDS", 0.05)
     fns = _fns(demo)
     page = Page(demo)
     try:
@@ -239,7 +269,7 @@ def test_stop_button_stops_a_running_job_and_keeps_the_lora(app, dataset_dir: Pa
     assert "Stopping" in fns["stop"]()
     assert job.done_event.wait(60)
     assert job.state == "stopped" and job.step < 100_000 and job.output.is_file()
-    assert "Stopped" in ui.progress_text(job) and job.snippet in ui.progress_text(job)
+    assert "Stopped" in ui_status.progress_text(job) and job.snippet in ui_status.progress_text(job)
 
 
 def test_inside_the_webui_stop_skips_the_queue_and_the_live_view_needs_no_button(app) -> None:
@@ -263,7 +293,7 @@ def test_inside_the_webui_stop_skips_the_queue_and_the_live_view_needs_no_button
 def test_an_idle_page_does_not_ask_the_host_for_its_model(tmp_path: Path, monkeypatch) -> None:
     """In the WebUI, reading the model before one is loaded loads it (or waits for the load): an open page with
     nothing training must not do that every second."""
-    monkeypatch.setattr(ui, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(ui_status, "POLL_SECONDS", 0.01)
     host = DiffusersHost()
     runner = JobRunner(host, PathPolicy(output_root=tmp_path / "out"))
     demo = ui.build_ui(runner, ui.UISettings(datasets_root=tmp_path / "ds"))
@@ -278,39 +308,39 @@ def test_an_idle_page_does_not_ask_the_host_for_its_model(tmp_path: Path, monkey
 
 
 def test_eta_is_estimated_after_the_first_step_and_long_runs_are_named() -> None:
-    assert ui.time_left(0.0, 0.0, "cpu") == ("ETA estimating…", "")
-    assert ui.time_left(2.0, 125.0, "cuda") == ("ETA 2:05", "")
-    eta, warning = ui.time_left(0.07, 6 * 3600 + 100, "cpu")
+    assert ui_status.time_left(0.0, 0.0, "cpu") == ("ETA estimating…", "")
+    assert ui_status.time_left(2.0, 125.0, "cuda") == ("ETA 2:05", "")
+    eta, warning = ui_status.time_left(0.07, 6 * 3600 + 100, "cpu")
     assert eta == "ETA 6:01:40"
     assert warning == "⚠️ This run will take about 6 h on this CPU; lower max_train_steps or resolution."
-    assert "about 1.5 h on this GPU" in ui.time_left(0.5, 5400, "cuda:1")[1]
+    assert "about 1.5 h on this GPU" in ui_status.time_left(0.5, 5400, "cuda:1")[1]
 
 
 def test_status_line_of_a_running_job(tmp_path: Path) -> None:
     cfg = TrainConfig(output_name="slow", output_dir=str(tmp_path / "slow-checkpoints"))
     job = Job(id="j", cfg=cfg, state="running")
-    assert "preparing" in ui.progress_text(job, "cpu")  # model and latents before the first step
+    assert "preparing" in ui_status.progress_text(job, "cpu")  # model and latents before the first step
     job.total = 1500
-    text = ui.progress_text(job, "cpu")
+    text = ui_status.progress_text(job, "cpu")
     assert "step 0/1500" in text and "estimating" in text and "0:00" not in text and "it/s" not in text
     assert f"`{tmp_path / 'slow-checkpoints'}`" in text
     job.step, job.it_per_s, job.eta_s, job.loss = 3, 0.07, 1497 / 0.07, None
-    text = ui.progress_text(job, "cpu")
+    text = ui_status.progress_text(job, "cpu")
     assert "ETA 5:56:25" in text and "about 5.9 h on this CPU" in text and "14.3 s/it" in text
     assert "loss" not in text  # no loss read yet
     job.losses = [(1, 0.5), (2, None), (3, 0.25)]  # the engine reports every step, reading the loss on some
-    assert list(ui.loss_frame(job)["step"]) == [1, 3]
+    assert list(ui_status.loss_frame(job)["step"]) == [1, 3]
 
 
 def test_shipped_example_still_builds_a_config_the_ui_accepts() -> None:
     from lora_train.engine import config
 
     cfg = config.load(EXAMPLE)
-    assert ui.values_to_config(ui.config_to_values(cfg))["output_name"] == cfg.output_name
+    assert ui_fields.values_to_config(ui_fields.config_to_values(cfg))["output_name"] == cfg.output_name
 
 
 def test_ctrl_c_on_the_ui_server_stops_the_job_saves_it_and_exits(tmp_path: Path, dataset_dir: Path) -> None:
-    if ui.GRADIO_MAJOR >= 4:
+    if ui_gradio.GRADIO_MAJOR >= 4:
         pytest.skip("starts the job through gradio 3's /run/predict (the WebUI's gradio)")
     from ui_server import press_train, serve
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from lora_train.engine import caption_store
+from lora_train.engine.config_checks import ConfigError, validate
+from lora_train.engine.config_checks import coerce as _coerce
+from lora_train.engine.config_fields import ALIASES, INVERTED_ALIASES, FieldInfo, describe, setting
 
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "sgd"]
 Scheduler = Literal[
@@ -37,83 +39,161 @@ def tensorboard_folder(logging_dir: str | None, output_dir: str) -> Path | None:
     return None
 
 
-class ConfigError(ValueError):
-    """A bad config value; ``key`` names the field so UIs can point at it."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"config key '{key}': {message}")
-        self.key = key
-
-
 @dataclass
 class TrainConfig:
     """Everything a training run needs. Defaults are sane for a first character LoRA on SD1.5."""
 
-    # data
-    train_data_dir: str = ""
-    metadata_path: str | None = None
-    caption_extension: str = ".txt"
-    reg_data_dir: str | None = None
-    prior_loss_weight: float = 1.0
-    trigger_word: str | None = None
-    resolution: str = "512"
-    enable_bucket: bool = True
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    caption_dropout_rate: float = 0.0
-    cache_latents: bool = True
-    cache_latents_to_disk: bool = False
-    # model
-    base_model: str = "tiny"
-    v_parameterization: bool | None = None
-    clip_skip: int = 1
-    # network
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    train_text_encoder: bool = False
-    network_weights: str | None = None
-    # optimisation
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    epochs: int = 10
-    max_train_steps: int | None = None
-    learning_rate: float = 1e-4
-    unet_lr: float | None = None
-    text_encoder_lr: float | None = None
-    optimizer: Optimizer = "adamw"
-    optimizer_args: dict[str, Any] = field(default_factory=dict)
-    lr_scheduler: Scheduler = "constant"
-    lr_warmup_steps: int = 0
-    lr_scheduler_num_cycles: int = 1
-    lr_scheduler_power: float = 1.0
-    max_grad_norm: float = 1.0
-    mixed_precision: Precision = "no"
-    gradient_checkpointing: bool = False
-    channels_last: bool = False
-    torch_compile: bool = False
-    noise_offset: float = 0.0
-    min_snr_gamma: float | None = None
-    seed: int = 42
-    device: str = "auto"
-    # output
-    output_dir: str = "output"
-    output_name: str = "lora"
-    overwrite: bool = False
-    save_precision: SavePrecision = "fp16"
-    save_every_n_steps: int = 0
-    save_every_n_epochs: int = 0
-    resume: str | None = None
-    logging_dir: str | None = None
-    log_every_n_steps: int = 10
-    sample_prompts: list[str] = field(default_factory=list)
-    sample_every_n_steps: int = 0
-    sample_steps: int = 20
-    sample_cfg_scale: float = 7.0
-    training_comment: str | None = None
+    train_data_dir: str = setting(
+        "", group="Data", label="Dataset folder", unset="(required)",
+        help="Image folder; images in it count once, kohya's `N_name` subfolders N times (repeats).")
+    metadata_path: str | None = setting(
+        None, group="Data", label="Captions CSV", unset="none (`.txt` sidecars)",
+        help="CSV with `filename,prompt` rows instead of `.txt` sidecar captions.")
+    caption_extension: str = setting(
+        ".txt", group="Data", label="Caption file extension", help="Extension of the sidecar caption files.")
+    reg_data_dir: str | None = setting(
+        None, group="Data", label="Regularization images",
+        help="Regularization image folder (same folder rules; captions optional).")
+    prior_loss_weight: float = setting(
+        1.0, group="Data", label="Regularization loss weight", help="Loss weight of the regularization images.")
+    trigger_word: str | None = setting(
+        None, group="Data", label="Trigger word",
+        help="Put first in every caption (kept first when shuffling) and written to the sidecar card.")
+    resolution: str = setting(
+        "512", group="Data", label="Resolution",
+        help="Training area: `512`, or `width,height`; sides multiples of 8. 512 for SD1, 768 SD2, 1024 SDXL.")
+    enable_bucket: bool = setting(
+        True, group="Data", label="Aspect-ratio buckets",
+        help="Group images by aspect ratio instead of centre-cropping everything square.")
+    min_bucket_reso: int = setting(
+        256, group="Data", label="Smallest bucket side", help="Smallest bucket width or height, in pixels.")
+    max_bucket_reso: int = setting(
+        1024, group="Data", label="Largest bucket side", help="Largest bucket width or height, in pixels.")
+    bucket_reso_steps: int = setting(
+        64, group="Data", label="Bucket side step", help="Bucket sides are multiples of this (pixels).")
+    shuffle_caption: bool = setting(
+        False, group="Data", label="Shuffle caption tags", help="Shuffle comma-separated tags every step.")
+    keep_tokens: int = setting(
+        0, group="Data", label="Tags kept in place",
+        help="Leading tags never shuffled (the trigger word always stays first).")
+    caption_dropout_rate: float = setting(
+        0.0, group="Data", label="Caption dropout",
+        help="Probability (0-1) of training a step with an empty caption.")
+    cache_latents: bool = setting(
+        True, group="Data", label="Cache latents",
+        help="Encode every image once with the VAE (faster steps; no random crops).")
+    cache_latents_to_disk: bool = setting(
+        False, group="Data", label="Cache latents to disk",
+        help="Also keep the encoded latents in `output_dir/.latent_cache` for the next run.")
+    base_model: str = setting(
+        "tiny", group="Model and network", label="Base model", scope="standalone",
+        help="Checkpoint file (.safetensors/.ckpt), diffusers folder, `tiny` or `tiny-sdxl`. The WebUI trains "
+             "the checkpoint it has loaded.")
+    v_parameterization: bool | None = setting(
+        None, group="Model and network", label="v-prediction", unset="auto (from the model's config)",
+        help="v-prediction loss (SD2 768-v models).")
+    clip_skip: int = setting(
+        1, group="Model and network", label="CLIP skip", help="2 uses the penultimate CLIP layer (SD1 anime models).")
+    lora_rank: int = setting(
+        8, group="Model and network", label="Rank (network_dim)",
+        help="LoRA dimension: capacity and file size. 8-32 is usual (characters 16, styles 32).")
+    lora_alpha: float = setting(
+        16.0, group="Model and network", label="Alpha (network_alpha)",
+        help="The update is scaled by alpha / rank. The default 16 at rank 8 (scale 2) learns fast at 1e-4 on "
+             "short runs; the presets use alpha = rank/2 or = rank (scale 0.5-1), gentler for long runs.")
+    lora_dropout: float = setting(
+        0.0, group="Model and network", label="LoRA dropout", help="Dropout inside the LoRA layers, in [0, 1).")
+    train_text_encoder: bool = setting(
+        False, group="Model and network", label="Train the text encoder",
+        help="Also train LoRA on the text encoder(s); helps characters on SD1.")
+    network_weights: str | None = setting(
+        None, group="Model and network", label="Start from a LoRA",
+        help="An existing kohya LoRA file to continue from (its rank and alpha are kept).")
+    batch_size: int = setting(1, group="Optimisation", label="Batch size", help="Images per step.")
+    gradient_accumulation_steps: int = setting(
+        1, group="Optimisation", label="Gradient accumulation", help="Micro-batches per optimizer step.")
+    epochs: int = setting(
+        10, group="Optimisation", label="Epochs", help="Passes over the dataset (with repeats).")
+    max_train_steps: int | None = setting(
+        None, group="Optimisation", label="Max steps", unset="none (from `epochs`)",
+        help="Optimizer steps to train; overrides `epochs`.")
+    learning_rate: float = setting(
+        1e-4, group="Optimisation", label="Learning rate", help="Base learning rate; 1e-4 is typical for AdamW.")
+    unet_lr: float | None = setting(
+        None, group="Optimisation", label="UNet learning rate", unset="learning_rate",
+        help="Learning rate of the UNet's LoRA.")
+    text_encoder_lr: float | None = setting(
+        None, group="Optimisation", label="Text encoder learning rate", unset="learning_rate",
+        help="Learning rate of the text encoder's LoRA; often half the UNet's.")
+    optimizer: Optimizer = setting(
+        "adamw", group="Optimisation", label="Optimizer",
+        help="`adamw8bit` needs bitsandbytes, `prodigy` prodigyopt (use learning_rate 1).")
+    optimizer_args: dict[str, Any] = setting(
+        group="Optimisation", label="Optimizer arguments", default_factory=dict,
+        help="Extra optimizer arguments as a YAML mapping, e.g. `{weight_decay: 0.01}`.")
+    lr_scheduler: Scheduler = setting(
+        "constant", group="Optimisation", label="LR schedule", help="How the learning rate changes over the run.")
+    lr_warmup_steps: int = setting(
+        0, group="Optimisation", label="Warmup steps", help="Steps ramping the learning rate up from 0.")
+    lr_scheduler_num_cycles: int = setting(
+        1, group="Optimisation", label="Schedule restarts", help="Restarts of `cosine_with_restarts`.")
+    lr_scheduler_power: float = setting(
+        1.0, group="Optimisation", label="Schedule power", help="Power of the `polynomial` schedule.")
+    max_grad_norm: float = setting(
+        1.0, group="Optimisation", label="Gradient clipping", help="Clip gradients to this norm (0 = off).")
+    mixed_precision: Precision = setting(
+        "no", group="Optimisation", label="Mixed precision",
+        help="Autocast; base weights in half precision on a GPU. bf16 on recent GPUs, fp16 otherwise.")
+    gradient_checkpointing: bool = setting(
+        False, group="Optimisation", label="Gradient checkpointing", help="Less memory, about 20 % slower.")
+    channels_last: bool = setting(
+        False, group="Optimisation", label="Channels-last layout",
+        help="Channels-last UNet memory layout for the run (faster convolutions on recent GPUs).")
+    torch_compile: bool = setting(
+        False, group="Optimisation", label="torch.compile",
+        help="Compile the UNet for the run (slow first steps, faster after).")
+    noise_offset: float = setting(
+        0.0, group="Optimisation", label="Noise offset",
+        help="Offset noise for darker darks and brighter brights; 0.05-0.1 when wanted.")
+    min_snr_gamma: float | None = setting(
+        None, group="Optimisation", label="Min-SNR gamma", unset="none (off)",
+        help="Min-SNR loss weighting; 5 is typical.")
+    seed: int = setting(42, group="Optimisation", label="Seed", help="Makes runs repeatable and resumable.")
+    device: str = setting(
+        "auto", group="Optimisation", label="Device", scope="standalone",
+        help="`auto`, `cuda`, `cpu`, `cuda:1`, ... The WebUI trains on its own device.")
+    output_dir: str = setting(
+        "output", group="Output", label="Output folder", scope="cli",
+        help="Where the LoRA, checkpoints, state and samples go. The tab sets it: the LoRA goes to the Lora "
+             "folder, the run's files to the run folder.")
+    output_name: str = setting(
+        "lora", group="Output", label="LoRA name", help="File name without extension.")
+    overwrite: bool = setting(
+        False, group="Output", label="Overwrite", scope="cli",
+        help="Replace an existing output instead of writing `<name>-2`. The tab never overwrites.")
+    save_precision: SavePrecision = setting(
+        "fp16", group="Output", label="Save precision", help="Precision of the saved LoRA weights.")
+    save_every_n_steps: int = setting(
+        0, group="Output", label="Save every N steps", help="Intermediate LoRA files and resumable state (0 = off).")
+    save_every_n_epochs: int = setting(
+        0, group="Output", label="Save every N epochs", help="As above, per epoch (0 = off).")
+    resume: str | None = setting(
+        None, group="Output", label="Resume from", help="A `<name>-state` folder to continue.")
+    logging_dir: str | None = setting(
+        None, group="Output", label="TensorBoard folder", unset="`output_dir/logs` when tensorboard is installed",
+        help="TensorBoard scalars (loss, lr); `\"\"` turns them off.")
+    log_every_n_steps: int = setting(
+        10, group="Output", label="Read loss every N steps",
+        help="How often the loss is read back (reading it syncs the GPU).")
+    sample_prompts: list[str] = setting(
+        group="Samples", label="Sample prompts", default_factory=list,
+        help="Prompts for preview images, one per line, or a `.txt` file with one prompt per line.")
+    sample_every_n_steps: int = setting(
+        0, group="Samples", label="Sample every N steps", help="Preview interval (0 = off).")
+    sample_steps: int = setting(20, group="Samples", label="Sampler steps", help="Steps per preview image.")
+    sample_cfg_scale: float = setting(7.0, group="Samples", label="CFG scale", help="Guidance of the previews.")
+    training_comment: str | None = setting(
+        None, group="Output", label="Training comment", help="Stored in the LoRA as `ss_training_comment`.")
 
     def __post_init__(self) -> None:
         if self.caption_extension and not self.caption_extension.startswith("."):
@@ -152,22 +232,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# kohya / lora-scripts spellings accepted as the same field.
-ALIASES = {
-    "pretrained_model_name_or_path": "base_model",
-    "network_dim": "lora_rank",
-    "network_alpha": "lora_alpha",
-    "network_dropout": "lora_dropout",
-    "train_batch_size": "batch_size",
-    "max_train_epochs": "epochs",
-    "optimizer_type": "optimizer",
-    "lr_warmup": "lr_warmup_steps",
-    "save_model_as_precision": "save_precision",
-    # lora-scripts' published configs
-    "scheduler": "lr_scheduler",
-    "alpha": "lora_alpha",
-    "save_steps": "save_every_n_steps",
-}
 _OPTIMIZER_SPELLINGS = {"adamw8bit": "adamw8bit", "adamw_8bit": "adamw8bit", "adamw": "adamw"}
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -178,115 +242,13 @@ def _nearest(key: str) -> str:
     return f"; did you mean '{ALIASES.get(match[0], match[0])}'?" if match else ""
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against the field's type, converting the lossless cases (int→float, "1e-4"→float)."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if origin is Literal:
-        text = str(value).lower() if isinstance(value, str) else value
-        if value is False and "no" in args:  # YAML reads a bare `no` as false
-            text = "no"
-        if text not in args:
-            allowed = ", ".join(str(a) for a in args)
-            raise ConfigError(key, f"{value!r} is not one of: {allowed}")
-        return text
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
-            return value.lower() in ("true", "yes")
-        raise ConfigError(key, f"{value!r} is not true or false")
-    if annotation in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(key, f"{value!r} is not a number")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(key, f"{value!r} is not a number") from None
-        if annotation is int:
-            if not number.is_integer():
-                raise ConfigError(key, f"{value!r} is not a whole number")
-            return int(number)
-        return number
-    if annotation is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(key, f"{value!r} is not text")
-        return str(value)
-    if origin is list:
-        if isinstance(value, str):
-            return [value] if value else []
-        if not isinstance(value, list):
-            raise ConfigError(key, f"{value!r} is not a list")
-        return [str(v) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"{value!r} is not a mapping")
-        return value
-    return value
-
-
-_POSITIVE = ("lora_rank", "batch_size", "gradient_accumulation_steps", "epochs", "bucket_reso_steps",
-             "sample_steps", "lr_scheduler_num_cycles",
-             "log_every_n_steps")
-_NON_NEGATIVE = ("lora_dropout", "noise_offset", "lr_warmup_steps", "keep_tokens", "save_every_n_steps",
-                 "save_every_n_epochs", "sample_every_n_steps", "max_grad_norm", "prior_loss_weight")
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Range and cross-field checks that types alone cannot express."""
-    for key in _POSITIVE:
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(key, f"{getattr(cfg, key)!r} must be greater than 0")
-    for key in _NON_NEGATIVE:
-        if getattr(cfg, key) < 0:
-            raise ConfigError(key, f"{getattr(cfg, key)!r} must not be negative")
-    if cfg.lora_alpha <= 0:
-        raise ConfigError("lora_alpha", f"{cfg.lora_alpha!r} must be greater than 0 (kohya: often rank or rank/2)")
-    if not 0 <= cfg.lora_dropout < 1:
-        raise ConfigError("lora_dropout", f"{cfg.lora_dropout!r} must be in [0, 1)")
-    if not 0 <= cfg.caption_dropout_rate <= 1:
-        raise ConfigError("caption_dropout_rate", f"{cfg.caption_dropout_rate!r} must be in [0, 1]")
-    for key in ("learning_rate", "unet_lr", "text_encoder_lr"):
-        value = getattr(cfg, key)
-        if value is not None and value <= 0:
-            raise ConfigError(key, f"{value!r} must be greater than 0 (e.g. 1e-4)")
-    if cfg.max_train_steps is not None and cfg.max_train_steps <= 0:
-        raise ConfigError("max_train_steps", f"{cfg.max_train_steps!r} must be greater than 0")
-    if cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0:
-        raise ConfigError("min_snr_gamma", f"{cfg.min_snr_gamma!r} must be greater than 0 (5 is typical)")
-    if cfg.clip_skip not in (1, 2):
-        raise ConfigError("clip_skip", f"{cfg.clip_skip!r} must be 1 or 2")
-    try:
-        height, width = cfg.resolution_hw
-    except ValueError:
-        raise ConfigError("resolution", f"{cfg.resolution!r} is not '512' or 'width,height'") from None
-    for side in (height, width):
-        if side < 64 or side % 8:
-            raise ConfigError("resolution", f"{cfg.resolution!r}: sides must be >= 64 and multiples of 8")
-    if cfg.min_bucket_reso > cfg.max_bucket_reso:
-        raise ConfigError("min_bucket_reso", "must not exceed max_bucket_reso")
-    if not cfg.output_name or any(c in cfg.output_name for c in '/\\:*?"<>|') or cfg.output_name in (".", ".."):
-        raise ConfigError("output_name", f"{cfg.output_name!r} must be a plain file name without path separators")
-    try:
-        Path("image.png").with_suffix(cfg.caption_extension)
-    except ValueError:
-        raise ConfigError("caption_extension", f"{cfg.caption_extension!r} is not a file extension like .txt") from None
-    if cfg.sample_every_n_steps and not cfg.sample_prompts:
-        raise ConfigError("sample_prompts", "sample_every_n_steps is set but there are no sample_prompts")
-
-
 def from_dict(data: dict[str, Any]) -> TrainConfig:
     """Build a config from plain data, resolving aliases and rejecting unknown keys with a suggestion."""
     values: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = ALIASES.get(raw_key, raw_key)
-        if key == "network_train_unet_only":
-            key, value = "train_text_encoder", not value
+        if key in INVERTED_ALIASES:
+            key, value = INVERTED_ALIASES[key], not value
         if key not in _FIELDS:
             raise ConfigError(raw_key, f"unknown key{_nearest(raw_key)}")
         if key == "optimizer" and isinstance(value, str):
@@ -362,3 +324,8 @@ def load(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
 def dump(cfg: TrainConfig) -> str:
     """YAML text that ``load`` reads back to an equal config (the UI's Save and the CLI share it)."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def field_infos() -> list[FieldInfo]:
+    """Every TrainConfig key with its help, group, label, scope and aliases (README table, tab, API schema)."""
+    return describe(TrainConfig)

@@ -1,4 +1,4 @@
-"""REST routes under /lora-train/v1: start a job, poll it, stop it, list presets.
+"""REST routes under /lora-train/v1: start a job, poll it, stop it, list presets, describe the config keys.
 
 Host-agnostic (FastAPI only) so tests drive it with TestClient. The WebUI glue mounts it only under ``--api``
 and passes the ``--api-auth`` credentials; routes an extension adds get no auth from the WebUI by themselves.
@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from lora_train.engine.config import ConfigError
+from lora_train.engine.config import ConfigError, field_infos
 from lora_train.webui.jobs import BusyError, HostError, JobRunner
 from lora_train.webui.paths import INPUT_KEYS, PathNotAllowed
 from lora_train.webui.presets import DEFAULT_PRESET, PRESET_NAMES, all_presets
@@ -123,5 +123,10 @@ def build_router(
         family = runner.host.family()
         return {"family": family, "default": DEFAULT_PRESET, "names": list(PRESET_NAMES),
                 "presets": all_presets(family, runner.host.device_type())}
+
+    @router.get("/schema")
+    def schema() -> dict[str, Any]:
+        """Every config key a job accepts: type, default, help, group, label, scope, choices and aliases."""
+        return {"fields": [info.to_dict() for info in field_infos()]}
 
     return router
