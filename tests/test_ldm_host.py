@@ -33,7 +33,8 @@ from lora_train.engine.export import read_lora  # noqa: E402
 from lora_train.engine.model import Conditioning  # noqa: E402
 from lora_train.engine.sampler import sample_images  # noqa: E402
 from lora_train.engine.trainer import TrainCallbacks, train  # noqa: E402
-from lora_train.hosts.ldm import LdmBundle, detect_family, reset_builtin_lora  # noqa: E402
+from lora_train.hosts.ldm import LdmBundle, detect_family  # noqa: E402
+from lora_train.webui.builtin_lora import reset_builtin_lora  # noqa: E402
 from lora_train.webui.host_snapshot import HostSnapshot  # noqa: E402
 
 CAPTIONS = ["a photo of a red cat", "a painting of a house by the sea"]
