@@ -16,7 +16,8 @@ from lora_train.engine import config as config_module
 from lora_train.engine import preflight
 from lora_train.engine.config import TrainConfig
 from lora_train.engine.export import read_lora
-from lora_train.engine.trainer import StepInfo, TrainCallbacks, train
+from lora_train.engine.progress import StepInfo, TrainCallbacks
+from lora_train.engine.trainer import train
 from lora_train.hosts.base_model import base_model_family
 from lora_train.webui import standalone
 

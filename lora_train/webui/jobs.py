@@ -28,8 +28,10 @@ from lora_train.engine.config import ConfigError, TrainConfig
 from lora_train.engine.dataset import DatasetError
 from lora_train.engine.files import atomic_write
 from lora_train.engine.model import ModelBundle
+from lora_train.engine.progress import StepInfo, TrainCallbacks, TrainResult
 from lora_train.engine.run_paths import reserve_run
-from lora_train.engine.trainer import SampleFn, StepInfo, TrainCallbacks, TrainResult, train
+from lora_train.engine.samples import SampleFn
+from lora_train.engine.trainer import train
 from lora_train.webui.paths import PathPolicy, resolve, sanitize_name
 from lora_train.webui.presets import preset_values
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from lora_train.engine.config import TrainConfig
 from lora_train.engine.model import ModelBundle
-from lora_train.engine.trainer import SampleFn
+from lora_train.engine.samples import SampleFn
 from lora_train.webui.jobs import HostError, Job, JobRunner, TrainHost
 from lora_train.webui.paths import PathPolicy, resolve
 
