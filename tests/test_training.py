@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_config, state_hashes
 
-from lora_train.engine import lora, loss, progress, run_state, trainer
+from lora_train.engine import dataset, lora, loss, preflight, progress, run_state, trainer
 from lora_train.engine.export import read_lora
 from lora_train.engine.progress import NonFiniteError, TrainCallbacks
 from lora_train.engine.trainer import train
@@ -426,3 +426,11 @@ def test_max_grad_norm_zero_turns_clipping_off(tiny, dataset_dir, tmp_path):
     off, huge, tight = one_step(0), one_step(1e9), one_step(1e-6)
     assert all(torch.equal(off[k], huge[k]) for k in off)
     assert any(not torch.equal(off[k], tight[k]) for k in off)
+
+
+def test_a_dataset_scanned_by_preflight_is_not_scanned_again(tiny, dataset_dir, tmp_path, monkeypatch):
+    cfg = make_config(dataset_dir, tmp_path, max_train_steps=1)
+    scanned = preflight.check(cfg, None)  # what the CLI does before loading the model
+    monkeypatch.setattr(dataset, "scan", lambda cfg: pytest.fail("the dataset was scanned a second time"))
+    result = train(cfg, tiny, dataset=scanned)
+    assert result.steps == 1 and result.output.is_file()

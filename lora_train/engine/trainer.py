@@ -35,13 +35,14 @@ class Trainer:
     """One training run over a bundle. ``run()`` always removes the LoRA and restores the host's flags."""
 
     def __init__(self, cfg: TrainConfig, bundle: ModelBundle, callbacks: TrainCallbacks | None = None,
-                 sample_fn: SampleFn | None = None, final_dir: str | Path | None = None):
+                 sample_fn: SampleFn | None = None, final_dir: str | Path | None = None,
+                 dataset: data.Dataset | None = None):
         self.cfg = cfg
         self.bundle = bundle
         self.callbacks = callbacks or TrainCallbacks()
         self.sample_fn = sample_fn
         self.device = bundle.device
-        self.dataset = data.scan(cfg)
+        self.dataset = dataset if dataset is not None else data.scan(cfg)
         self.batches_per_epoch = len(data.epoch_batches(self.dataset, cfg.batch_size, cfg.seed, 0))
         micro_total = cfg.epochs * self.batches_per_epoch
         self.total_steps = cfg.max_train_steps or math.ceil(micro_total / cfg.gradient_accumulation_steps)
@@ -229,10 +230,12 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, bundle: ModelBundle, callbacks: TrainCallbacks | None = None,
-          sample_fn: SampleFn | None = None, final_dir: str | Path | None = None) -> TrainResult:
+          sample_fn: SampleFn | None = None, final_dir: str | Path | None = None,
+          dataset: data.Dataset | None = None) -> TrainResult:
     """Train a LoRA on ``bundle`` as ``cfg`` says.
 
     The final file goes to ``final_dir`` (default ``cfg.output_dir``); step files, resumable state and samples
-    to ``cfg.output_dir``. Names are reserved for all of them together (run_paths.plan_run).
+    to ``cfg.output_dir``. Names are reserved for all of them together (run_paths.plan_run). ``dataset`` is
+    ``preflight.check``'s scan of ``cfg``'s data when the caller just made it (else it is scanned here).
     """
-    return Trainer(cfg, bundle, callbacks, sample_fn, final_dir).run()
+    return Trainer(cfg, bundle, callbacks, sample_fn, final_dir, dataset).run()
