@@ -34,7 +34,8 @@ from torch import nn  # noqa: E402
 from torch.utils import flop_counter  # noqa: E402
 
 from lora_train.engine.config import TrainConfig  # noqa: E402
-from lora_train.engine.trainer import TrainCallbacks, Trainer  # noqa: E402
+from lora_train.engine.progress import TrainCallbacks  # noqa: E402
+from lora_train.engine.trainer import Trainer  # noqa: E402
 from lora_train.hosts.architectures import SD1, TINY, Architecture  # noqa: E402
 
 # kohya's default UNet targets (Linear / 1x1 conv inside every transformer block), as a peft regex.
@@ -140,13 +141,13 @@ def cached_items(trainer: Trainer, device: torch.device) -> list[CachedItem]:
     """The very latents and text embeddings our trainer cached, moved to ``device`` once."""
     items = []
     for index, item in enumerate(trainer.dataset.items):
-        cond = trainer.text_cache.get(item.caption)
+        cond = trainer.text.cache.get(item.caption)
         if cond is None:  # a short run may not have reached every caption yet
             with torch.no_grad():
                 cond = trainer.bundle.encode_text(trainer.bundle.tokenize([item.caption]))
         pooled = cond.pooled[0].to(device) if cond.pooled is not None else None
         size_ids = torch.tensor(item.size_ids(), dtype=torch.float32, device=device) if pooled is not None else None
-        items.append(CachedItem(trainer.latents[index].to(device), cond.context[0].to(device), pooled, size_ids))
+        items.append(CachedItem(trainer.latents.memory[index].to(device), cond.context[0].to(device), pooled, size_ids))
     return items
 
 

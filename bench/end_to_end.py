@@ -29,7 +29,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from lora_train.engine import dataset, export, lora, trainer  # noqa: E402
+from lora_train.engine import caches, checkpoints, dataset, export, lora, progress, trainer  # noqa: E402
 from lora_train.hosts.architectures import TINY  # noqa: E402
 from lora_train.hosts.diffusers import build_random  # noqa: E402
 
@@ -78,7 +78,7 @@ class Timers:
                 delattr(owner, attr)
 
 
-class LoopClock(trainer.TrainCallbacks):
+class LoopClock(progress.TrainCallbacks):
     """The loop's first iteration starts at the first should_stop(); its last ends when the final export starts."""
 
     def __init__(self) -> None:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> float:
         data = common.make_dataset(Path(tmp) / "data", args.images, arch.resolution)
         cfg = common.bench_config(data, Path(tmp) / "out", arch.resolution, batch_size=args.batch_size,
                                   max_train_steps=args.steps)
-        original_export = trainer.Trainer._export
+        original_export = checkpoints.RunWriter.export
 
         def marked_export(self, *a, **k):
             export_start.append(time.perf_counter())
@@ -124,19 +124,19 @@ def main(argv: list[str] | None = None) -> float:
         patches = [
             (dataset, "scan", "dataset scan"),
             (lora, "inject", "LoRA inject"),
-            (trainer.Trainer, "_cache_all_latents", "latent caching"),
+            (caches.LatentCache, "cache_all", "latent caching"),
             (dataset, "load_pixels", "  image decode + resize"),
             (bundle, "encode_images", "  VAE encode"),
             (bundle, "encode_text", "text encoding (cache fill)"),
-            (trainer.Trainer, "_export", "export (final file)"),
+            (checkpoints.RunWriter, "export", "export (final file)"),
             (export, "training_metadata", "  metadata (hashes, tag counts)"),
             (lora, "kohya_state_dict", "  LoRA state dict"),
             (export, "write_lora", "  write safetensors"),
             (lora, "remove", "LoRA remove + flag restore"),
         ]
         with contextlib.ExitStack() as stack:
-            trainer.Trainer._export = marked_export  # type: ignore[method-assign]
-            stack.callback(setattr, trainer.Trainer, "_export", original_export)
+            checkpoints.RunWriter.export = marked_export  # type: ignore[method-assign]
+            stack.callback(setattr, checkpoints.RunWriter, "export", original_export)
             for owner, attr, label in patches:
                 stack.enter_context(timers.wrap(owner, attr, label))
             start = time.perf_counter()

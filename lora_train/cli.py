@@ -31,8 +31,8 @@ def run_train(args: argparse.Namespace) -> int:
         from lora_train.hosts.diffusers import load_model
 
         cfg = config_module.load(args.config, args.set)
-        preflight.check(cfg, base_model_family(cfg.base_model))  # every input, before the model loads
-        job = functools.partial(train, cfg, load_model(cfg), callbacks)
+        scanned = preflight.check(cfg, base_model_family(cfg.base_model))  # every input, before the model loads
+        job = functools.partial(train, cfg, load_model(cfg), callbacks, dataset=scanned)
     previous = signal.signal(signal.SIGINT, callbacks.request_stop)
     try:
         result = job()

@@ -12,7 +12,8 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from diffusers_compat import require_kohya_loader
 
 from lora_train.engine.export import read_lora
-from lora_train.engine.trainer import TrainCallbacks, train
+from lora_train.engine.progress import TrainCallbacks
+from lora_train.engine.trainer import train
 from lora_train.hosts.diffusers import DiffusersBundle
 
 KEY = re.compile(r"^lora_(unet|te|te1|te2)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")

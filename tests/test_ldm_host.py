@@ -28,12 +28,14 @@ from diffusers_compat import require_kohya_loader  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lora_train.engine import lora, trainer  # noqa: E402
+from lora_train.engine import lora, loss  # noqa: E402
 from lora_train.engine.export import read_lora  # noqa: E402
 from lora_train.engine.model import Conditioning  # noqa: E402
+from lora_train.engine.progress import TrainCallbacks  # noqa: E402
 from lora_train.engine.sampler import sample_images  # noqa: E402
-from lora_train.engine.trainer import TrainCallbacks, train  # noqa: E402
-from lora_train.hosts.ldm import LdmBundle, detect_family, reset_builtin_lora  # noqa: E402
+from lora_train.engine.trainer import train  # noqa: E402
+from lora_train.hosts.ldm import LdmBundle, detect_family  # noqa: E402
+from lora_train.webui.builtin_lora import reset_builtin_lora  # noqa: E402
 from lora_train.webui.host_snapshot import HostSnapshot  # noqa: E402
 
 CAPTIONS = ["a photo of a red cat", "a painting of a house by the sea"]
@@ -456,7 +458,7 @@ def test_loss_target_is_velocity_exactly_when_the_host_says_v(dataset_dir, tmp_p
         bundle = LdmBundle(model)
         assert bundle.parameterization == model.parameterization
         latents, noise, timesteps, _, _ = _batch(bundle)
-        target = trainer.loss_target(bundle.parameterization, latents, noise, timesteps, bundle.alphas_cumprod)
+        target = loss.loss_target(bundle.parameterization, latents, noise, timesteps, bundle.alphas_cumprod)
         if model.parameterization == "v":  # ldm's own definition of the velocity
             assert torch.allclose(target, model.get_v(latents, noise, timesteps), atol=1e-6)
             assert not torch.allclose(target, noise, atol=1e-2)
@@ -464,13 +466,13 @@ def test_loss_target_is_velocity_exactly_when_the_host_says_v(dataset_dir, tmp_p
             assert torch.equal(target, noise)
 
     seen = []
-    original = trainer.loss_target
+    original = loss.loss_target
 
     def spy(parameterization, *args):
         seen.append(parameterization)
         return original(parameterization, *args)
 
-    monkeypatch.setattr(trainer, "loss_target", spy)
+    monkeypatch.setattr(loss, "loss_target", spy)
     train(make_config(dataset_dir, tmp_path, max_train_steps=1), LdmBundle(M.tiny_sd2(v=True)))
     assert seen == ["v"]
 

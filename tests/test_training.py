@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import make_config, state_hashes
 
-from lora_train.engine import lora, run_state, trainer
+from lora_train.engine import dataset, lora, loss, preflight, progress, run_state, trainer
 from lora_train.engine.export import read_lora
-from lora_train.engine.trainer import NonFiniteError, TrainCallbacks, train
+from lora_train.engine.progress import NonFiniteError, TrainCallbacks
+from lora_train.engine.trainer import train
 
 
 def test_loss_falls_and_host_weights_are_untouched(tiny, dataset_dir, tmp_path):
@@ -173,10 +174,10 @@ def test_noising_and_targets_match_diffusers(ddpm):
     latents, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
     t = torch.tensor([0, 10, 500, 999])
     alphas = ddpm.alphas_cumprod
-    torch.testing.assert_close(trainer.add_noise(latents, noise, t, alphas), ddpm.add_noise(latents, noise, t))
-    torch.testing.assert_close(trainer.loss_target("v", latents, noise, t, alphas),
+    torch.testing.assert_close(loss.add_noise(latents, noise, t, alphas), ddpm.add_noise(latents, noise, t))
+    torch.testing.assert_close(loss.loss_target("v", latents, noise, t, alphas),
                                ddpm.get_velocity(latents, noise, t))
-    assert torch.equal(trainer.loss_target("eps", latents, noise, t, alphas), noise)
+    assert torch.equal(loss.loss_target("eps", latents, noise, t, alphas), noise)
 
 
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
@@ -191,7 +192,7 @@ def test_min_snr_weights_match_diffusers_example(ddpm, parameterization):
     snr = compute_snr(ddpm, t)
     capped = torch.minimum(snr, torch.full_like(snr, 5.0))
     expected = capped / (snr + 1) if parameterization == "v" else capped / snr
-    torch.testing.assert_close(trainer.min_snr_weights(t, ddpm.alphas_cumprod, 5.0, parameterization), expected)
+    torch.testing.assert_close(loss.min_snr_weights(t, ddpm.alphas_cumprod, 5.0, parameterization), expected)
 
 
 def test_sdxl_layout_trains_with_accumulation_and_options(tiny_sdxl, dataset_dir, tmp_path):
@@ -295,8 +296,8 @@ def test_the_job_keeps_its_last_loss_on_steps_without_a_reading():
 
     job, host = Job("j", TrainConfig()), Host()
     callbacks = _JobCallbacks(job, host)
-    callbacks.on_step(trainer.StepInfo(1, 4, 0, 0.25, 1e-4, 2.0, 1.5))
-    callbacks.on_step(trainer.StepInfo(2, 4, 0, None, 1e-4, 2.0, 1.0))
+    callbacks.on_step(progress.StepInfo(1, 4, 0, 0.25, 1e-4, 2.0, 1.5))
+    callbacks.on_step(progress.StepInfo(2, 4, 0, None, 1e-4, 2.0, 1.0))
     assert (job.step, job.loss, job.losses, host.reported) == (2, 0.25, [(1, 0.25)], 2)
 
 
@@ -425,3 +426,11 @@ def test_max_grad_norm_zero_turns_clipping_off(tiny, dataset_dir, tmp_path):
     off, huge, tight = one_step(0), one_step(1e9), one_step(1e-6)
     assert all(torch.equal(off[k], huge[k]) for k in off)
     assert any(not torch.equal(off[k], tight[k]) for k in off)
+
+
+def test_a_dataset_scanned_by_preflight_is_not_scanned_again(tiny, dataset_dir, tmp_path, monkeypatch):
+    cfg = make_config(dataset_dir, tmp_path, max_train_steps=1)
+    scanned = preflight.check(cfg, None)  # what the CLI does before loading the model
+    monkeypatch.setattr(dataset, "scan", lambda cfg: pytest.fail("the dataset was scanned a second time"))
+    result = train(cfg, tiny, dataset=scanned)
+    assert result.steps == 1 and result.output.is_file()

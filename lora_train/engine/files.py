@@ -55,17 +55,22 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def free_name(folder: str | Path, name: str, suffixes: tuple[str, ...] = ("",)) -> str:
-    """``name``, or the first ``name-N``, for which no ``folder/<candidate><suffix>`` exists for any suffix.
+def first_free(name: str, taken: Callable[[str], bool]) -> str:
+    """``name``, or the first of ``name-2``, ``name-3``... that is not ``taken``: the one free-name rule.
 
-    kohya overwrites silently; every place we create an output (file, checkpoint folder, dataset folder)
-    picks its name here instead, so existing work is never replaced.
+    kohya overwrites silently; every place we create an output (file, checkpoint folder, dataset folder, a
+    whole run) picks its name here instead, so existing work is never replaced.
     """
-    folder = Path(folder)
     candidate, n = name, 2
-    while any((folder / f"{candidate}{suffix}").exists() for suffix in suffixes):
+    while taken(candidate):
         candidate, n = f"{name}-{n}", n + 1
     return candidate
+
+
+def free_name(folder: str | Path, name: str, suffixes: tuple[str, ...] = ("",)) -> str:
+    """``name``, or the first ``name-N``, for which no ``folder/<candidate><suffix>`` exists for any suffix."""
+    folder = Path(folder)
+    return first_free(name, lambda candidate: any((folder / f"{candidate}{suffix}").exists() for suffix in suffixes))
 
 
 def free_path(path: str | Path, overwrite: bool = False) -> Path:

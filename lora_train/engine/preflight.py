@@ -28,12 +28,13 @@ _PACKAGES = (
 )
 
 
-def check(cfg: TrainConfig, family: Family | None) -> None:
+def check(cfg: TrainConfig, family: Family | None) -> dataset.Dataset:
     """Raise ConfigError naming the key (or DatasetError listing every dataset problem) for any input that would
     fail later in the run.
 
     ``family`` is the model's (the WebUI's loaded one, or ``hosts.base_model.base_model_family`` for the CLI);
-    None skips the check that ``network_weights`` was trained on that family.
+    None skips the check that ``network_weights`` was trained on that family. Returns the scanned dataset, so
+    a caller that trains right away need not scan it again (``train(..., dataset=)``).
     """
     check_device(cfg.device)
     _check_packages(cfg)
@@ -41,7 +42,7 @@ def check(cfg: TrainConfig, family: Family | None) -> None:
     _check_resume(cfg.resume)
     if cfg.network_weights:
         check_lora_family(cfg.network_weights, family)
-    dataset.scan(cfg)
+    return dataset.scan(cfg)
 
 
 def check_device(name: str) -> None:

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_train.engine.config import ConfigError
+from lora_train.engine.files import first_free
+from lora_train.engine.run_state import ResumeState
 
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Every path a run named ``name`` writes. Build with ``reserve_run`` (new run) or ``RunPaths.of``."""
+    """Every path a run named ``name`` writes. Build with ``plan_run`` (new or resumed run) or ``RunPaths.of``."""
 
     final_dir: Path
     work_dir: Path
@@ -91,9 +93,20 @@ def reserve_run(final_dir: str | Path, work_dir: str | Path, name: str, overwrit
 
     With ``overwrite`` the name is used as is and its files are replaced as the new run writes them.
     """
-    paths = RunPaths.of(final_dir, work_dir, name)
-    n = 2
-    while not overwrite and paths.taken():
-        paths = RunPaths.of(final_dir, work_dir, f"{name}-{n}")
-        n += 1
-    return paths
+    if overwrite:
+        return RunPaths.of(final_dir, work_dir, name)
+    return RunPaths.of(final_dir, work_dir, first_free(name, lambda n: RunPaths.of(final_dir, work_dir, n).taken()))
+
+
+def plan_run(final_dir: str | Path, work_dir: str | Path, name: str, overwrite: bool = False,
+             resumed: ResumeState | None = None) -> RunPaths:
+    """Where a run writes: the one place output names are decided (the trainer and the WebUI jobs ask here).
+
+    A new run reserves a free name; a resumed one keeps its own name, unless that would replace a finished file.
+    """
+    if resumed is None:
+        return reserve_run(final_dir, work_dir, name, overwrite)
+    same = RunPaths.of(final_dir, work_dir, resumed.output_name)
+    if resumed.finished and same.final.exists() and not overwrite:
+        return reserve_run(final_dir, work_dir, resumed.output_name)
+    return same

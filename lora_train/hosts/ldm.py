@@ -16,8 +16,7 @@ and tests run anywhere. What the bundle reads, and from where:
 
 The bundle never leaves a change behind on the host: gradient checkpointing and the bypass of ldm's own
 ``checkpoint`` (whose custom autograd function cannot run with frozen parameters) are switched on only for the
-duration of one ``predict`` call. ``HostSnapshot`` proves that, and ``reset_builtin_lora`` undoes the built-in
-Lora extension's in-place merges before training.
+duration of one ``predict`` call; the tests prove it by comparing every host tensor before and after.
 """
 
 from __future__ import annotations
@@ -336,40 +335,3 @@ def _autocast_enabled(device_type: str) -> bool:
 
 def _checkpointed(function: Any, *args: Any, **kwargs: Any) -> Any:
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
-
-
-# ------------------------------------------------------------------------------------ the built-in Lora extension
-def reset_builtin_lora(sd_model: nn.Module, loaded_networks: list | None = None) -> int:
-    """Undo the WebUI's built-in Lora extension so training sees the checkpoint's own weights.
-
-    That extension (extensions-builtin/Lora/networks.py) merges LoRA deltas into weights in place the first
-    time a module runs with networks loaded, keeping the originals on the module as ``network_weights_backup``
-    / ``network_bias_backup`` (for MultiheadAttention a pair: in_proj_weight, out_proj.weight) and the applied
-    set as ``network_current_names``. We do what its ``network_restore_weights_from_backup`` does, mark every
-    module as carrying no network, and, when given the extension's ``networks.loaded_networks`` list, empty it
-    so the next forward does not merge them again (what ``networks.load_networks([])`` does). The backups stay:
-    they are the originals and the extension reuses them. Returns the number of modules restored.
-    """
-    if loaded_networks is not None:
-        loaded_networks.clear()
-    restored = 0
-    with torch.no_grad():
-        for module in sd_model.modules():
-            weights = getattr(module, "network_weights_backup", None)
-            bias = getattr(module, "network_bias_backup", None)
-            if weights is None and bias is None and not getattr(module, "network_current_names", ()):
-                continue
-            if weights is not None:
-                if isinstance(module, nn.MultiheadAttention):
-                    module.in_proj_weight.copy_(weights[0])
-                    module.out_proj.weight.copy_(weights[1])
-                else:
-                    module.weight.copy_(weights)
-            target = module.out_proj if isinstance(module, nn.MultiheadAttention) else module
-            if bias is not None:
-                target.bias.copy_(bias)
-            elif weights is not None and hasattr(module, "network_bias_backup") and target.bias is not None:
-                target.bias = None  # as the extension's own restore: the bias was added by a network
-            module.network_current_names = ()
-            restored += 1
-    return restored

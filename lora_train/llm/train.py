@@ -16,8 +16,10 @@ import torch
 
 from lora_train.engine.config import ConfigError
 from lora_train.engine.files import free_name
+from lora_train.engine.loss import autocast
 from lora_train.engine.optim import make_grad_scaler, make_optimizer, make_scheduler, optimizer_step
-from lora_train.engine.trainer import StepInfo, TrainCallbacks, TrainResult, _autocast, tensorboard_writer
+from lora_train.engine.progress import StepInfo, TrainCallbacks, TrainResult
+from lora_train.engine.samples import tensorboard_writer
 from lora_train.llm import checkpoint, data
 from lora_train.llm import model as models
 from lora_train.llm.config import LlmConfig
@@ -193,7 +195,7 @@ class LlmTrainer:
                 for micro in range(accumulation):
                     epoch, batch = next(batches)
                     torch.manual_seed(cfg.seed * 1_000_003 + step * accumulation + micro)  # LoRA dropout
-                    with _autocast(cfg, device):
+                    with autocast(cfg, device):
                         loss = model(**collate(batch, self.pad_id, device)).loss
                     scaler.scale(loss / accumulation).backward()
                     running += loss.detach().float() / accumulation

@@ -18,8 +18,9 @@ import torch
 
 from lora_train.engine.config import ConfigError, TrainConfig
 from lora_train.engine.model import ModelBundle
-from lora_train.engine.trainer import SampleFn
-from lora_train.hosts.ldm import LdmBundle, detect_family, reset_builtin_lora
+from lora_train.engine.samples import SampleFn
+from lora_train.hosts.ldm import LdmBundle, detect_family
+from lora_train.webui.builtin_lora import reset_builtin_lora
 from lora_train.webui.host_snapshot import HostSnapshot
 from lora_train.webui.jobs import HostError, Job, JobRunner, TrainHost
 

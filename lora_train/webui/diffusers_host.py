@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lora_train.engine.config import TrainConfig
 from lora_train.engine.model import ModelBundle
-from lora_train.engine.trainer import SampleFn
+from lora_train.engine.samples import SampleFn
 from lora_train.webui.jobs import HostError, Job, TrainHost
 
 

@@ -9,7 +9,6 @@ fails at once with a message and nothing starts.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 import traceback
@@ -22,16 +21,17 @@ from typing import Any
 
 from PIL import Image
 
-from lora_train.engine import config as config_module
 from lora_train.engine import preflight
 from lora_train.engine.config import ConfigError, TrainConfig
 from lora_train.engine.dataset import DatasetError
 from lora_train.engine.files import atomic_write
 from lora_train.engine.model import ModelBundle
-from lora_train.engine.run_paths import reserve_run
-from lora_train.engine.trainer import SampleFn, StepInfo, TrainCallbacks, TrainResult, train
-from lora_train.webui.paths import PathPolicy, resolve, sanitize_name
+from lora_train.engine.progress import StepInfo, TrainCallbacks, TrainResult
+from lora_train.engine.samples import SampleFn
+from lora_train.engine.trainer import train
+from lora_train.webui.paths import PathPolicy
 from lora_train.webui.presets import preset_values
+from lora_train.webui.run_config import prepare_config
 
 PREFERRED_WEIGHT = 0.7
 MAX_KEPT_JOBS = 20
@@ -186,44 +186,6 @@ class _JobCallbacks(TrainCallbacks):
 
     def should_stop(self) -> bool:
         return self.job.stop_event.is_set() or self.host.interrupted()
-
-
-def prepare_config(data: dict[str, Any] | TrainConfig, policy: PathPolicy) -> TrainConfig:
-    """A validated config whose paths exist and pass ``policy``, and whose outputs go to the policy's roots.
-
-    The final file will be ``<output root>/<name>.safetensors`` with a name none of whose artifacts exist now
-    (never overwriting); resumable state, step checkpoints and samples go to the run root (``<name>-state/``,
-    ``<name>-stepN.safetensors``, ``sample/``), which the policy keeps out of the WebUI's Lora folder. A caption
-    ``metadata.csv`` in the dataset folder is used when no ``metadata_path`` is given. Everything that can be
-    wrong with a path is found here, before a job starts, with the config key it came from.
-    """
-    if not isinstance(data, TrainConfig):
-        data = dict(data)
-        data["output_name"] = sanitize_name(str(data.get("output_name") or ""), fallback="lora")
-    cfg = data if isinstance(data, TrainConfig) else config_module.from_dict(data)
-    if not cfg.train_data_dir:
-        raise ConfigError("train_data_dir", "pick the folder with your training images")
-    changes: dict[str, Any] = {}
-    for key in ("train_data_dir", "reg_data_dir", "metadata_path", "network_weights", "resume"):
-        value = getattr(cfg, key)
-        if value:
-            changes[key] = str(policy.check_exists(value, key))
-    if not cfg.metadata_path:
-        csv_path = Path(changes["train_data_dir"]) / "metadata.csv"
-        if csv_path.is_file():
-            changes["metadata_path"] = str(csv_path)
-    name = sanitize_name(cfg.output_name, fallback="lora")
-    if cfg.resume:
-        state = resolve(cfg.resume)
-        changes["output_dir"] = str(policy.check_output(state.parent, "resume"))
-    else:
-        name = reserve_run(policy.output_root, policy.run_root, name).name
-        changes["output_dir"] = str(policy.run_root)
-    changes["output_name"] = name
-    changes["overwrite"] = False
-    if cfg.logging_dir:
-        changes["logging_dir"] = str(policy.check_output(cfg.logging_dir, "logging_dir"))
-    return dataclasses.replace(cfg, **changes)
 
 
 def describe_run(cfg: TrainConfig, result: TrainResult, model_name: str) -> str:

@@ -1,0 +1,142 @@
+"""Latents and text conditioning, encoded once and reused: memory and disk caches and the image prefetch pool.
+
+With a latent cache every image goes through the VAE once; without one, the next batch's images are decoded
+in threads while the current step trains. Text is cached per caption when the text encoders are frozen and
+captions are fixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_train.engine import dataset as data
+from lora_train.engine.config import TrainConfig
+from lora_train.engine.files import atomic_write
+from lora_train.engine.model import Conditioning, ModelBundle
+from lora_train.engine.progress import NonFiniteError
+
+Batches = Iterator[tuple[int, list[int]]]
+
+
+class LatentCache:
+    """Latents per dataset item, plus SDXL's size conditioning; ``close()`` stops the prefetch threads."""
+
+    def __init__(self, cfg: TrainConfig, bundle: ModelBundle, dataset: data.Dataset, work_dir: Path):
+        self.cfg, self.bundle, self.dataset, self.work_dir = cfg, bundle, dataset, work_dir
+        self.device = bundle.device
+        self.memory: dict[int, torch.Tensor] = {}
+        self.size_id_cache: dict[int, torch.Tensor] = {}
+        self.caching = cfg.cache_latents or cfg.cache_latents_to_disk
+        self.loader = None if self.caching else ThreadPoolExecutor(max_workers=2, thread_name_prefix="lora-images")
+        self.pending: dict[int, Future] = {}
+
+    def prefetched(self, batches: Batches) -> Batches:
+        """Without a latent cache, decode the next batch's images in a thread while this step trains."""
+        upcoming = next(batches)
+        while True:
+            current, upcoming = upcoming, next(batches)
+            if self.loader is not None:
+                for index in upcoming[1]:
+                    if index not in self.pending:
+                        self.pending[index] = self.loader.submit(data.load_pixels, self.dataset.items[index])
+            yield current
+
+    def close(self) -> None:
+        if self.loader is not None:
+            self.loader.shutdown(wait=False, cancel_futures=True)
+
+    @torch.no_grad()
+    def encode(self, indices: list[int]) -> torch.Tensor:
+        """Latents for a batch, from the memory or disk cache when enabled."""
+        latents = []
+        for index in indices:
+            latent = self.memory.get(index)
+            if latent is None:
+                latent = self._from_disk(index) if self.cfg.cache_latents_to_disk else None
+                if latent is None:
+                    item = self.dataset.items[index]
+                    pending = self.pending.pop(index, None)
+                    pixels, item.crop = pending.result() if pending else data.load_pixels(item)
+                    latent = self.bundle.encode_images(pixels[None].to(self.device))[0].float()
+                    if self.caching:  # once per image: worth a sync
+                        self._check(index, latent)
+                    if self.cfg.cache_latents_to_disk:
+                        self._to_disk(index, latent.cpu())
+                latent = latent.to(self.device)  # cached on the device: no host-to-device copy per step
+                if self.cfg.cache_latents:
+                    self.memory[index] = latent
+            latents.append(latent)
+        return torch.stack(latents)
+
+    def cache_all(self, should_stop: Callable[[], bool], log: Callable[[str], None]) -> bool:
+        """Encode every image up front when caching; False when a stop was asked for in between."""
+        if not self.caching:
+            return True
+        log(f"caching latents of {len(self.dataset.items)} image(s)")
+        for index in range(len(self.dataset.items)):
+            if should_stop():
+                return False
+            self.encode([index])
+        return True
+
+    def size_ids(self, indices: list[int]) -> torch.Tensor:
+        """SDXL's per-sample size conditioning, built on the device once per item."""
+        for index in indices:
+            if index not in self.size_id_cache:
+                ids = self.dataset.items[index].size_ids()
+                self.size_id_cache[index] = torch.tensor(ids, dtype=torch.float32, device=self.device)
+        return torch.stack([self.size_id_cache[i] for i in indices])
+
+    def _path(self, index: int) -> Path:
+        """Keyed by image file, its mtime and size, the bucket and the model, so stale entries are never used."""
+        item = self.dataset.items[index]
+        stat = item.path.stat()
+        key = f"{item.path.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{item.bucket}|{self.bundle.model_name}"
+        return self.work_dir / ".latent_cache" / f"{hashlib.sha1(key.encode()).hexdigest()}.safetensors"
+
+    def _from_disk(self, index: int) -> torch.Tensor | None:
+        path = self._path(index)
+        if not path.is_file():
+            return None
+        stored = load_file(str(path))
+        self.dataset.items[index].crop = tuple(int(v) for v in stored["crop"])  # type: ignore[assignment]
+        return stored["latent"]
+
+    def _to_disk(self, index: int, latent: torch.Tensor) -> None:
+        tensors = {"latent": latent.contiguous(), "crop": torch.tensor(self.dataset.items[index].crop)}
+        atomic_write(self._path(index), lambda tmp: save_file(tensors, str(tmp)))
+
+    def _check(self, index: int, latent: torch.Tensor) -> None:
+        if not torch.isfinite(latent).all():
+            raise NonFiniteError(
+                f"{self.dataset.items[index].path}: the VAE gave NaN/inf for this image; the file may be broken "
+                "(open and re-save it, or remove it), or the VAE overflowed in half precision")
+
+
+class TextCache:
+    """Text conditioning per caption; bypassed when the text encoders train or captions change per step."""
+
+    def __init__(self, cfg: TrainConfig, bundle: ModelBundle):
+        self.bundle = bundle
+        self.enabled = not (cfg.train_text_encoder or cfg.shuffle_caption or cfg.caption_dropout_rate)
+        self.cache: dict[str, Conditioning] = {}
+
+    def encode(self, captions: list[str]) -> Conditioning:
+        if not self.enabled:
+            return self.bundle.encode_text(self.bundle.tokenize(captions))
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if missing:
+            with torch.no_grad():
+                cond = self.bundle.encode_text(self.bundle.tokenize(missing))
+            for i, caption in enumerate(missing):
+                pooled = cond.pooled[i : i + 1] if cond.pooled is not None else None
+                self.cache[caption] = Conditioning(cond.context[i : i + 1], pooled)
+        parts = [self.cache[c] for c in captions]
+        pooled = torch.cat([p.pooled for p in parts]) if parts[0].pooled is not None else None
+        return Conditioning(torch.cat([p.context for p in parts]), pooled)
