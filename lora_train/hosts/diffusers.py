@@ -17,6 +17,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from lora_train.engine import kohya_names
 from lora_train.engine.config import TrainConfig
+from lora_train.engine.devices import frozen_dtype, pick_device
 from lora_train.engine.model import Conditioning, Family, LoraTarget, Parameterization
 from lora_train.engine.weights import WeightsFileError
 from lora_train.hosts import checkpoint_convert
@@ -241,22 +242,8 @@ def load_bundle(
     )
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto``: the GPU when there is one."""
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def host_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    """Frozen base weights in half precision on a GPU when training mixed precision; fp32 on the CPU."""
-    if device.type == "cpu" or cfg.mixed_precision == "no":
-        return torch.float32
-    return torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
-
-
 def load_model(cfg: TrainConfig) -> DiffusersBundle:
     """The bundle for ``cfg.base_model`` on the configured device: what ``train`` and the ``ui`` server train."""
     device = pick_device(cfg.device)
     bundle = load_bundle(cfg.base_model, cfg.v_parameterization, cfg.clip_skip)
-    return bundle.to(device, host_dtype(cfg, device))
+    return bundle.to(device, frozen_dtype(cfg.mixed_precision, device))

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lora_train.engine.config import ConfigError
+from lora_train.engine.devices import pick_device
 from lora_train.llm import data
 from lora_train.llm import model as models
 
@@ -48,7 +49,7 @@ def load_for_generation(model_path: str | None, adapter: str | None, device: str
     base = model_path or recorded
     if base is None:
         raise ConfigError("--model", "pass --model: a model folder or tiny-llm")
-    model, tokenizer = models.load(base, models.pick_device(device))
+    model, tokenizer = models.load(base, pick_device(device))
     if adapter:
         from peft import PeftModel
 

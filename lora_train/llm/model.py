@@ -14,6 +14,7 @@ import transformers
 from torch import nn
 
 from lora_train.engine.config import ConfigError
+from lora_train.engine.devices import frozen_dtype
 from lora_train.hosts.clip_tokenizer import _byte_symbols
 from lora_train.llm.config import TINY_MODEL
 
@@ -21,17 +22,6 @@ TINY_FOLDER = Path(__file__).resolve().parent / "tiny-llm"
 EOS = "<|endoftext|>"
 _TINY_SEED = 0  # the tiny base must be the same model in every run and in `generate`
 _DTYPE_KEY = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-
-
-def pick_device(name: str) -> torch.device:
-    return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-
-
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """Frozen base weights in half precision on a GPU under mixed precision; float32 otherwise."""
-    if device.type == "cpu" or precision == "no":
-        return torch.float32
-    return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
 def save_kwargs(save) -> dict:
@@ -77,7 +67,7 @@ def _quantization(bits: int | None, device: torch.device, dtype: torch.dtype):
 
 def load(base_model: str, device: torch.device, precision: str = "no", bits: int | None = None):
     """(model, tokenizer) for ``base_model``: ``tiny-llm`` or a local folder (config.json, weights, tokenizer)."""
-    dtype = compute_dtype(precision, device)
+    dtype = frozen_dtype(precision, device)
     quantization = _quantization(bits, device, dtype)
     if base_model == TINY_MODEL:
         if quantization is not None:

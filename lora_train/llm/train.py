@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lora_train.engine.config import ConfigError
+from lora_train.engine.devices import pick_device
 from lora_train.engine.files import free_name
 from lora_train.engine.loss import autocast
 from lora_train.engine.optim import make_grad_scaler, make_optimizer, make_scheduler, optimizer_step
@@ -66,7 +67,7 @@ class LlmTrainer:
 
     def __init__(self, cfg: LlmConfig, callbacks: TrainCallbacks | None = None, loaded: tuple | None = None):
         self.callbacks = callbacks or TrainCallbacks()
-        self.device = models.pick_device(cfg.device)
+        self.device = pick_device(cfg.device)
         if self.device.type == "cpu" and cfg.mixed_precision != "no":
             self.callbacks.on_log(f"{cfg.mixed_precision} needs a GPU; training in float32 on the CPU")
             cfg = dataclasses.replace(cfg, mixed_precision="no")
