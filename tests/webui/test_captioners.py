@@ -1,0 +1,64 @@
+"""The Captions tab's captioner choice in the real WebUI, offline: every captioner is offered, and one whose
+weights cannot be had says so in a sentence (no traceback) and writes nothing.
+
+Each captioner's message goes to out/captioner-<name>.txt and a screenshot to out/captioner-<name>.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+from test_tab_browser import TAB, open_tab, set_field, shot
+from webui_client import JOB_TIMEOUT_S, WebUI
+
+CHOICES = ("BLIP (WebUI)", "DeepBooru (WebUI)", "WD14 tagger", "CoCa")
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def choose(page: Any, elem_id: str, option: str) -> None:
+    """Pick ``option`` in a gradio dropdown as a user does: open it, click the entry."""
+    page.locator(f"#{elem_id} input").first.click()
+    page.locator(f"#{elem_id} ul.options li", has_text=option).first.click()
+
+
+def offered(page: Any, elem_id: str) -> list[str]:
+    page.locator(f"#{elem_id} input").first.click()
+    items = page.locator(f"#{elem_id} ul.options li").all_inner_texts()
+    page.keyboard.press("Escape")
+    return [item.strip() for item in items]
+
+
+def test_every_captioner_is_offered_and_offline_ones_say_what_they_need(page: Any, webui: WebUI,
+                                                                       dataset: Path) -> None:
+    open_tab(page, "LoRA Train")
+    set_field(page, "lora_train_cfg_train_data_dir", str(dataset))
+    page.locator(f"{TAB} .tab-nav button", has_text="Captions").first.click()
+    assert offered(page, "lora_train_captioner") == list(CHOICES)
+    before = folder_digest(dataset)
+    status = page.locator("#lora_train_status")
+    for name in CHOICES:
+        choose(page, "lora_train_captioner", name)
+        page.evaluate("() => { document.querySelector('#lora_train_status').innerText = ''; }")
+        page.locator("#lora_train_caption_preview").click()
+        page.wait_for_function(
+            "() => document.querySelector('#lora_train_status').innerText.trim() !== '' || "
+            "(document.querySelector('#lora_train_caption_preview_text textarea') || {}).value",
+            timeout=JOB_TIMEOUT_S * 1000)
+        message = status.inner_text().strip()
+        preview = page.locator("#lora_train_caption_preview_text textarea").first.input_value()
+        slug = re.sub(r"\W+", "-", name.lower()).strip("-")
+        (webui.out / f"captioner-{slug}.txt").write_text(f"status: {message}\npreview: {preview}\n",
+                                                         encoding="utf-8")
+        shot(page, webui, f"captioner-{slug}")
+        assert "Traceback" not in message and "Traceback" not in preview
+        assert message or preview, f"{name}: neither a preview nor a message"
+        if message:  # offline without weights: one clear message naming what the captioner needs
+            assert message.startswith("⚠️") and len(message) < 1200, message
+            assert "BLIP" in message and "WD14" in message and "CoCa" in message, message
+        assert folder_digest(dataset) == before, f"{name} wrote into the dataset folder"
