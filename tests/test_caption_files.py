@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 from lora_train.engine import caption_store as cf
+from lora_train.engine import caption_text as ct
 
 TRICKY = {
     "a.png": 'sks, a "quoted" word, commas, and more',
@@ -87,25 +88,25 @@ def test_save_captions_refuses_paths_outside_folder(tmp_path):
 
 def test_find_replace_plain_text_is_literal():
     captions = {"a": "a.b, cat", "b": "axb, dog", "c": None, "d": "Cat"}
-    assert cf.find_replace(captions, "a.b", "X") == {"a": "X, cat"}
-    assert cf.find_replace(captions, "cat", "kitten") == {"a": "a.b, kitten"}
-    assert cf.find_replace(captions, "cat", "kitten", case_sensitive=False) == {"a": "a.b, kitten", "d": "kitten"}
-    assert cf.find_replace(captions, "cat", r"\1") == {"a": r"a.b, \1"}  # no regex meaning in plain mode
-    assert cf.find_replace(captions, "", "x") == {}
+    assert ct.find_replace(captions, "a.b", "X") == {"a": "X, cat"}
+    assert ct.find_replace(captions, "cat", "kitten") == {"a": "a.b, kitten"}
+    assert ct.find_replace(captions, "cat", "kitten", case_sensitive=False) == {"a": "a.b, kitten", "d": "kitten"}
+    assert ct.find_replace(captions, "cat", r"\1") == {"a": r"a.b, \1"}  # no regex meaning in plain mode
+    assert ct.find_replace(captions, "", "x") == {}
 
 
 def test_find_replace_regex_and_tidy():
     captions = {"a": "sks, red hair, blue eyes", "b": "red car"}
-    assert cf.find_replace(captions, r"(\w+) hair", r"\1-haired", regex=True) == {"a": "sks, red-haired, blue eyes"}
-    assert cf.find_replace(captions, "red hair", "") == {"a": "sks, blue eyes"}  # no empty tag left
+    assert ct.find_replace(captions, r"(\w+) hair", r"\1-haired", regex=True) == {"a": "sks, red-haired, blue eyes"}
+    assert ct.find_replace(captions, "red hair", "") == {"a": "sks, blue eyes"}  # no empty tag left
     with pytest.raises(cf.CaptionFileError, match="Invalid regular expression"):
-        cf.find_replace(captions, "(", "", regex=True)
+        ct.find_replace(captions, "(", "", regex=True)
 
 
 def test_tag_frequency_counts_and_sorts():
     captions = ["sks, Cat, red", "sks, cat, cat, blue", "sks, dog", None, ""]
-    assert cf.tag_frequency(captions) == [("sks", 3), ("Cat", 2), ("blue", 1), ("dog", 1), ("red", 1)]
-    assert ("cat", 1) in cf.tag_frequency(captions, case_sensitive=True)
+    assert ct.tag_frequency(captions) == [("sks", 3), ("Cat", 2), ("blue", 1), ("dog", 1), ("red", 1)]
+    assert ("cat", 1) in ct.tag_frequency(captions, case_sensitive=True)
 
 
 def test_non_utf8_sidecar_names_the_file_in_the_tab_table(tmp_path):
@@ -132,6 +133,6 @@ def test_non_utf8_csv_names_the_file(tmp_path):
 def test_one_trigger_rule_for_captioner_and_trainer(caption, expected):
     from lora_train.caption.assemble import assemble_caption
 
-    assert cf.with_trigger(caption, "sks") == expected
+    assert ct.with_trigger(caption, "sks") == expected
     assert assemble_caption("sks", caption, [], lambda text: 0) == expected
-    assert cf.with_trigger(caption, None) == caption
+    assert ct.with_trigger(caption, None) == caption

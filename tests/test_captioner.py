@@ -21,7 +21,7 @@ from lora_train.caption.errors import CaptionerError
 from lora_train.caption.options import CaptionOptions, DecodeOptions
 from lora_train.caption.run import caption_images
 from lora_train.caption.tags import load_vocab
-from lora_train.engine import caption_store
+from lora_train.engine import caption_store, caption_text
 
 TINY_COCA = {
     "embed_dim": 32,
@@ -264,7 +264,7 @@ def test_assemble_caption_trigger_first_no_duplicates(model):
         "sks", "a red car, SKS, parked on a street", ["red", "car park", "Sks", "street", "blue", "blue"],
         model.count_tokens,
     )  # fmt: skip
-    parts = caption_store.split_tags(line)
+    parts = caption_text.split_tags(line)
     assert parts[0] == "sks"
     assert [p.lower() for p in parts].count("sks") == 1
     assert parts == ["sks", "a red car", "parked on a street", "car park", "blue"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
-from lora_train.engine import caption_store
+from lora_train.engine import caption_text
 
 
 def assemble_caption(
@@ -21,7 +21,7 @@ def assemble_caption(
     (case-insensitive). Tags that do not fit are left out from the end; a caption that alone is too long is
     cut at a word boundary. The trigger is always kept.
     """
-    parts = caption_store.split_tags(caption_store.with_trigger(caption, trigger))
+    parts = caption_text.split_tags(caption_text.with_trigger(caption, trigger))
     kept = parts[:1] if (trigger or "").strip() else []
     caption_parts = parts[len(kept):]
     candidates: list[str] = []

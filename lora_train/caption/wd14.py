@@ -20,7 +20,7 @@ from PIL import Image
 from lora_train.caption.download import hub_file
 from lora_train.caption.errors import CaptionerError
 from lora_train.caption.options import CaptionOptions
-from lora_train.engine import caption_store
+from lora_train.engine import caption_text
 
 DEFAULT_REPO = "SmilingWolf/wd-vit-tagger-v3"
 MODEL_FILE, TAGS_FILE = "model.onnx", "selected_tags.csv"
@@ -147,7 +147,7 @@ class WD14Tagger:
         if not images:
             return []
         rows = self.probabilities(images)
-        return [caption_store.with_trigger(", ".join(self.select(row)), trigger) for row in rows]
+        return [caption_text.with_trigger(", ".join(self.select(row)), trigger) for row in rows]
 
     def unload(self) -> None:
         """Drop the session (its memory goes with it)."""

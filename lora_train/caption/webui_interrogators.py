@@ -15,7 +15,7 @@ from PIL import Image
 
 from lora_train.caption.errors import CaptionerError
 from lora_train.caption.options import CaptionOptions
-from lora_train.engine import caption_store
+from lora_train.engine import caption_text
 
 ERROR_MARK = "<error>"  # what InterrogateModels.interrogate appends after logging its own traceback
 
@@ -33,7 +33,7 @@ class WebUIBlip:
             text = self.interrogator.interrogate(image.convert("RGB"))
             if ERROR_MARK in text:
                 raise CaptionerError("The WebUI's BLIP interrogator failed; its console shows why")
-            lines.append(caption_store.with_trigger(text.strip(), trigger))
+            lines.append(caption_text.with_trigger(text.strip(), trigger))
         return lines
 
     def unload(self) -> None:
@@ -55,7 +55,7 @@ class WebUIDeepBooru:
             tags = [self.model.tag_multi(image.convert("RGB"), force_disable_ranks=True) for image in images]
         finally:
             self.model.stop()
-        return [caption_store.with_trigger(line, trigger) for line in tags]
+        return [caption_text.with_trigger(line, trigger) for line in tags]
 
     def unload(self) -> None:
         """Nothing to do: stop() sent the model back to the CPU after every batch."""

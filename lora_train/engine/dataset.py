@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from lora_train.engine import caption_store
+from lora_train.engine import caption_store, caption_text
 from lora_train.engine.config import TrainConfig
 
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
@@ -131,7 +131,7 @@ def scan(cfg: TrainConfig) -> Dataset:
                 if caption is None and not is_reg:
                     uncaptioned.append(str(path))
                     continue
-                caption = caption_store.with_trigger(caption or "", None if is_reg else cfg.trigger_word)
+                caption = caption_text.with_trigger(caption or "", None if is_reg else cfg.trigger_word)
                 items.append(ImageItem(path, caption, repeats, is_reg, folder.name, size))
     problems = []
     if unreadable:

@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from lora_train.engine import caption_store
+from lora_train.engine import caption_store, caption_text
 from lora_train.engine.config import ConfigError
 from lora_train.engine.files import free_name
 from lora_train.webui.jobs import JobRunner
@@ -50,7 +50,7 @@ def dataset_view(folder: str, runner: JobRunner) -> tuple[pd.DataFrame, list[tup
         note = f"**{len(missing)} of {len(rows)} image(s) have no caption:** {', '.join(missing[:10])}"
     else:
         note = f"{len(rows)} image(s), all captioned."
-    tags = pd.DataFrame(caption_store.tag_frequency(row.caption for row in rows)[:50], columns=TAG_HEADERS)
+    tags = pd.DataFrame(caption_text.tag_frequency(row.caption for row in rows)[:50], columns=TAG_HEADERS)
     return table, gallery, note, tags
 
 
@@ -135,7 +135,7 @@ def captions_tab(runner: JobRunner, settings: UISettings, folder: Any, trigger: 
         try:
             runner.policy.check_input(folder, "train_data_dir")
             captions = {name: caption for name, caption in _table_rows(rows)}
-            changed = caption_store.find_replace(captions, find, replacement, regex=use_regex)
+            changed = caption_text.find_replace(captions, find, replacement, regex=use_regex)
             caption_store.save_captions(folder, changed)
             return (*dataset_view(folder, runner), f"Changed {len(changed)} caption(s).")
         except (ConfigError, FileNotFoundError, caption_store.CaptionFileError) as exc:
