@@ -31,7 +31,7 @@ def offered(page: Any, elem_id: str) -> list[str]:
     page.locator(f"#{elem_id} input").first.click()
     items = page.locator(f"#{elem_id} ul.options li").all_inner_texts()
     page.keyboard.press("Escape")
-    return [item.strip() for item in items]
+    return [item.replace("✓", "").strip() for item in items]  # the chosen entry carries a check mark
 
 
 def test_every_captioner_is_offered_and_offline_ones_say_what_they_need(page: Any, webui: WebUI,
