@@ -22,15 +22,19 @@ def folder_digest(folder: Path) -> dict[str, str]:
 
 
 def choose(page: Any, elem_id: str, option: str) -> None:
-    """Pick ``option`` in a gradio dropdown as a user does: open it, click the entry."""
-    page.locator(f"#{elem_id} input").first.click()
-    page.locator(f"#{elem_id} ul.options li", has_text=option).first.click()
+    """Pick ``option`` in a gradio dropdown as a user does with the keyboard: type its name, press Enter."""
+    box = page.locator(f"#{elem_id} input").first
+    box.click()
+    box.fill(option)
+    page.locator(f"#{elem_id} ul.options li", has_text=option).first.wait_for()
+    box.press("Enter")
+    page.wait_for_function(f"() => document.querySelector('#{elem_id} input').value === {option!r}")
 
 
 def offered(page: Any, elem_id: str) -> list[str]:
     page.locator(f"#{elem_id} input").first.click()
     items = page.locator(f"#{elem_id} ul.options li").all_inner_texts()
-    page.keyboard.press("Escape")
+    page.locator(f"#{elem_id} input").first.press("Escape")
     return [item.replace("✓", "").strip() for item in items]  # the chosen entry carries a check mark
 
 
@@ -41,17 +45,19 @@ def test_every_captioner_is_offered_and_offline_ones_say_what_they_need(page: An
     page.locator(f"{TAB} .tab-nav button", has_text="Captions").first.click()
     assert offered(page, "lora_train_captioner") == list(CHOICES)
     before = folder_digest(dataset)
-    status = page.locator("#lora_train_status")
+    status = page.locator("#lora_train_status.prose").first  # the Markdown itself, not gradio's block around it
+    preview_box = page.locator("#lora_train_caption_preview_text textarea").first
     for name in CHOICES:
         choose(page, "lora_train_captioner", name)
-        page.evaluate("() => { document.querySelector('#lora_train_status').innerText = ''; }")
+        shown = (status.inner_text(), preview_box.input_value())
         page.locator("#lora_train_caption_preview").click()
-        page.wait_for_function(
-            "() => document.querySelector('#lora_train_status').innerText.trim() !== '' || "
-            "(document.querySelector('#lora_train_caption_preview_text textarea') || {}).value",
-            timeout=JOB_TIMEOUT_S * 1000)
+        page.wait_for_function(  # a new text, and gradio's "queue/0.0s" overlay gone
+            "([status, preview]) => (document.querySelector('#lora_train_status.prose').innerText !== status || "
+            "document.querySelector('#lora_train_caption_preview_text textarea').value !== preview) && "
+            "[...document.querySelectorAll('#lora_train_status .wrap')].every(w => w.classList.contains('hide'))",
+            arg=list(shown), timeout=JOB_TIMEOUT_S * 1000)
         message = status.inner_text().strip()
-        preview = page.locator("#lora_train_caption_preview_text textarea").first.input_value()
+        preview = preview_box.input_value()
         slug = re.sub(r"\W+", "-", name.lower()).strip("-")
         (webui.out / f"captioner-{slug}.txt").write_text(f"status: {message}\npreview: {preview}\n",
                                                          encoding="utf-8")
