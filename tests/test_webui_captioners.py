@@ -139,12 +139,15 @@ def test_tab_offers_every_captioner_and_blip_captions_the_folder(tab, tmp_path):
 
 
 def test_tab_offline_says_what_each_captioner_needs_and_writes_nothing(tab, tmp_path):
-    demo, _ = tab
+    demo, blip = tab
     folder = images(tmp_path / "data", 1)
     for name in (choices.WD14, choices.COCA):
         *_, message = _fns(demo)["caption"](str(folder), "", name, 0.35, False)
         assert ui_caption.DOWNLOADS_SETTING in message and "Captioners: BLIP and DeepBooru" in message
         assert "--" not in message and "Traceback" not in message  # no CLI flags in the tab
+    blip.fail = True  # the WebUI's BLIP offline: its interrogate() returns "<error>" instead of raising
+    *_, message = _fns(demo)["caption"](str(folder), "", choices.BLIP, 0.35, False)
+    assert "BLIP interrogator failed" in message and "Captioners: BLIP and DeepBooru" in message
     assert [p.name for p in folder.iterdir()] == ["img0.png"]
     assert not [p for p in (tmp_path / "models").rglob("*") if p.is_file()]  # no partial download
 

@@ -32,7 +32,8 @@ class WebUIBlip:
         for image in images:
             text = self.interrogator.interrogate(image.convert("RGB"))
             if ERROR_MARK in text:
-                raise CaptionerError("The WebUI's BLIP interrogator failed; its console shows why")
+                raise CaptionerError("The WebUI's BLIP interrogator failed (offline without its weights, or its BLIP "
+                                     "repository missing); the WebUI's console shows why")
             lines.append(caption_text.with_trigger(text.strip(), trigger))
         return lines
 

@@ -19,7 +19,7 @@ import torch
 from lora_train.caption import choices, loaded
 from lora_train.caption.choices import CaptionSources
 from lora_train.caption.coca_weights import DEFAULT_MODEL, PRETRAINED, WEIGHT_FILE_NAMES
-from lora_train.caption.errors import WeightsMissingError
+from lora_train.caption.errors import CaptionerError, WeightsMissingError
 from lora_train.caption.options import CaptionOptions
 from lora_train.caption.run import ImageCaptioner, caption_images, preview_captions
 from lora_train.engine import caption_store
@@ -136,6 +136,8 @@ def wire(controls: CaptionControls, run: CaptionRun, folder: Any, trigger: Any, 
     def failed(name: str, exc: Exception) -> str:
         if isinstance(exc, WeightsMissingError):
             return f"⚠️ {missing_text(name, exc, run.current_sources(), setting)}"
+        if isinstance(exc, CaptionerError):  # e.g. the WebUI's BLIP offline without its weights: say what else works
+            return f"⚠️ {exc}\n{choices.needs_line(run.current_sources())}"
         return f"⚠️ Captioning failed: {exc}"
 
     def caption(folder: str, trigger: str, name: str, threshold: float, overwrite: bool,
