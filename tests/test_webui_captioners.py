@@ -46,9 +46,11 @@ class DeepDanbooru:
     """deepbooru.model: start() loads onto the GPU, tag_multi() tags, stop() sends it back (settings permitting)."""
 
     def __init__(self) -> None:
-        self.device, self.calls = "cpu", []
+        self.device, self.calls, self.offline = "cpu", [], False
 
     def start(self) -> None:
+        if self.offline:  # the WebUI's load(): the download failed, modelloader found no file
+            raise IndexError("list index out of range")
         self.device = "cuda"
 
     def stop(self) -> None:
@@ -111,7 +113,7 @@ def tab(tmp_path):
     sources = CaptionSources(interrogator=blip, deepbooru=booru, models_dir=tmp_path / "models", allow_download=False)
     settings = ui.UISettings(datasets_root=tmp_path / "datasets", caption_sources=lambda: sources)
     demo = ui.build_ui(runner, settings)
-    yield demo, blip
+    yield demo, blip, booru
     loaded.unload()
 
 
@@ -125,7 +127,7 @@ def _dropdown(demo):
 
 
 def test_tab_offers_every_captioner_and_blip_captions_the_folder(tab, tmp_path):
-    demo, blip = tab
+    demo, blip, _ = tab
     dropdown = _dropdown(demo)
     offered = [c[0] if isinstance(c, (list, tuple)) else c for c in dropdown.choices]
     assert offered == [choices.BLIP, choices.DEEPBOORU, choices.WD14, choices.COCA] and dropdown.value == choices.BLIP
@@ -139,7 +141,7 @@ def test_tab_offers_every_captioner_and_blip_captions_the_folder(tab, tmp_path):
 
 
 def test_tab_offline_says_what_each_captioner_needs_and_writes_nothing(tab, tmp_path):
-    demo, blip = tab
+    demo, blip, booru = tab
     folder = images(tmp_path / "data", 1)
     for name in (choices.WD14, choices.COCA):
         *_, message = _fns(demo)["caption"](str(folder), "", name, 0.35, False)
@@ -148,6 +150,9 @@ def test_tab_offline_says_what_each_captioner_needs_and_writes_nothing(tab, tmp_
     blip.fail = True  # the WebUI's BLIP offline: its interrogate() returns "<error>" instead of raising
     *_, message = _fns(demo)["caption"](str(folder), "", choices.BLIP, 0.35, False)
     assert "BLIP interrogator failed" in message and "Captioners: BLIP and DeepBooru" in message
+    booru.offline = True
+    *_, message = _fns(demo)["caption"](str(folder), "", choices.DEEPBOORU, 0.35, False)
+    assert "DeepBooru could not load its model" in message and "Captioners: BLIP and DeepBooru" in message
     assert [p.name for p in folder.iterdir()] == ["img0.png"]
     assert not [p for p in (tmp_path / "models").rglob("*") if p.is_file()]  # no partial download
 

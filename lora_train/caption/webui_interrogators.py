@@ -51,7 +51,12 @@ class WebUIDeepBooru:
 
     def describe(self, images: Sequence[Image.Image], options: CaptionOptions | None = None) -> list[str]:
         trigger = options.trigger if options else None
-        self.model.start()
+        try:
+            self.model.start()
+        except Exception as exc:  # noqa: BLE001 - offline its download fails and load() indexes an empty list
+            raise CaptionerError("The WebUI's DeepBooru could not load its model (offline without "
+                                 "models/torch_deepdanbooru/model-resnet_custom_v3.pt); the WebUI's console shows "
+                                 f"why ({type(exc).__name__}: {exc})") from exc
         try:
             tags = [self.model.tag_multi(image.convert("RGB"), force_disable_ranks=True) for image in images]
         finally:
