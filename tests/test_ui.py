@@ -80,7 +80,7 @@ def _value(update):
 @pytest.fixture
 def app(tmp_path: Path):
     args = argparse.Namespace(output_dir=str(tmp_path / "out"), allow_dir=[str(tmp_path)], base_model="tiny",
-                              config=str(EXAMPLE), captioner_weights=None)
+                              config=str(EXAMPLE), captioner_weights=None, no_download=False)
     demo, runner = make_app(args)
     yield demo, runner
     for job in runner.jobs.values():
@@ -187,6 +187,17 @@ def test_missing_captioner_weights_point_at_the_tab_setting(app, dataset_dir: Pa
     *_, message = _fns(ui.build_ui(runner, settings))["caption"](str(dataset_dir), "", "CoCa", 0.35, False)
     assert "Settings > LoRA Train > Captioner weights" in message and "coca.bin" in message
     assert "--weights" not in message and "--allow-download" not in message
+
+
+def test_ui_command_with_no_download_says_how_to_allow_it(tmp_path: Path, dataset_dir: Path) -> None:
+    args = argparse.Namespace(output_dir=str(tmp_path / "out"), allow_dir=[str(dataset_dir.parent)],
+                              base_model="tiny", config=None, captioner_weights=None, no_download=True)
+    demo, _ = make_app(args)
+    before = sorted(p.name for p in dataset_dir.iterdir())
+    for name in ("WD14 tagger", "CoCa"):
+        *_, message = _fns(demo)["caption"](str(dataset_dir), "", name, 0.35, False)
+        assert "the ui command without --no-download" in message and "Settings >" not in message, message
+    assert sorted(p.name for p in dataset_dir.iterdir()) == before
 
 
 def test_upload_creates_a_new_dataset_folder(app, tmp_path: Path, dataset_dir: Path) -> None:

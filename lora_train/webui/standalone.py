@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 def make_app(args: argparse.Namespace) -> tuple[Any, JobRunner]:
     """The Blocks and the runner for the standalone UI (tests build it without serving)."""
+    from lora_train.caption.choices import CaptionSources
     from lora_train.webui.diffusers_host import DiffusersHost
     from lora_train.webui.jobs import JobRunner
     from lora_train.webui.ui import UISettings, build_ui
@@ -39,8 +40,11 @@ def make_app(args: argparse.Namespace) -> tuple[Any, JobRunner]:
 
         defaults = {**config_module.load(args.config).to_dict(), "base_model": args.base_model}
         defaults.pop("output_dir", None)
+    sources = CaptionSources(coca_weights=args.captioner_weights, allow_download=not args.no_download)
     settings = UISettings(datasets_root=output / "datasets", captioner_weights=args.captioner_weights,
-                          defaults=defaults, captioner_setting="the --captioner-weights option of the ui command")
+                          defaults=defaults, captioner_setting="the --captioner-weights option of the ui command",
+                          caption_sources=lambda: sources,
+                          downloads_setting="the ui command without --no-download")
     return build_ui(runner, settings), runner
 
 
@@ -104,4 +108,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
                         help="only accept dataset/config paths inside these folders (repeatable)")
     parser.add_argument("--captioner-weights", help="open_clip CoCa weights file for the Caption button")
+    parser.add_argument("--no-download", action="store_true",
+                        help="never download captioner weights (default: CoCa/WD14 weights on first use when online)")
     parser.set_defaults(func=run_ui)

@@ -68,13 +68,14 @@ def captioner_weights_text(weights: str | None, setting: str) -> str:
             f"https://huggingface.co/{repo} and enter its path in {setting}.")
 
 
-def missing_text(name: str, exc: WeightsMissingError, sources: CaptionSources, setting: str) -> str:
+def missing_text(name: str, exc: WeightsMissingError, sources: CaptionSources, setting: str,
+                 downloads_setting: str = DOWNLOADS_SETTING) -> str:
     """What the tab says when a captioner's weights are not here: the fix in the tab's terms, then what every
     captioner needs."""
     if name == choices.COCA and sources.coca_weights:
         text = captioner_weights_text(sources.coca_weights, setting)
     elif exc.downloads_off:
-        text = f"{exc} Or turn on {DOWNLOADS_SETTING}."
+        text = f"{exc} Or turn on {downloads_setting}."
     else:
         text = f"{exc} Or enter the file's path in {setting}." if name == choices.COCA else str(exc)
     return f"{text}\n{choices.needs_line(sources)}"
@@ -128,20 +129,21 @@ class CaptionRun:
 
 
 def wire(controls: CaptionControls, run: CaptionRun, folder: Any, trigger: Any, outputs: list[Any],
-         view: Callable[[str], tuple], setting: str) -> None:
+         view: Callable[[str], tuple], setting: str, downloads_setting: str = DOWNLOADS_SETTING) -> None:
     """Connect the controls: ``outputs`` are the dataset view's components plus the status line, ``view`` fills
     them for a folder, ``setting`` names where the tab's CoCa weights path is set."""
     unchanged = (gr.update(),) * (len(outputs) - 1)
 
     def failed(name: str, exc: Exception) -> str:
         if isinstance(exc, WeightsMissingError):
-            return f"⚠️ {missing_text(name, exc, run.current_sources(), setting)}"
+            return f"⚠️ {missing_text(name, exc, run.current_sources(), setting, downloads_setting)}"
         if isinstance(exc, CaptionerError):  # e.g. the WebUI's BLIP offline without its weights: say what else works
             return f"⚠️ {exc}\n{choices.needs_line(run.current_sources())}"
         return f"⚠️ Captioning failed: {exc}"
 
     def caption(folder: str, trigger: str, name: str, threshold: float, overwrite: bool,
-                progress: gr.Progress = gr.Progress()):  # noqa: B008 - gradio's way to get a progress bar
+                progress: gr.Progress = gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's progress bar; a
+        # first-use weight download (the hub's tqdm) shows in it too
         try:
             path = run.runner.policy.check_input(folder, "train_data_dir")
             message = run.caption(path, name, threshold, trigger, overwrite,
@@ -150,7 +152,8 @@ def wire(controls: CaptionControls, run: CaptionRun, folder: Any, trigger: Any, 
         except Exception as exc:  # noqa: BLE001 - missing weights, bad images: show, don't crash the tab
             return (*unchanged, failed(name, exc))
 
-    def preview(folder: str, trigger: str, name: str, threshold: float):
+    def preview(folder: str, trigger: str, name: str, threshold: float,
+                progress: gr.Progress = gr.Progress(track_tqdm=True)):  # noqa: B008 - download progress, as above
         try:
             path = run.runner.policy.check_input(folder, "train_data_dir")
             return run.preview(path, name, threshold, trigger), ""

@@ -144,4 +144,4 @@ def captions_tab(runner: JobRunner, settings: UISettings, folder: Any, trigger: 
     replace_button.click(replace, [folder, table, find_text, replace_text, regex], outputs)
 
     wire(caption_ui, CaptionRun(runner, settings.captioners), folder, trigger, outputs,
-         lambda path: dataset_view(path, runner), settings.captioner_setting)
+         lambda path: dataset_view(path, runner), settings.captioner_setting, settings.downloads_setting)

@@ -21,6 +21,7 @@ from lora_train.caption.choices import CaptionSources
 from lora_train.engine.config import ConfigError, TrainConfig, field_infos
 from lora_train.engine.config_fields import GROUPS, FieldInfo
 from lora_train.webui.presets import DEFAULT_PRESET, preset_values
+from lora_train.webui.ui_caption import DOWNLOADS_SETTING
 from lora_train.webui.ui_gradio import make
 
 FIELD_NAMES = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -38,6 +39,7 @@ class UISettings:
     defaults: dict[str, Any] = field(default_factory=dict)
     captioner_setting: str = "Settings > LoRA Train > Captioner weights"  # named when the weights are missing
     caption_sources: Callable[[], CaptionSources] | None = None  # read at each click; None: CoCa + WD14 only
+    downloads_setting: str = DOWNLOADS_SETTING  # named when downloads are off
 
     def captioners(self) -> CaptionSources:
         return self.caption_sources() if self.caption_sources else CaptionSources(coca_weights=self.captioner_weights)
