@@ -116,7 +116,7 @@ for line in open(sys.argv[1]):
 print("requirements_met:", not bad, bad)
 PY
 
-# 5. tokenizer, checkpoint, LoRA, probe extension (from the harness)
+# 5. tokenizer, checkpoint, LoRA (from the harness), probe extensions
 if [[ ! -d "$WORKDIR/hf-home" ]]; then
   if [[ -d "$HARNESS_WORKDIR/hf-home" ]]; then cp -a "$HARNESS_WORKDIR/hf-home" "$WORKDIR/hf-home"
   else "$VENV/bin/python" "$HARNESS/make_tokenizer.py" --hf-home "$WORKDIR/hf-home"; fi
@@ -125,7 +125,9 @@ mkdir -p "$WEBUI/models/Stable-diffusion" "$WEBUI/models/Lora"
 ln -sfn "$HARNESS_WORKDIR/stable-diffusion-webui/models/Stable-diffusion/acceptance-random-sd15.safetensors" "$WEBUI/models/Stable-diffusion/acceptance-random-sd15.safetensors"
 [[ -e "$HARNESS_WORKDIR/stable-diffusion-webui/models/Lora/acceptance_test_lora.safetensors" ]] && \
   ln -sfn "$HARNESS_WORKDIR/stable-diffusion-webui/models/Lora/acceptance_test_lora.safetensors" "$WEBUI/models/Lora/acceptance_test_lora.safetensors"
-mkdir -p "$WEBUI/extensions/acceptance-probe"; cp -r "$HARNESS/probe-ext/." "$WEBUI/extensions/acceptance-probe/"
+# the harness probe reads A1111's Lora extension (and does not load on Forge Classic): ours answers the same routes
+rm -rf "$WEBUI/extensions/acceptance-probe"; mkdir -p "$WEBUI/extensions/acceptance-probe"
+cp -r "$HERE/acceptance-probe/." "$WEBUI/extensions/acceptance-probe/"
 if [[ -d "$HERE/probe-ext" ]]; then mkdir -p "$WEBUI/extensions/forge-probe"; cp -r "$HERE/probe-ext/." "$WEBUI/extensions/forge-probe/"; fi
 
 # 6. live previews off (reForge/Forge download a VAE-approx model for them); settings the harness expects

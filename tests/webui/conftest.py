@@ -3,7 +3,8 @@
 The checks skip unless ``LORA_TRAIN_WEBUI_URL`` names a running WebUI and ``LORA_TRAIN_WEBUI_DIR`` its folder
 (``tests/webui/run.sh`` sets both). Optional: ``LORA_TRAIN_WEBUI_LOG`` (default ``<dir>/../webui.log``, where the
 harness writes it), ``LORA_TRAIN_WEBUI_OUT`` (screenshots, images, timings; default ``<dir>/../accept-out``) and
-``LORA_TRAIN_WEBUI_KEEP=1`` to keep the LoRAs the run trained in models/Lora.
+``LORA_TRAIN_WEBUI_KEEP=1`` to keep the LoRAs the run trained in models/Lora, ``LORA_TRAIN_WEBUI_HOST`` (a1111,
+reforge or forge-classic: which loader's log lines to expect).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def webui() -> Iterator[WebUI]:
     out = Path(os.environ.get("LORA_TRAIN_WEBUI_OUT") or root.parent / "accept-out")
     out.mkdir(parents=True, exist_ok=True)
     ui = WebUI(url=os.environ[URL_VAR].rstrip("/"), root=root,
-               log=Path(os.environ.get("LORA_TRAIN_WEBUI_LOG") or root.parent / "webui.log"), out=out)
+               log=Path(os.environ.get("LORA_TRAIN_WEBUI_LOG") or root.parent / "webui.log"), out=out,
+               host=os.environ.get("LORA_TRAIN_WEBUI_HOST") or "a1111")
     yield ui
     (out / "timings.json").write_text(json.dumps(ui.timings, indent=1))
 
