@@ -118,14 +118,21 @@ def _install_package(name: str) -> str | None:
 
 
 def _caption_sources():
-    """The WebUI's interrogators (BLIP, DeepBooru) and the captioner settings, read at each click."""
-    from modules import deepbooru, paths
+    """The WebUI's interrogators (BLIP, DeepBooru) and the captioner settings, read at each click.
+
+    Forge Classic removed both (no ``modules.deepbooru``, ``shared.interrogator`` stays None): offered where present.
+    """
+    from modules import paths
 
     from lora_train.caption.choices import CaptionSources
 
+    try:
+        from modules import deepbooru
+    except ImportError:
+        deepbooru = None
     return CaptionSources(
-        interrogator=shared.interrogator,
-        deepbooru=deepbooru.model,
+        interrogator=getattr(shared, "interrogator", None),
+        deepbooru=getattr(deepbooru, "model", None),
         coca_weights=_opt("lora_train_captioner_weights") or None,
         models_dir=Path(paths.models_path) / "lora_train_captioners",
         allow_download=bool(getattr(shared.opts, "lora_train_allow_downloads", True)),
