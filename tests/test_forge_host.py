@@ -116,7 +116,8 @@ def forge_model() -> torch.nn.Module:
             module.__class__ = BasicTransformerBlock
     model.requires_grad_(True)
     clip = SimpleNamespace(patcher=ModelPatcher(model.cond_stage_model))
-    model.forge_objects = ForgeObjects(unet=ModelPatcher(model.model), clip=clip)
+    vae = SimpleNamespace(patcher=ModelPatcher(model.first_stage_model))
+    model.forge_objects = ForgeObjects(unet=ModelPatcher(model.model), clip=clip, vae=vae)
     model.forge_objects_original = model.forge_objects.shallow_copy()
     model.forge_objects_after_applying_lora = model.forge_objects.shallow_copy()
     model.current_lora_hash = str([])
@@ -195,6 +196,8 @@ def test_job_right_after_a_lora_generation_trains_and_leaves_forge_as_it_was(tmp
     snapshot.verify()  # the checkpoint's own weights, flags and modules, untouched by training
     assert all("_forward" not in vars(block) for block in _blocks(model))
     assert model.forge_objects.unet is model.forge_objects_original.unet and networks.loaded_networks == []
+    assert manager.current_loaded_models == [model.forge_objects.unet, model.forge_objects.clip.patcher,
+                                             model.forge_objects.vae.patcher]  # what training runs, loaded
     assert model.current_lora_hash == str([])  # the next <lora:…> generation applies its LoRA again
     assert model.forge_objects_after_applying_lora.unet is model.forge_objects_original.unet
     assert torch.equal(plain_output(model), plain)

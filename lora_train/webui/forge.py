@@ -8,7 +8,7 @@ in ``sd_model.forge_objects``. Two things differ from A1111, and this adapter ha
   inference mode) and the merge stays after the generation. Training then would start from someone else's LoRA and
   fail ("Inference tensors do not track version counter"). We do what the next plain generation does: put the
   original patchers back and load them with ``model_management.load_models_gpu``, which unloads the clone (its
-  ``unpatch_model`` puts the original weights back). On a GPU this also moves the UNet onto it for the run.
+  ``unpatch_model`` puts the original weights back). On a GPU this also moves the models onto it for the run.
 - Forge Classic's transformer blocks add residuals in place; ``forge_patches`` makes them add out of place for
   the run and restores them afterwards, also after a stop or a crash.
 """
@@ -64,8 +64,9 @@ class ForgeModel:
             if swapped or _has_inference_weights(sd_model):
                 raise HostError(NO_MEMORY_MANAGER)
             return
-        patchers = [objects.unet] + [p for p in [getattr(objects.clip, "patcher", None)] if p is not None]
-        manager.load_models_gpu(patchers)
+        # the text encoder and VAE too: training runs them, and Forge keeps what is not loaded on its offload device
+        extra = [getattr(getattr(objects, part, None), "patcher", None) for part in ("clip", "vae")]
+        manager.load_models_gpu([objects.unet] + [patcher for patcher in extra if patcher is not None])
         if swapped:
             log("undid the <lora:…> merge of the last generation (Forge's patchers put back and reloaded)")
         if _has_inference_weights(sd_model):
