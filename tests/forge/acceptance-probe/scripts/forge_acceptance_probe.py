@@ -4,13 +4,14 @@ The harness probe (../shared/webui-harness/probe-ext) reads A1111's Lora extensi
 ``network_weights_backup`` and ``net.modules``. Forge's Lora extension patches through ModelPatchers instead, so:
 
 GET /probe/v1/model-hash   sha256 of ``shared.sd_model.state_dict()`` (same recipe as the harness probe);
-                           ``base_sha256`` puts the UNet patcher's ``backup`` (the originals of weights a ``<lora:…>``
-                           generation replaced) in place of the live weights.
+                           ``base_sha256`` puts the loaded patchers' ``backup`` (the originals of weights a
+                           ``<lora:…>`` generation replaced, UNet and text encoder) in place of the live weights.
 GET /probe/v1/info         loaded checkpoint, parameters, dtype/device, merged weights (len of the patcher backup).
 GET /probe/v1/lora-networks  per loaded network, ``matched_modules``: the weights Forge's loader patches for the
                            LoRA now applied (``forge_objects_after_applying_lora`` UNet + CLIP patches).
 """
 
+import functools
 import hashlib
 import sys
 import time
@@ -25,9 +26,21 @@ def _backup_weight(value):
     return getattr(value, "weight", value)  # reForge keeps (weight, inplace_update) tuples, Forge Classic tensors
 
 
-def _unet_backup(model):
-    patcher = model.forge_objects.unet
-    return {"model." + key: _backup_weight(value) for key, value in (getattr(patcher, "backup", None) or {}).items()}
+def _originals():
+    """data_ptr of each weight a loaded patcher has replaced -> the original it keeps in ``backup``.
+
+    Every loaded patcher counts (the UNet's and the text encoder's): a ``<lora:…>`` with text encoder keys patches
+    Forge's SD1ClipModel, whose weights ``shared.sd_model.cond_stage_model`` shares, under other key names.
+    """
+    from ldm_patched.modules import model_management
+
+    over = {}
+    for loaded in model_management.current_loaded_models:
+        patcher = loaded.model
+        for key, value in (getattr(patcher, "backup", None) or {}).items():
+            live = functools.reduce(getattr, key.split("."), patcher.model)
+            over[live.data_ptr()] = _backup_weight(value)
+    return over
 
 
 def _update(digest, key, tensor):
@@ -45,11 +58,11 @@ def model_hash():
         start = time.time()
         model = shared.sd_model
         state = model.state_dict()
-        over = _unet_backup(model)
+        over = _originals()
         live, base = hashlib.sha256(), hashlib.sha256()
         for key in sorted(state):
             _update(live, key, state[key])
-            original = over.get(key)
+            original = over.get(state[key].data_ptr())
             _update(base, key, state[key] if original is None else original.to(dtype=state[key].dtype))
         return {"sha256": live.hexdigest(), "base_sha256": base.hexdigest(), "lora_active_modules": len(over),
                 "tensors": len(state), "seconds": round(time.time() - start, 2),
@@ -61,7 +74,7 @@ def model_info():
     first = next(model.parameters())
     return {"checkpoint": getattr(getattr(model, "sd_checkpoint_info", None), "title", None),
             "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(first.dtype),
-            "device": str(first.device), "lora_active_modules": len(_unet_backup(model))}
+            "device": str(first.device), "lora_active_modules": len(_originals())}
 
 
 def lora_networks():
