@@ -124,6 +124,20 @@ def forge_model() -> torch.nn.Module:
     return model
 
 
+class StableDiffusion:
+    """Forge 2 / Neo (backend/diffusion_engine/sd15.py at lllyasviel dfdcbab6): no nn.Module, no ldm ``.model``."""
+
+    def __init__(self) -> None:
+        self.forge_objects = ForgeObjects(unet=None, clip=None, vae=None, clipvision=None)
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.current_lora_hash = str([])
+        self.first_stage_model = self.cond_stage_model = None  # fix_for_webui_backward_compatibility()
+        self.is_sd1 = True
+
+
+StableDiffusion.__module__ = "backend.diffusion_engine.sd15"
+
+
 def lora_generation(model: torch.nn.Module, manager: ModelManagement) -> None:
     """What ``<lora:…>`` leaves behind in Forge: a patched clone loaded, its weights inference tensors."""
     delta = torch.full_like(model.model.diffusion_model.out[2].weight, 0.5)
@@ -158,8 +172,7 @@ def test_detects_each_host_by_its_model_object() -> None:
     a1111 = M.tiny_sd1()
     assert isinstance(detect_host(a1111), A1111Model)
     assert detect_host(forge_model()).name.startswith("Forge")
-    forge2 = type("StableDiffusion", (torch.nn.Module,), {"__module__": "backend.diffusion_engine.sd15"})()
-    forge2.forge_objects = ForgeObjects(unet=None)  # Forge 2 / Neo: Forge's own engine, no ldm ``.model``
+    forge2 = StableDiffusion()
     with pytest.raises(HostError) as refused:
         detect_host(forge2)
     assert "backend.diffusion_engine.sd15.StableDiffusion" in str(refused.value)
@@ -167,9 +180,9 @@ def test_detects_each_host_by_its_model_object() -> None:
 
 
 def test_forge2_is_refused_at_submit_naming_the_hosts_that_work(tmp_path, dataset_dir) -> None:
-    forge2 = type("StableDiffusion", (torch.nn.Module,), {"__module__": "backend.diffusion_engine.sd15"})()
-    forge2.forge_objects = ForgeObjects()
-    runner = _runner(_host(forge2), tmp_path)
+    host = _host(StableDiffusion())
+    assert host.family() is None
+    runner = _runner(host, tmp_path)
     with pytest.raises(HostError, match="reForge and Forge Classic"):
         runner.submit({**SMALL, "train_data_dir": str(dataset_dir), "max_train_steps": 1})
     assert runner.jobs == {}
