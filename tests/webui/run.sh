@@ -15,8 +15,8 @@
 #   --host NAME     which WebUI: a1111 (default; WORKDIR <repo>/../harness), reforge or forge-classic (WORKDIR
 #                   <repo>/../forge-hosts/NAME, booted by tests/forge/boot_host.sh with the flags they need on CPU)
 #   --workdir DIR   the harness' WORKDIR (default: see --host)
-# Env: HARNESS (default <repo>/../shared/webui-harness), PORT (default 7861).
-# Output (screenshots, images, freezes, timings, log errors): WORKDIR/accept-out/. Exit code: pytest's.
+# Env: HARNESS (default <repo>/../shared/webui-harness), PORT (default 7861), ACCEPT_OUT (default WORKDIR/accept-out).
+# Output (screenshots, images, freezes, timings, log errors): ACCEPT_OUT. Exit code: pytest's.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -50,7 +50,7 @@ PORT=${PORT:-7861}
 export PORT
 # shellcheck disable=SC1091
 source "$WORKDIR/env.sh"
-OUT="$WORKDIR/accept-out"
+OUT="${ACCEPT_OUT:-$WORKDIR/accept-out}"
 EXT_DIR="$WEBUI_DIR/extensions/sd-webui-lora-train"
 PYTHON="$ROOT/.venv/bin/python"
 [[ -x "$PYTHON" ]] || PYTHON=python3
