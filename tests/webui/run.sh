@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tests/webui/run.sh [--host a1111|reforge|forge-classic] [--dev] [--keep-running] [--repo PATH] [--workdir DIR]
+# tests/webui/run.sh [--host a1111|reforge|forge-classic|forge] [--dev] [--keep-running] [--repo PATH] [--workdir DIR]
 #                    [-- pytest args...]
 #
 # The acceptance run against a real WebUI: AUTOMATIC1111 v1.10.1 (the harness in ../shared/webui-harness, built
@@ -13,7 +13,8 @@
 #   --keep-running  leave the WebUI up afterwards (default: stop.sh at the end)
 #   --repo PATH     the repository to install (default: this one; its committed HEAD is what gets cloned)
 #   --host NAME     which WebUI: a1111 (default; WORKDIR <repo>/../harness), reforge or forge-classic (WORKDIR
-#                   <repo>/../forge-hosts/NAME, booted by tests/forge/boot_host.sh with the flags they need on CPU)
+#                   <repo>/../forge-hosts/NAME, booted by tests/forge/boot_host.sh with the flags they need on CPU);
+#                   forge (lllyasviel Forge 2, refused: only the refusal, the tab and the log are checked)
 #   --workdir DIR   the harness' WORKDIR (default: see --host)
 # Env: HARNESS (default <repo>/../shared/webui-harness), PORT (default 7861), ACCEPT_OUT (default WORKDIR/accept-out).
 # Output (screenshots, images, freezes, timings, log errors): ACCEPT_OUT. Exit code: pytest's.
@@ -39,8 +40,8 @@ while [[ $# -gt 0 ]]; do
 done
 case "$HOST" in
   a1111) DEFAULT_WORKDIR="$ROOT/../harness" ;;
-  reforge|forge-classic) DEFAULT_WORKDIR="$ROOT/../forge-hosts/$HOST" ;;
-  *) echo "unknown host: $HOST (a1111, reforge or forge-classic)" >&2; exit 2 ;;
+  reforge|forge-classic|forge) DEFAULT_WORKDIR="$ROOT/../forge-hosts/$HOST" ;;
+  *) echo "unknown host: $HOST (a1111, reforge, forge-classic or forge)" >&2; exit 2 ;;
 esac
 WORKDIR="$(cd "${WORKDIR:-$DEFAULT_WORKDIR}" && pwd)"
 HARNESS="$(cd "${HARNESS:-$ROOT/../shared/webui-harness}" && pwd)"

@@ -32,7 +32,10 @@ def _originals():
     Every loaded patcher counts (the UNet's and the text encoder's): a ``<lora:…>`` with text encoder keys patches
     Forge's SD1ClipModel, whose weights ``shared.sd_model.cond_stage_model`` shares, under other key names.
     """
-    from ldm_patched.modules import model_management
+    try:
+        from ldm_patched.modules import model_management
+    except ImportError:  # Forge 2 (refused by the extension; the probe still answers)
+        from backend import memory_management as model_management
 
     over = {}
     for loaded in model_management.current_loaded_models:
