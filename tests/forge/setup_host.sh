@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# setup_host.sh HOST MIRRORS WORKDIR      HOST = reforge | forge-classic
+# setup_host.sh HOST MIRRORS WORKDIR      HOST = reforge | forge-classic | forge (lllyasviel Forge 2: refused)
 #
 # Builds an offline, CPU-only reForge or Forge Classic under WORKDIR, laid out like the A1111 harness
 # (../../../shared/webui-harness, see its README) so that its boot.sh / stop.sh / install_extension.sh /
