@@ -84,6 +84,15 @@ def _networks():
     return networks if hasattr(networks, "list_available_networks") else None
 
 
+def _model_management():
+    """Forge's model manager on reForge / Forge Classic (None on A1111, which has no ``ldm_patched``)."""
+    try:
+        from ldm_patched.modules import model_management
+    except ImportError:
+        return None
+    return model_management
+
+
 def _sampler(cfg, log):
     from modules import processing
 
@@ -96,7 +105,7 @@ def _full_host_check() -> bool:
 
 # "Reload UI" runs this file again; the runner (and a job it is running) lives on in the engine package
 RUNNER = persistent_runner(shared, lambda: JobRunner(
-    WebUIHost(shared, call_queue.queue_lock, _networks, _sampler, _full_host_check), policy))
+    WebUIHost(shared, call_queue.queue_lock, _networks, _sampler, _full_host_check, _model_management), policy))
 
 
 def _install_package(name: str) -> str | None:
@@ -109,14 +118,21 @@ def _install_package(name: str) -> str | None:
 
 
 def _caption_sources():
-    """The WebUI's interrogators (BLIP, DeepBooru) and the captioner settings, read at each click."""
-    from modules import deepbooru, paths
+    """The WebUI's interrogators (BLIP, DeepBooru) and the captioner settings, read at each click.
+
+    Forge Classic removed both (no ``modules.deepbooru``, ``shared.interrogator`` stays None): offered where present.
+    """
+    from modules import paths
 
     from lora_train.caption.choices import CaptionSources
 
+    try:
+        from modules import deepbooru
+    except ImportError:
+        deepbooru = None
     return CaptionSources(
-        interrogator=shared.interrogator,
-        deepbooru=deepbooru.model,
+        interrogator=getattr(shared, "interrogator", None),
+        deepbooru=getattr(deepbooru, "model", None),
         coca_weights=_opt("lora_train_captioner_weights") or None,
         models_dir=Path(paths.models_path) / "lora_train_captioners",
         allow_download=bool(getattr(shared.opts, "lora_train_allow_downloads", True)),

@@ -348,6 +348,15 @@ def test_settings_and_tab_registered(webui) -> None:
     assert [(title, elem_id) for _, title, elem_id in tabs] == [("LoRA Train", "lora_train")]
 
 
+def test_tab_builds_on_forge_classic_which_removed_deepbooru_and_blip(webui, monkeypatch) -> None:
+    ns, _ = webui()
+    monkeypatch.delattr(ns.modules, "deepbooru")
+    monkeypatch.setitem(sys.modules, "modules.deepbooru", None)  # import fails, as there
+    del ns.shared.interrogator
+    tabs = [tab for callback in ns.callbacks["ui_tabs"] for tab in callback()]
+    assert [(title, elem_id) for _, title, elem_id in tabs] == [("LoRA Train", "lora_train")]
+
+
 def test_every_path_is_checked_at_submit(webui, tmp_path) -> None:
     ns, client = webui()
     cases = {

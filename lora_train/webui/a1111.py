@@ -3,8 +3,9 @@
 Nothing here imports A1111: the glue script hands in ``modules.shared``, the GPU ``queue_lock`` and a getter
 for the built-in Lora extension's ``networks`` module, so the same code runs in tests over stand-ins.
 While a job trains it holds the queue lock (txt2img waits instead of fighting for VRAM), shows progress in
-the WebUI's own progress fields, and treats the Interrupt button as Stop. The built-in Lora loader's merged
-weights are undone first, so the trainer sees the checkpoint's own weights.
+the WebUI's own progress fields, and treats the Interrupt button as Stop. What differs between A1111 and the
+Forge family (undoing the built-in Lora loader's merge, run-scoped patches) is decided per job from the loaded
+model by ``host_detect.detect_host``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from lora_train.engine.config import ConfigError, TrainConfig
 from lora_train.engine.model import ModelBundle
 from lora_train.engine.samples import SampleFn
 from lora_train.hosts.ldm import LdmBundle, detect_family
-from lora_train.webui.builtin_lora import reset_builtin_lora
+from lora_train.webui.host_detect import LoadedModel, detect_host
 from lora_train.webui.host_snapshot import HostSnapshot
 from lora_train.webui.jobs import HostError, Job, JobRunner, TrainHost
 
@@ -59,7 +60,10 @@ def holding(lock: Any, on_wait: Callable[[], None]) -> Iterator[None]:
 
 
 class WebUIHost(TrainHost):
-    """Adapter over ``modules.shared`` (``sd_model``, ``state``), the queue lock and the Lora extension."""
+    """Adapter over ``modules.shared`` (``sd_model``, ``state``), the queue lock and the Lora extension.
+
+    ``model_management`` gives Forge's ``ldm_patched.modules.model_management`` on the Forge family (None on A1111).
+    """
 
     in_webui = True
 
@@ -70,12 +74,14 @@ class WebUIHost(TrainHost):
         networks: Callable[[], Any | None] = lambda: None,
         sample_fn: Callable[[TrainConfig, Callable[[str], None]], SampleFn | None] | None = None,
         full_host_check: Callable[[], bool] = lambda: False,
+        model_management: Callable[[], Any | None] = lambda: None,
     ):
         self.shared = shared
         self.queue_lock = queue_lock
         self.networks = networks
         self.make_sample_fn = sample_fn
         self.full_host_check = full_host_check
+        self.model_management = model_management
 
     @property
     def state(self) -> Any:
@@ -95,10 +101,15 @@ class WebUIHost(TrainHost):
         parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         return parameter.device.type if parameter is not None else super().device_type()
 
-    def _bundle(self, cfg: TrainConfig) -> LdmBundle:
+    def _loaded(self) -> tuple[Any, LoadedModel]:
+        """The loaded model and the adapter of the WebUI that loaded it (HostError when there is none we train)."""
         model = getattr(self.shared, "sd_model", None)
         if model is None:
             raise HostError(NO_MODEL)
+        return model, detect_host(model, self.model_management)
+
+    def _bundle(self, cfg: TrainConfig) -> LdmBundle:
+        model, _ = self._loaded()
         problem = _untrainable_storage(self.shared, model)
         if problem:
             raise HostError(problem)
@@ -120,7 +131,8 @@ class WebUIHost(TrainHost):
             job.add_log("waiting for the WebUI to finish its current generation")
 
         with self.exclusive(JOB_NAME, waiting):
-            self._reset_builtin_lora()
+            model, host = self._loaded()
+            host.undo_prompt_lora(model, self.networks(), job.add_log)
             _unload_captioner()
             bundle = self._bundle(cfg)  # the model may have changed while we waited for the lock
             job.add_log(f"training on the loaded {bundle.family.upper()} checkpoint {bundle.model_name}")
@@ -134,7 +146,8 @@ class WebUIHost(TrainHost):
             kind = "full hash" if full else "quick check"
             job.add_log(f"host snapshot ({kind}) in {time.perf_counter() - started:.1f} s")
             sample_fn = self.make_sample_fn(cfg, job.add_log) if self.make_sample_fn else None
-            yield bundle, sample_fn
+            with host.run_scope(model, job.add_log):
+                yield bundle, sample_fn
             job.add_log(f"checking that the loaded model is unchanged ({kind})")
             snapshot.verify()
 
@@ -151,11 +164,6 @@ class WebUIHost(TrainHost):
                 state.textinfo = None
                 if hasattr(state, "end"):
                     state.end()
-
-    def _reset_builtin_lora(self) -> None:
-        networks = self.networks()
-        loaded = getattr(networks, "loaded_networks", None) if networks is not None else None
-        reset_builtin_lora(self.shared.sd_model, loaded if isinstance(loaded, list) else None)
 
     def report(self, job: Job) -> None:
         state = self.state

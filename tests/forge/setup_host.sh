@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# setup_host.sh HOST MIRRORS WORKDIR      HOST = reforge | forge-classic
+# setup_host.sh HOST MIRRORS WORKDIR      HOST = reforge | forge-classic | forge (lllyasviel Forge 2: refused)
 #
 # Builds an offline, CPU-only reForge or Forge Classic under WORKDIR, laid out like the A1111 harness
 # (../../../shared/webui-harness, see its README) so that its boot.sh / stop.sh / install_extension.sh /
@@ -17,7 +17,7 @@
 # Idempotent (stamps in WORKDIR/.stamps); FORCE_STEPS="venv reqs ..." redoes steps.
 set -euo pipefail
 
-HOST=${1:?usage: setup_host.sh reforge|forge-classic MIRRORS WORKDIR}
+HOST=${1:?usage: setup_host.sh reforge|forge-classic|forge MIRRORS WORKDIR}
 MIRROR_ROOT=${2:?usage: setup_host.sh HOST MIRRORS WORKDIR}
 WORKDIR=${3:?usage: setup_host.sh HOST MIRRORS WORKDIR}
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -31,7 +31,10 @@ case "$HOST" in
   forge-classic)
     HOST_MIRROR=Haoming02+sd-webui-forge-classic; HOST_REF=1f95d717   # branch classic
     REQS_IN=requirements.txt ;;
-  *) echo "unknown host $HOST (reforge | forge-classic)" >&2; exit 2 ;;
+  forge)  # lllyasviel Forge 2: only to check that the extension refuses it clearly
+    HOST_MIRROR=lllyasviel+stable-diffusion-webui-forge; HOST_REF=dfdcbab685e57677014f05a3309b48cc87383167
+    REQS_IN=requirements_versions.txt ;;
+  *) echo "unknown host $HOST (reforge | forge-classic | forge)" >&2; exit 2 ;;
 esac
 # ldm: reForge pins a fork (joypaul162/Stability-AI-stablediffusion f16630a9) that is not mirrored; upstream
 # cf1d67a6 (what A1111 and Forge Classic pin) works, and STABLE_DIFFUSION_COMMIT_HASH makes launch accept it.
@@ -59,9 +62,13 @@ if need_step webui; then log "host $HOST_MIRROR @ $HOST_REF"; clone_at "$HOST_MI
 if need_step repositories; then
   log "repositories/"; mkdir -p "$WEBUI/repositories"
   clone_at AUTOMATIC1111+stable-diffusion-webui-assets "$WEBUI/repositories/stable-diffusion-webui-assets" 6f7db241d2f8ba7457bac5ca9753331f0c266917
-  clone_at Stability-AI+stablediffusion "$WEBUI/repositories/stable-diffusion-stability-ai" "$SD_COMMIT"
-  clone_at Stability-AI+generative-models "$WEBUI/repositories/generative-models" 45c443b316737a4ab6e40413d7794a7f5657c19f
-  if [[ "$HOST" == reforge ]]; then
+  if [[ "$HOST" == forge ]]; then  # Forge 2 dropped ldm/sgm/k-diffusion for its backend and huggingface_guess
+    clone_at lllyasviel+huggingface_guess "$WEBUI/repositories/huggingface_guess" 84826248b49bb7ca754c73293299c4d4e23a548d
+  else
+    clone_at Stability-AI+stablediffusion "$WEBUI/repositories/stable-diffusion-stability-ai" "$SD_COMMIT"
+    clone_at Stability-AI+generative-models "$WEBUI/repositories/generative-models" 45c443b316737a4ab6e40413d7794a7f5657c19f
+  fi
+  if [[ "$HOST" == reforge || "$HOST" == forge ]]; then
     clone_at crowsonkb+k-diffusion "$WEBUI/repositories/k-diffusion" ab527a9a6d347f364e3d185ba6d714e22d80cb3c
     if [[ ! -d "$WEBUI/repositories/BLIP/.git" ]]; then   # only the unused interrogator needs it
       git init --quiet "$WEBUI/repositories/BLIP"
@@ -116,7 +123,7 @@ for line in open(sys.argv[1]):
 print("requirements_met:", not bad, bad)
 PY
 
-# 5. tokenizer, checkpoint, LoRA, probe extension (from the harness)
+# 5. tokenizer, checkpoint, LoRA (from the harness), probe extensions
 if [[ ! -d "$WORKDIR/hf-home" ]]; then
   if [[ -d "$HARNESS_WORKDIR/hf-home" ]]; then cp -a "$HARNESS_WORKDIR/hf-home" "$WORKDIR/hf-home"
   else "$VENV/bin/python" "$HARNESS/make_tokenizer.py" --hf-home "$WORKDIR/hf-home"; fi
@@ -125,7 +132,9 @@ mkdir -p "$WEBUI/models/Stable-diffusion" "$WEBUI/models/Lora"
 ln -sfn "$HARNESS_WORKDIR/stable-diffusion-webui/models/Stable-diffusion/acceptance-random-sd15.safetensors" "$WEBUI/models/Stable-diffusion/acceptance-random-sd15.safetensors"
 [[ -e "$HARNESS_WORKDIR/stable-diffusion-webui/models/Lora/acceptance_test_lora.safetensors" ]] && \
   ln -sfn "$HARNESS_WORKDIR/stable-diffusion-webui/models/Lora/acceptance_test_lora.safetensors" "$WEBUI/models/Lora/acceptance_test_lora.safetensors"
-mkdir -p "$WEBUI/extensions/acceptance-probe"; cp -r "$HARNESS/probe-ext/." "$WEBUI/extensions/acceptance-probe/"
+# the harness probe reads A1111's Lora extension (and does not load on Forge Classic): ours answers the same routes
+rm -rf "$WEBUI/extensions/acceptance-probe"; mkdir -p "$WEBUI/extensions/acceptance-probe"
+cp -r "$HERE/acceptance-probe/." "$WEBUI/extensions/acceptance-probe/"
 if [[ -d "$HERE/probe-ext" ]]; then mkdir -p "$WEBUI/extensions/forge-probe"; cp -r "$HERE/probe-ext/." "$WEBUI/extensions/forge-probe/"; fi
 
 # 6. live previews off (reForge/Forge download a VAE-approx model for them); settings the harness expects

@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
-# tests/webui/run.sh [--dev] [--keep-running] [--repo PATH] [--workdir DIR] [-- pytest args...]
+# tests/webui/run.sh [--host a1111|reforge|forge-classic|forge] [--dev] [--keep-running] [--repo PATH] [--workdir DIR]
+#                    [-- pytest args...]
 #
-# The acceptance run against a real AUTOMATIC1111 v1.10.1 (the harness in ../shared/webui-harness, built by
-# its setup.sh into WORKDIR): install this repository's HEAD the way Extensions > "Install from URL" does,
-# restart the WebUI (which runs install.py again at launch), show what the install changed in the WebUI's venv
-# (pip freeze before/after), then run the checks in tests/webui against it with pytest.
+# The acceptance run against a real WebUI: AUTOMATIC1111 v1.10.1 (the harness in ../shared/webui-harness, built
+# by its setup.sh into WORKDIR), or reForge / Forge Classic (built by tests/forge/setup_host.sh into WORKDIR):
+# install this repository's HEAD the way Extensions > "Install from URL" does, restart the WebUI (which runs
+# install.py again at launch), show what the install changed in the WebUI's venv (pip freeze before/after),
+# then run the checks in tests/webui against it with pytest.
 #
 #   --dev           no installers: clone with RUN_INSTALLER=0, boot with SKIP_PREPARE=1, and add only
 #                   peft==0.13.2 (--no-deps) when missing. For an install.py that must not touch the venv.
 #   --keep-running  leave the WebUI up afterwards (default: stop.sh at the end)
 #   --repo PATH     the repository to install (default: this one; its committed HEAD is what gets cloned)
-#   --workdir DIR   the harness' WORKDIR (default: <repo>/../harness)
-# Env: HARNESS (default <repo>/../shared/webui-harness), PORT (default 7861).
-# Output (screenshots, images, freezes, timings, log errors): WORKDIR/accept-out/. Exit code: pytest's.
+#   --host NAME     which WebUI: a1111 (default; WORKDIR <repo>/../harness), reforge or forge-classic (WORKDIR
+#                   <repo>/../forge-hosts/NAME, booted by tests/forge/boot_host.sh with the flags they need on CPU);
+#                   forge (lllyasviel Forge 2, refused: only the refusal, the tab and the log are checked)
+#   --workdir DIR   the harness' WORKDIR (default: see --host)
+# Env: HARNESS (default <repo>/../shared/webui-harness), PORT (default 7861), ACCEPT_OUT (default WORKDIR/accept-out).
+# Output (screenshots, images, freezes, timings, log errors): ACCEPT_OUT. Exit code: pytest's.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 REPO=$ROOT
 WORKDIR=""
+HOST=a1111
 DEV=0
 KEEP=0
 while [[ $# -gt 0 ]]; do
@@ -26,18 +32,26 @@ while [[ $# -gt 0 ]]; do
     --keep-running) KEEP=1 ;;
     --repo) REPO="$(cd "$2" && pwd)"; shift ;;
     --workdir) WORKDIR="$2"; shift ;;
+    --host) HOST="$2"; shift ;;
     --) shift; break ;;
     *) echo "unknown argument: $1 (see the header of $0)" >&2; exit 2 ;;
   esac
   shift
 done
-WORKDIR="$(cd "${WORKDIR:-$ROOT/../harness}" && pwd)"
+case "$HOST" in
+  a1111) DEFAULT_WORKDIR="$ROOT/../harness" ;;
+  reforge|forge-classic|forge) DEFAULT_WORKDIR="$ROOT/../forge-hosts/$HOST" ;;
+  *) echo "unknown host: $HOST (a1111, reforge, forge-classic or forge)" >&2; exit 2 ;;
+esac
+WORKDIR="$(cd "${WORKDIR:-$DEFAULT_WORKDIR}" && pwd)"
 HARNESS="$(cd "${HARNESS:-$ROOT/../shared/webui-harness}" && pwd)"
+BOOT=("$HARNESS/boot.sh")
+[[ "$HOST" == a1111 ]] || BOOT=("$ROOT/tests/forge/boot_host.sh")
 PORT=${PORT:-7861}
 export PORT
 # shellcheck disable=SC1091
 source "$WORKDIR/env.sh"
-OUT="$WORKDIR/accept-out"
+OUT="${ACCEPT_OUT:-$WORKDIR/accept-out}"
 EXT_DIR="$WEBUI_DIR/extensions/sd-webui-lora-train"
 PYTHON="$ROOT/.venv/bin/python"
 [[ -x "$PYTHON" ]] || PYTHON=python3
@@ -68,11 +82,11 @@ else
 fi
 echo "INSTALL_SECONDS=$(since "$t")"
 
-echo "== restart the WebUI"
+echo "== restart the WebUI ($HOST)"
 if [[ "$DEV" == 1 ]]; then
-  SKIP_PREPARE=1 bash "$HARNESS/boot.sh" "$WORKDIR" | tee "$OUT/boot.txt"
+  SKIP_PREPARE=1 HARNESS="$HARNESS" bash "${BOOT[@]}" "$WORKDIR" | tee "$OUT/boot.txt"
 else
-  bash "$HARNESS/boot.sh" "$WORKDIR" | tee "$OUT/boot.txt"
+  HARNESS="$HARNESS" bash "${BOOT[@]}" "$WORKDIR" | tee "$OUT/boot.txt"
 fi
 cleanup() { [[ "$KEEP" == 1 ]] || bash "$HARNESS/stop.sh" "$WORKDIR"; }
 trap cleanup EXIT
@@ -89,7 +103,7 @@ echo "== acceptance checks"
 t=$(stamp)
 set +e
 LORA_TRAIN_WEBUI_URL="http://127.0.0.1:$PORT" LORA_TRAIN_WEBUI_DIR="$WEBUI_DIR" \
-  LORA_TRAIN_WEBUI_LOG="$WORKDIR/webui.log" LORA_TRAIN_WEBUI_OUT="$OUT" HF_HUB_OFFLINE=1 \
+  LORA_TRAIN_WEBUI_LOG="$WORKDIR/webui.log" LORA_TRAIN_WEBUI_OUT="$OUT" LORA_TRAIN_WEBUI_HOST="$HOST" HF_HUB_OFFLINE=1 \
   "$PYTHON" -m pytest "$ROOT/tests/webui" -m webui -v -rfEw --durations=0 -p no:cacheprovider "$@"
 status=$?
 set -e

@@ -112,7 +112,10 @@ def test_lora_changes_the_image_and_the_next_plain_image_is_the_original(run: Ru
     matched = webui.loaded_modules(run.name)
     plain_again = webui.txt2img(PROMPT, "api-C-plain-again")
     assert np.array_equal(plain_after_training, run.image_before), "training changed what the WebUI generates"
-    assert matched == kohya_modules(webui.lora_dir / f"{run.name}.safetensors"), "the Lora loader skipped modules"
+    modules = kohya_modules(webui.lora_dir / f"{run.name}.safetensors")
+    assert matched == modules, "the Lora loader skipped modules"
+    if webui.forge:  # Forge's loader also says so in its log
+        assert webui.forge_loader_keys(run.name) == modules, f"no '[LORA] Loaded … {modules} keys' line for {run.name}"
     assert np.abs(with_lora - run.image_before).max() > 0, "<lora:...:0.7> did not change the image"
     assert np.array_equal(plain_again, run.image_before), "the image without the tag differs from the original"
 

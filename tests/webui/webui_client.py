@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -50,6 +51,7 @@ class WebUI:
     root: Path
     log: Path
     out: Path
+    host: str = "a1111"  # a1111, reforge or forge-classic (tests/webui/run.sh --host)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -102,6 +104,17 @@ class WebUI:
         reply = self.get("/probe/v1/lora-networks")
         assert reply.status == 200, reply.body
         return sum(net["matched_modules"] for net in reply.body["loaded"] if net["name"] == name)
+
+    @property
+    def forge(self) -> bool:
+        return self.host != "a1111"
+
+    def forge_loader_keys(self, name: str) -> int:
+        """Keys Forge's LoRA loader says it loaded from ``name``.safetensors (its "[LORA] Loaded … with N keys" lines:
+        reForge prints one with the total, Forge Classic one for the UNet and one for the CLIP when it has keys)."""
+        text = self.log.read_text(encoding="utf-8", errors="replace")
+        pattern = rf"\[LORA\] Loaded \S*{re.escape(name)}\.safetensors for .*? with (\d+) keys"
+        return sum(int(n) for n in re.findall(pattern, text))
 
     def lora_entries(self) -> set[str]:
         """Every file and folder under models/Lora, hidden ones too, relative to it."""

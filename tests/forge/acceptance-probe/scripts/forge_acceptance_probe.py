@@ -1,0 +1,100 @@
+"""acceptance-probe for reForge / Forge Classic: the harness probe's routes and answers, Forge's way. Trains nothing.
+
+The harness probe (../shared/webui-harness/probe-ext) reads A1111's Lora extension: in-place merges with
+``network_weights_backup`` and ``net.modules``. Forge's Lora extension patches through ModelPatchers instead, so:
+
+GET /probe/v1/model-hash   sha256 of ``shared.sd_model.state_dict()`` (same recipe as the harness probe);
+                           ``base_sha256`` puts the loaded patchers' ``backup`` (the originals of weights a
+                           ``<lora:…>`` generation replaced, UNet and text encoder) in place of the live weights.
+GET /probe/v1/info         loaded checkpoint, parameters, dtype/device, merged weights (len of the patcher backup).
+GET /probe/v1/lora-networks  per loaded network, ``matched_modules``: the weights Forge's loader patches for the
+                           LoRA now applied (``forge_objects_after_applying_lora`` UNet + CLIP patches).
+"""
+
+import functools
+import hashlib
+import sys
+import time
+
+import torch
+from fastapi import FastAPI
+from modules import script_callbacks, shared
+from modules.call_queue import queue_lock
+
+
+def _backup_weight(value):
+    return getattr(value, "weight", value)  # reForge keeps (weight, inplace_update) tuples, Forge Classic tensors
+
+
+def _originals():
+    """data_ptr of each weight a loaded patcher has replaced -> the original it keeps in ``backup``.
+
+    Every loaded patcher counts (the UNet's and the text encoder's): a ``<lora:…>`` with text encoder keys patches
+    Forge's SD1ClipModel, whose weights ``shared.sd_model.cond_stage_model`` shares, under other key names.
+    """
+    try:
+        from ldm_patched.modules import model_management
+    except ImportError:  # Forge 2 (refused by the extension; the probe still answers)
+        from backend import memory_management as model_management
+
+    over = {}
+    for loaded in model_management.current_loaded_models:
+        patcher = loaded.model
+        for key, value in (getattr(patcher, "backup", None) or {}).items():
+            live = functools.reduce(getattr, key.split("."), patcher.model)
+            over[live.data_ptr()] = _backup_weight(value)
+    return over
+
+
+def _update(digest, key, tensor):
+    tensor = tensor.detach()
+    digest.update(key.encode("utf-8"))
+    digest.update(str(tensor.dtype).encode())
+    digest.update(str(tuple(tensor.shape)).encode())
+    tensor = tensor.to("cpu").contiguous().reshape(-1)
+    if tensor.numel():
+        digest.update(memoryview(tensor.view(torch.uint8).numpy()))
+
+
+def model_hash():
+    with queue_lock:
+        start = time.time()
+        model = shared.sd_model
+        state = model.state_dict()
+        over = _originals()
+        live, base = hashlib.sha256(), hashlib.sha256()
+        for key in sorted(state):
+            _update(live, key, state[key])
+            original = over.get(state[key].data_ptr())
+            _update(base, key, state[key] if original is None else original.to(dtype=state[key].dtype))
+        return {"sha256": live.hexdigest(), "base_sha256": base.hexdigest(), "lora_active_modules": len(over),
+                "tensors": len(state), "seconds": round(time.time() - start, 2),
+                "checkpoint": getattr(getattr(model, "sd_checkpoint_info", None), "title", None)}
+
+
+def model_info():
+    model = shared.sd_model
+    first = next(model.parameters())
+    return {"checkpoint": getattr(getattr(model, "sd_checkpoint_info", None), "title", None),
+            "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(first.dtype),
+            "device": str(first.device), "lora_active_modules": len(_originals())}
+
+
+def lora_networks():
+    model = shared.sd_model
+    applied = getattr(model, "forge_objects_after_applying_lora", None) or model.forge_objects
+    clip = getattr(applied.clip, "patcher", None)
+    patched = len(getattr(applied.unet, "patches", None) or {}) + len(getattr(clip, "patches", None) or {})
+    networks = sys.modules.get("networks")
+    loaded = list(getattr(networks, "loaded_networks", None) or [])
+    # Forge applies every loaded network's patches to one patcher: the count is theirs together
+    return {"loaded": [{"name": getattr(net, "name", None), "matched_modules": patched} for net in loaded]}
+
+
+def on_app_started(_demo, app: FastAPI):
+    app.get("/probe/v1/model-hash")(model_hash)
+    app.get("/probe/v1/info")(model_info)
+    app.get("/probe/v1/lora-networks")(lora_networks)
+
+
+script_callbacks.on_app_started(on_app_started)
