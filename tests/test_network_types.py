@@ -4,22 +4,27 @@ outputs; the config as kohya/LyCORIS users write it; LoRA+ learning rates."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 
+import ldm_models as M
 import pytest
 import torch
 import webui_networks
 from conftest import make_config
+from diffusers import UNet2DConditionModel
 from test_export import probe
+from test_ldm_host import _FULL_SD1, _FULL_SDXL
 from test_resume import assert_same_weights
 
-from lora_train.engine import lora
+from lora_train.engine import kohya_names, lora
 from lora_train.engine.config import ConfigError, from_dict
 from lora_train.engine.export import read_lora
 from lora_train.engine.network_spec import NetworkSpec
 from lora_train.engine.optim import param_groups
 from lora_train.engine.progress import TrainCallbacks
 from lora_train.engine.trainer import train
+from lora_train.hosts.architectures import BY_FAMILY
 
 SPECS = {
     "LoRA": NetworkSpec(),
@@ -179,3 +184,41 @@ def test_loraplus_gives_the_up_factors_ratio_times_the_rate(name, tiny, dataset_
         assert ups and all(id(p) in ups for g in groups[2:] for p in g["params"])
     finally:
         lora.remove(network)
+
+
+# kohya sd-scripts 48d368fa (networks/lora.py create_network(1.0, 4, 1.0, None, [], unet, conv_dim=4,
+# conv_alpha=1), one fresh process per model since it extends a class-level list) on meta-device UNets: its own
+# library/original_unet.UNet2DConditionModel (SD1.5: sample_size 64, attention_head_dim 8, cross_attention_dim
+# 768) and library/sdxl_original_unet.SdxlUNet2DConditionModel(). Count of UNet modules (3x3 convs among them)
+# and the sha256 of their names sorted and joined with newlines.
+KOHYA_LOCON = {
+    "sd1": (278, 50, "620b9a8905915e2523fcef094d7ccb9a486a442de589c0435a3951c3509cdf95"),
+    "sdxl": (788, 38, "6eaed2d7a4528e0a5cd7d54f06410bec8d1c8b707015310af1925b23533a4b69"),
+}
+
+
+def _full_unets(family: str) -> dict[str, torch.nn.Module]:
+    with torch.device("meta"):
+        return {"diffusers": UNet2DConditionModel(**BY_FAMILY[family].unet),
+                "ldm": M.UNetModel(**_FULL_SD1) if family == "sd1" else M.SDXLUNetModel(**_FULL_SDXL)}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_full_size_locon_targets_are_kohyas_on_both_hosts(family):
+    count, conv3x3, digest = KOHYA_LOCON[family]
+    for layout, unet in _full_unets(family).items():
+        targets = kohya_names.find_targets(unet, [], family, layout, 2, False, conv=True)
+        keys = sorted(t.kohya_key for t in targets)
+        assert len(keys) == count, layout
+        assert sum(lora._is_conv3x3(t) for t in targets) == conv3x3
+        assert hashlib.sha256("\n".join(keys).encode()).hexdigest() == digest, layout
+
+
+@pytest.mark.skipif(not webui_networks.WEBUI_DIR, reason="set LORA_TRAIN_WEBUI_DIR to a stable-diffusion-webui tree")
+def test_the_webui_finds_every_sd1_locon_key_on_its_ldm_unet():
+    """SD1 files use diffusers block names; the WebUI's own converter must land each on an LDM module."""
+    convert = webui_networks.webui_key_converter()
+    unets = _full_unets("sd1")
+    names = {"diffusion_model_" + name.replace(".", "_") for name, _ in unets["ldm"].named_modules()}
+    keys = [t.kohya_key for t in kohya_names.find_targets(unets["diffusers"], [], "sd1", "diffusers", 2, False, True)]
+    assert [key for key in keys if convert(key, False) not in names] == []

@@ -8,9 +8,12 @@ network_lokr, network.finalize_updown with DoRA's apply_weight_decompose) so tes
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -116,3 +119,16 @@ def webui_updown(w: dict[str, torch.Tensor], weight: torch.Tensor, module: torch
             with torch.no_grad():
                 return made.calc_updown(weight)[0]
     raise AssertionError(f"no WebUI module type takes {sorted(w)}")
+
+
+def webui_key_converter() -> Callable[[str, bool], str]:
+    """networks.py's ``convert_diffusers_name_to_compvis`` (kohya key → the WebUI's module name), taken out of
+    the file with the tables it reads: importing networks.py would need the whole WebUI."""
+    source = (Path(WEBUI_DIR) / "extensions-builtin" / "Lora" / "networks.py").read_text(encoding="utf-8")
+    wanted = {"re_digits", "re_x_proj", "re_compiled", "suffix_conversion", "convert_diffusers_name_to_compvis"}
+    tree = ast.parse(source)
+    tree.body = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in wanted or
+                 isinstance(node, ast.Assign) and {getattr(t, "id", None) for t in node.targets} & wanted]
+    namespace: dict = {"re": re}
+    exec(compile(tree, "networks.py", "exec"), namespace)
+    return namespace["convert_diffusers_name_to_compvis"]
