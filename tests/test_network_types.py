@@ -222,3 +222,21 @@ def test_the_webui_finds_every_sd1_locon_key_on_its_ldm_unet():
     names = {"diffusion_model_" + name.replace(".", "_") for name, _ in unets["ldm"].named_modules()}
     keys = [t.kohya_key for t in kohya_names.find_targets(unets["diffusers"], [], "sd1", "diffusers", 2, False, True)]
     assert [key for key in keys if convert(key, False) not in names] == []
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_inspect_and_network_weights_checks_recognise_every_type(name, tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_train.cli import describe
+    from lora_train.engine import preflight
+
+    spec = SPECS[name]
+    network = lora.inject(tiny.lora_targets(False, conv=spec.conv_dim > 0), 4, 2.0, 0.0, spec)
+    path = tmp_path / "net.safetensors"
+    save_file(lora.kohya_state_dict(network, torch.float16), str(path), {"ss_base_model_version": "sd_v1"})
+    lora.remove(network)
+    info = describe(str(path))
+    assert info["network"] == spec.name
+    assert info["family"] == "sd_v1" and info["modules"]["unet"] > 0
+    preflight.check_lora_family(path, "sd1")  # accepted as network_weights for an SD1 model
