@@ -210,7 +210,7 @@ def test_full_size_locon_targets_are_kohyas_on_both_hosts(family):
         targets = kohya_names.find_targets(unet, [], family, layout, 2, False, conv=True)
         keys = sorted(t.kohya_key for t in targets)
         assert len(keys) == count, layout
-        assert sum(lora._is_conv3x3(t) for t in targets) == conv3x3
+        assert sum(lora.is_conv3x3(t) for t in targets) == conv3x3
         assert hashlib.sha256("\n".join(keys).encode()).hexdigest() == digest, layout
 
 
@@ -240,3 +240,13 @@ def test_inspect_and_network_weights_checks_recognise_every_type(name, tiny, tmp
     assert info["network"] == spec.name
     assert info["family"] == "sd_v1" and info["modules"]["unet"] > 0
     preflight.check_lora_family(path, "sd1")  # accepted as network_weights for an SD1 model
+
+
+def test_the_tab_offers_the_network_type_and_its_arguments():
+    from lora_train.webui import ui_fields
+
+    assert ui_fields.INFOS["network_module"].choices == ("networks.lora", "lycoris.kohya")
+    typed = {"network_module": "lycoris.kohya",
+             "network_args": ui_fields._from_widget("network_args", "algo=lokr\n factor=8\n")}
+    assert from_dict(typed).network == NetworkSpec("lycoris.kohya", "lokr", factor=8)
+    assert ui_fields.to_widget("network_args", ["algo=loha", "conv_dim=8"]) == "algo=loha\nconv_dim=8"

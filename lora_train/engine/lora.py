@@ -23,8 +23,8 @@ from lora_train.engine.network_spec import NetworkSpec
 ADAPTER = "default"
 # peft's parameter name → the name in a kohya/LyCORIS file (LoHa/LoKr names are the same in both).
 _FILE_NAMES = {"lora_A": "lora_down.weight", "lora_B": "lora_up.weight"}
-# LoRA+ trains these faster: the output-side factor of each product (kohya: "lora_up").
 PLAIN_LORA = NetworkSpec()
+# LoRA+ trains these faster: the output-side factor of each product (kohya: "lora_up").
 UP_FACTORS = ("lora_B", "hada_w1_a", "hada_w2_a", "lokr_w1_a", "lokr_w2_a")
 
 
@@ -71,7 +71,8 @@ def _peft_config(spec: NetworkSpec, rank: int, alpha: float, dropout: float, pat
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=paths)
 
 
-def _is_conv3x3(target: LoraTarget) -> bool:
+def is_conv3x3(target: LoraTarget) -> bool:
+    """Whether a target takes ``conv_dim``/``conv_alpha`` (kohya: 1x1 convolutions count as linear)."""
     module = target.root.get_submodule(target.path)
     return isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
 
@@ -82,7 +83,7 @@ def inject(targets: list[LoraTarget], rank: int, alpha: float, dropout: float,
     w1 zeros; DoRA: magnitudes = the host's norms). 3x3 convolutions get ``conv_dim``/``conv_alpha``."""
     groups: dict[tuple[int, bool], tuple[nn.Module, list[str]]] = {}
     for target in targets:
-        groups.setdefault((id(target.root), _is_conv3x3(target)), (target.root, []))[1].append(target.path)
+        groups.setdefault((id(target.root), is_conv3x3(target)), (target.root, []))[1].append(target.path)
     network = LoraNetwork(layers={}, roots=list({id(root): root for root, _ in groups.values()}.values()))
     try:
         for (_, conv), (root, paths) in groups.items():
