@@ -152,7 +152,7 @@ def test_a_file_of_another_type_is_refused_by_name(tiny, dataset_dir, tmp_path):
     ({"network_args": ["preset=attn-only"]}, "network_args", "preset"),
     ({"network_args": ["conv_dim=8"], "conv_dim": 4}, "conv_dim", "differs"),
     ({"network_args": ["dora_wd=maybe"]}, "network_args", "dora_wd"),
-    ({"network_module": "lycoris.kohya", "network_args": ["algo=loha"], "lora_dropout": 0.1}, "lora_dropout", ""),
+    ({"network_module": "lycoris.kohya", "network_args": ["algo=loha"], "lora_dropout": 0.1}, "lora_dropout", "dropout"),
     ({"loraplus_lr_ratio": 0}, "loraplus_lr_ratio", "greater than 0"),
 ])
 def test_bad_network_settings_name_their_key(values, key, words):
