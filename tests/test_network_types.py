@@ -152,7 +152,8 @@ def test_a_file_of_another_type_is_refused_by_name(tiny, dataset_dir, tmp_path):
     ({"network_args": ["preset=attn-only"]}, "network_args", "preset"),
     ({"network_args": ["conv_dim=8"], "conv_dim": 4}, "conv_dim", "differs"),
     ({"network_args": ["dora_wd=maybe"]}, "network_args", "dora_wd"),
-    ({"network_module": "lycoris.kohya", "network_args": ["algo=loha"], "lora_dropout": 0.1}, "lora_dropout", "dropout"),
+    ({"network_module": "lycoris.kohya", "network_args": ["algo=loha"], "lora_dropout": 0.1}, "lora_dropout",
+     "dropout"),
     ({"loraplus_lr_ratio": 0}, "loraplus_lr_ratio", "greater than 0"),
 ])
 def test_bad_network_settings_name_their_key(values, key, words):
@@ -250,3 +251,28 @@ def test_the_tab_offers_the_network_type_and_its_arguments():
              "network_args": ui_fields._from_widget("network_args", "algo=lokr\n factor=8\n")}
     assert from_dict(typed).network == NetworkSpec("lycoris.kohya", "lokr", factor=8)
     assert ui_fields.to_widget("network_args", ["algo=loha", "conv_dim=8"]) == "algo=loha\nconv_dim=8"
+
+
+def test_diffusers_loads_a_locon_file_to_the_same_outputs(tiny, tmp_path):
+    """diffusers reads kohya's LoRA and LoCon (its converter has no LoHa, LoKr or dora_scale)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers_compat import require_kohya_loader
+    from safetensors.torch import save_file
+
+    from lora_train.hosts.diffusers import DiffusersBundle
+
+    pristine = copy.deepcopy(tiny)
+    network = _trained(tiny, SPECS["LoCon"])
+    trained = probe(tiny)
+    save_file(lora.kohya_state_dict(network, torch.float32), str(tmp_path / "locon.safetensors"))
+    lora.remove(network)
+    require_kohya_loader()
+    pipe = StableDiffusionPipeline(
+        vae=pristine.vae, text_encoder=pristine.text_encoders[0], tokenizer=pristine.tokenizers[0],
+        unet=pristine.unet, scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.load_lora_weights(str(tmp_path), weight_name="locon.safetensors")
+    loaded = DiffusersBundle(pristine.arch, pipe.unet, pipe.vae, [pipe.text_encoder], pristine.tokenizers)
+    for got, want in zip(probe(loaded), trained, strict=True):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
