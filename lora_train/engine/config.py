@@ -102,7 +102,8 @@ class TrainConfig:
     lora_alpha: float = setting(
         16.0, group="Model and network", label="Alpha (network_alpha)",
         help="The update is scaled by alpha / rank. The default 16 at rank 8 (scale 2) learns fast at 1e-4 on "
-             "short runs; the presets use alpha = rank/2 or = rank (scale 0.5-1), gentler for long runs.")
+             "short runs; the presets use alpha = rank/2 or = rank (scale 0.5-1), gentler for long runs. "
+             "LoKr ignores it (scale 1, as peft 0.13.2 trains it).")
     lora_dropout: float = setting(
         0.0, group="Model and network", label="LoRA dropout", help="Dropout inside the LoRA layers, in [0, 1).")
     train_text_encoder: bool = setting(
