@@ -55,17 +55,20 @@ def readable_time(value: str) -> str:
 
 
 def describe(path: str) -> dict:
-    """Family, rank, alpha, module counts and metadata (sorted, times readable) of a LoRA file."""
+    """Family, network type, rank, alpha, module counts and metadata (sorted, times readable) of a LoRA file."""
+    from lora_train.engine import weight_kinds
     from lora_train.engine.export import read_lora
 
     tensors, metadata = read_lora(path)
     modules = sorted({key.split(".")[0] for key in tensors})
-    downs = [tensors[f"{m}.lora_down.weight"] for m in modules if f"{m}.lora_down.weight" in tensors]
+    downs = [tensors[f"{m}.{name}"] for m in modules for name in ("lora_down.weight", "hada_w1_b", "lokr_w2_b")
+             if f"{m}.{name}" in tensors]
     alphas = {float(tensors[f"{m}.alpha"]) for m in modules if f"{m}.alpha" in tensors}
     shown = sorted(key for key in metadata if key not in ("ss_tag_frequency", "ss_bucket_info"))
     return {
         "file": str(path),
         "family": metadata.get("ss_base_model_version", "unknown"),
+        "network": weight_kinds.network_type({key: tuple(t.shape) for key, t in tensors.items()}),
         "rank": sorted({int(d.shape[0]) for d in downs}),
         "alpha": sorted(alphas),
         "modules": {

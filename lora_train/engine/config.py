@@ -20,7 +20,9 @@ from lora_train.engine import caption_store
 from lora_train.engine.config_checks import ConfigError, validate
 from lora_train.engine.config_checks import coerce as _coerce
 from lora_train.engine.config_fields import ALIASES, INVERTED_ALIASES, FieldInfo, describe, setting
+from lora_train.engine.network_spec import NetworkSpec, spec_of
 
+NetworkModule = Literal["networks.lora", "lycoris.kohya"]
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "sgd"]
 Scheduler = Literal[
     "constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"
@@ -100,12 +102,28 @@ class TrainConfig:
     lora_alpha: float = setting(
         16.0, group="Model and network", label="Alpha (network_alpha)",
         help="The update is scaled by alpha / rank. The default 16 at rank 8 (scale 2) learns fast at 1e-4 on "
-             "short runs; the presets use alpha = rank/2 or = rank (scale 0.5-1), gentler for long runs.")
+             "short runs; the presets use alpha = rank/2 or = rank (scale 0.5-1), gentler for long runs. "
+             "LoKr ignores it (scale 1, as peft 0.13.2 trains it).")
     lora_dropout: float = setting(
         0.0, group="Model and network", label="LoRA dropout", help="Dropout inside the LoRA layers, in [0, 1).")
     train_text_encoder: bool = setting(
         False, group="Model and network", label="Train the text encoder",
         help="Also train LoRA on the text encoder(s); helps characters on SD1.")
+    network_module: NetworkModule = setting(
+        "networks.lora", group="Model and network", label="Network type (network_module)",
+        help="`networks.lora`: kohya's LoRA (LoCon with `conv_dim`). `lycoris.kohya`: LyCORIS, whose "
+             "`network_args` pick `algo=locon`, `loha` or `lokr`. Every WebUI applies all of them.")
+    network_args: list[str] = setting(
+        group="Model and network", label="Network arguments", default_factory=list,
+        help="kohya-style `key=value` items: `algo=loha|lokr|locon`, `conv_dim=8`, `conv_alpha=4`, `factor=8` "
+             "(LoKr), `dora_wd=True` (DoRA).")
+    conv_dim: int = setting(
+        0, group="Model and network", label="Conv rank (conv_dim)",
+        help="Rank on the UNet's 3x3 convolutions (ResNet blocks, down/upsamplers): LoCon, for styles. "
+             "0: transformer layers only.")
+    conv_alpha: float = setting(
+        1.0, group="Model and network", label="Conv alpha (conv_alpha)",
+        help="Alpha of the 3x3 convolutions' layers (scale conv_alpha / conv_dim).")
     network_weights: str | None = setting(
         None, group="Model and network", label="Start from a LoRA",
         help="An existing kohya LoRA file to continue from (its rank and alpha are kept).")
@@ -125,6 +143,16 @@ class TrainConfig:
     text_encoder_lr: float | None = setting(
         None, group="Optimisation", label="Text encoder learning rate", unset="learning_rate",
         help="Learning rate of the text encoder's LoRA; often half the UNet's.")
+    loraplus_lr_ratio: float | None = setting(
+        None, group="Optimisation", label="LoRA+ ratio", unset="off",
+        help="LoRA+: the up matrices (lora_up; LoHa/LoKr's output-side factors) learn this many times faster; "
+             "16 is the paper's value.")
+    loraplus_unet_lr_ratio: float | None = setting(
+        None, group="Optimisation", label="LoRA+ ratio (UNet)", unset="loraplus_lr_ratio",
+        help="LoRA+ ratio for the UNet only.")
+    loraplus_text_encoder_lr_ratio: float | None = setting(
+        None, group="Optimisation", label="LoRA+ ratio (text encoder)", unset="loraplus_lr_ratio",
+        help="LoRA+ ratio for the text encoder only.")
     optimizer: Optimizer = setting(
         "adamw", group="Optimisation", label="Optimizer",
         help="`adamw8bit` needs bitsandbytes, `prodigy` prodigyopt (use learning_rate 1).")
@@ -199,6 +227,7 @@ class TrainConfig:
         if self.caption_extension and not self.caption_extension.startswith("."):
             self.caption_extension = "." + self.caption_extension  # kohya writes both "txt" and ".txt"
         validate(self)
+        spec_of(self)  # a network that cannot be built is refused with the config, not at the first step
 
     @property
     def resolution_hw(self) -> tuple[int, int]:
@@ -207,6 +236,11 @@ class TrainConfig:
         width = int(parts[0])
         height = int(parts[1]) if len(parts) > 1 else width
         return height, width
+
+    @property
+    def network(self) -> NetworkSpec:
+        """The network to train, from network_module, network_args and conv_dim/conv_alpha."""
+        return spec_of(self)
 
     @property
     def tensorboard_dir(self) -> Path | None:

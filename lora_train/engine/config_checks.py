@@ -100,6 +100,10 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(key, f"{value!r} must be greater than 0 (e.g. 1e-4)")
+    for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        value = getattr(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(key, f"{value!r} must be greater than 0 (16 is the LoRA+ paper's value)")
     if cfg.max_train_steps is not None and cfg.max_train_steps <= 0:
         raise ConfigError("max_train_steps", f"{cfg.max_train_steps!r} must be greater than 0")
     if cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0:

@@ -67,8 +67,9 @@ class ModelBundle(Protocol):
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet's raw output (noise for eps models, velocity for v models)."""
 
-    def lora_targets(self, text_encoder: bool) -> list[LoraTarget]:
-        """Modules kohya's default LoRA wraps: UNet transformer blocks, and the CLIP layers if asked."""
+    def lora_targets(self, text_encoder: bool, conv: bool = False) -> list[LoraTarget]:
+        """Modules kohya's LoRA wraps: UNet transformer blocks, the CLIP layers if asked, and with ``conv`` the
+        UNet's ResNet blocks and down/upsamplers (LoCon)."""
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Trade compute for memory in the UNet (and trained text encoders)."""

@@ -11,6 +11,22 @@ from __future__ import annotations
 import torch
 
 from lora_train.engine.config import ConfigError, TrainConfig
+from lora_train.engine.lora import LoraNetwork
+
+
+def param_groups(cfg: TrainConfig, network: LoraNetwork) -> list[dict]:
+    """The UNet's group, then the text encoder's when it trains, each at its learning rate; with LoRA+ the up
+    factors of a part move to a group of their own, appended after those, at lr x ratio (kohya's
+    ``loraplus_lr_ratio`` and its per-part ``loraplus_unet_lr_ratio`` / ``loraplus_text_encoder_lr_ratio``)."""
+    parts = [("lora_unet", cfg.unet_lr or cfg.learning_rate, cfg.loraplus_unet_lr_ratio or cfg.loraplus_lr_ratio)]
+    if cfg.train_text_encoder:
+        parts.append(("lora_te", cfg.text_encoder_lr or cfg.learning_rate,
+                      cfg.loraplus_text_encoder_lr_ratio or cfg.loraplus_lr_ratio))
+    groups = [{"params": network.parameters(prefix, up=False if ratio else None), "lr": lr}
+              for prefix, lr, ratio in parts]
+    groups += [{"params": network.parameters(prefix, up=True), "lr": lr * ratio}
+               for prefix, lr, ratio in parts if ratio and network.parameters(prefix, up=True)]
+    return groups
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:

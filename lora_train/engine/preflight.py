@@ -107,7 +107,8 @@ def _check_resume(resume: str | None) -> None:
 
 
 def lora_header(path: str | Path, key: str) -> tuple[Shapes, dict[str, str]]:
-    """Shapes and metadata of a kohya LoRA file; ConfigError(key) saying what the file is when it is not one."""
+    """Shapes and metadata of a kohya/LyCORIS LoRA file (any type we train); ConfigError(key) saying what the file
+    is when it is not one."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(key, f"{path} not found; give a LoRA .safetensors file")
@@ -120,9 +121,9 @@ def lora_header(path: str | Path, key: str) -> tuple[Shapes, dict[str, str]]:
     if weight_kinds.checkpoint_family(shapes) is not None:
         raise ConfigError(key, f"{path} is {weight_kinds.describe(shapes, metadata)}, not a LoRA; use it as "
                           "base_model, and give this key a LoRA .safetensors")
-    if not any(name.endswith(".lora_down.weight") for name in shapes):
+    if weight_kinds.network_type(shapes) is None:
         raise ConfigError(key, f"{path} is {weight_kinds.describe(shapes, metadata)}; a kohya-format LoRA "
-                          "(.lora_down/.lora_up keys) is needed")
+                          "(LoRA/LoCon/DoRA: .lora_down/.lora_up keys; LyCORIS LoHa/LoKr: .hada_*/.lokr_*) is needed")
     return shapes, metadata
 
 

@@ -25,7 +25,13 @@ from lora_train.engine.config import TrainConfig
 from lora_train.engine.loss import diffusion_loss
 from lora_train.engine.model import ModelBundle
 from lora_train.engine.module_flags import ModuleFlags
-from lora_train.engine.optim import make_grad_scaler, make_optimizer, make_scheduler, optimizer_step
+from lora_train.engine.optim import (
+    make_grad_scaler,
+    make_optimizer,
+    make_scheduler,
+    optimizer_step,
+    param_groups,
+)
 from lora_train.engine.progress import NonFiniteError, StepInfo, TrainCallbacks, TrainResult
 from lora_train.engine.run_paths import check_writable, plan_run
 from lora_train.engine.samples import SampleFn, sample, tensorboard_writer
@@ -95,7 +101,9 @@ class Trainer:
             self.callbacks.on_log(f"network_weights: continuing with the file's rank {rank} and alpha {alpha}")
         self.dims = (rank, alpha)
         has_te_weights = bool(file_weights) and any(k.startswith("lora_te") for k in file_weights)
-        targets = bundle.lora_targets(cfg.train_text_encoder or has_te_weights)  # may refuse: nothing changed yet
+        spec = cfg.network
+        # may refuse: nothing changed yet
+        targets = bundle.lora_targets(cfg.train_text_encoder or has_te_weights, conv=spec.conv_dim > 0)
         network = None
         try:
             for module in (bundle.unet, *bundle.text_encoders):
@@ -103,7 +111,7 @@ class Trainer:
                 module.eval()
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(cfg.seed)
-                network = lora.inject(targets, rank, alpha, cfg.lora_dropout)
+                network = lora.inject(targets, rank, alpha, cfg.lora_dropout, spec)
                 if file_weights is not None:
                     lora.load_kohya(network, file_weights, str(cfg.network_weights))
                 return self._loop(network)
@@ -115,11 +123,9 @@ class Trainer:
     def _loop(self, network: lora.LoraNetwork) -> TrainResult:
         cfg, bundle = self.cfg, self.bundle
         lora.trainable(network.parameters("lora_te"), cfg.train_text_encoder)
-        groups = [{"params": network.parameters("lora_unet"), "lr": cfg.unet_lr or cfg.learning_rate}]
-        if cfg.train_text_encoder:
-            groups.append({"params": network.parameters("lora_te"), "lr": cfg.text_encoder_lr or cfg.learning_rate})
+        groups = param_groups(cfg, network)
         facts = self.saver.facts = export.RunFacts(
-            *self.dims, cfg.learning_rate, groups[0]["lr"], groups[1]["lr"] if len(groups) > 1 else None,
+            *self.dims, cfg.learning_rate, groups[0]["lr"], groups[1]["lr"] if cfg.train_text_encoder else None,
             self.saver.epochs_at(self.total_steps), self.batches_per_epoch, self.total_steps,
         )
         if cfg.optimizer == "prodigy" and min(group["lr"] for group in groups) < 0.1:

@@ -53,6 +53,22 @@ def is_kohya_lora(shapes: Shapes) -> bool:
     return any(key.startswith(("lora_unet_", "lora_te")) for key in shapes)
 
 
+# a module's tensor names that say which network type wrote it (kohya's LoRA/LoCon, LyCORIS' LoHa/LoKr)
+_TYPE_MARKERS = ((".hada_w1_a", "LoHa"), (".lokr_w1", "LoKr"), (".lokr_w1_a", "LoKr"), (".lora_down.weight", "LoRA"))
+
+
+def network_type(shapes: Shapes) -> str | None:
+    """LoRA, LoCon (3x3 convolutions too), LoHa, LoKr, or DoRA (any of them with ``dora_scale``); None when the
+    file holds none of their keys. Mixed files are named by the first type found."""
+    kind = next((name for marker, name in _TYPE_MARKERS if any(key.endswith(marker) for key in shapes)), None)
+    if kind == "LoRA" and any(key.endswith(".lora_down.weight") and tuple(shape[2:]) not in ((), (1, 1))
+                              for key, shape in shapes.items()):
+        kind = "LoCon"
+    if kind and any(key.endswith(".dora_scale") for key in shapes):
+        kind = "DoRA" if kind == "LoRA" else f"DoRA ({kind})"
+    return kind
+
+
 def lora_families(shapes: Shapes, metadata: Mapping[str, str]) -> frozenset[Family]:
     """The families a kohya LoRA can belong to: from its metadata, else its key layout, else its widths.
 
@@ -72,7 +88,8 @@ def lora_families(shapes: Shapes, metadata: Mapping[str, str]) -> frozenset[Fami
     if any(m.startswith(("lora_te1_", "lora_te2_")) for m in modules):
         return frozenset(("sdxl",))
     for key, shape in shapes.items():
-        if key.endswith(("attn2_to_k.lora_down.weight", "attn2_to_v.lora_down.weight")) and len(shape) > 1:
+        if key.endswith(("attn2_to_k.lora_down.weight", "attn2_to_v.lora_down.weight", "attn2_to_k.hada_w1_b",
+                         "attn2_to_v.hada_w1_b")) and len(shape) > 1:
             if shape[1] in _CONTEXT_WIDTH:
                 return frozenset((_CONTEXT_WIDTH[shape[1]],))
     if any(m.startswith(("lora_te_", *_SD12_UNET_PREFIXES)) for m in modules):
@@ -88,9 +105,10 @@ def describe(shapes: Shapes, metadata: Mapping[str, str]) -> str:
     if _is_refiner(shapes):
         return "an SDXL refiner checkpoint (no LoRA training on the refiner)"
     if is_kohya_lora(shapes):
-        if not any(key.endswith(".lora_down.weight") for key in shapes):
-            return "a LyCORIS (LoHa/LoKr) network, not a plain LoRA"
-        return f"a LoRA ({family_names(lora_families(shapes, metadata))})"
+        kind = network_type(shapes)
+        if kind is None:
+            return "a LyCORIS network of a type we do not train (e.g. IA3, GLoRA, OFT)"
+        return f"a {kind} ({family_names(lora_families(shapes, metadata))})"
     keys = list(shapes)
     if any(".lora_A." in key or ".lora.down." in key or ".lora_linear_layer." in key for key in keys):
         return "a LoRA in diffusers/peft format (we read kohya-format LoRAs)"

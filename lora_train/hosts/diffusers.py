@@ -108,9 +108,9 @@ class DiffusersBundle:
             extra["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.size_ids}
         return self.unet(noisy, timesteps, encoder_hidden_states=cond.context, **extra).sample
 
-    def lora_targets(self, text_encoder: bool) -> list[LoraTarget]:
+    def lora_targets(self, text_encoder: bool, conv: bool = False) -> list[LoraTarget]:
         return kohya_names.find_targets(
-            self.unet, self.text_encoders, self.family, "diffusers", self.arch.layers_per_block, text_encoder
+            self.unet, self.text_encoders, self.family, "diffusers", self.arch.layers_per_block, text_encoder, conv
         )
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:

@@ -309,8 +309,9 @@ class LdmBundle:
                 else:
                     setattr(module, name, value)
 
-    def lora_targets(self, text_encoder: bool) -> list[LoraTarget]:
-        """kohya's default targets in the UNet's transformers (and SD1's CLIP layers when asked).
+    def lora_targets(self, text_encoder: bool, conv: bool = False) -> list[LoraTarget]:
+        """kohya's default targets in the UNet's transformers (and SD1's CLIP layers when asked); ``conv`` adds
+        the ResBlocks and down/upsamplers (LoCon).
 
         Raises ValueError naming train_text_encoder when text-encoder LoRA is asked for an OpenCLIP model
         (SD2, SDXL): a silently UNet-only run would not be what the user asked for.
@@ -318,7 +319,7 @@ class LdmBundle:
         if text_encoder and not self.supports_text_encoder_lora:
             raise ValueError(self.text_encoder_note)
         return kohya_names.find_targets(
-            self.unet, self.text_encoders, self.family, "ldm", self.layers_per_block, text_encoder
+            self.unet, self.text_encoders, self.family, "ldm", self.layers_per_block, text_encoder, conv
         )
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
