@@ -24,6 +24,7 @@ from lora_train.hosts import checkpoint_convert
 from lora_train.hosts.architectures import BUILTIN, BY_FAMILY, Architecture
 from lora_train.hosts.base_model import folder_family
 from lora_train.hosts.clip_tokenizer import MAX_LENGTH, build_clip_tokenizer
+from lora_train.hosts.hf_compat import set_checkpointing
 from lora_train.hosts.vae_fallback import encode_finite
 
 
@@ -117,13 +118,13 @@ class DiffusersBundle:
         if enabled:
             self.unet.enable_gradient_checkpointing()
             for encoder in self.text_encoders:
-                encoder.gradient_checkpointing_enable()
+                set_checkpointing(encoder, True)
                 # reentrant checkpointing only back-propagates into LoRA when the inputs require grad
                 encoder.enable_input_require_grads()
         else:
             self.unet.disable_gradient_checkpointing()
             for encoder in self.text_encoders:
-                encoder.gradient_checkpointing_disable()
+                set_checkpointing(encoder, False)
 
 
 def _text_encoder(config: dict, with_projection: bool) -> nn.Module:

@@ -21,6 +21,7 @@ from lora_train.engine.loss import autocast
 from lora_train.engine.optim import make_grad_scaler, make_optimizer, make_scheduler, optimizer_step
 from lora_train.engine.progress import StepInfo, TrainCallbacks, TrainResult
 from lora_train.engine.samples import tensorboard_writer
+from lora_train.hosts.hf_compat import set_checkpointing
 from lora_train.llm import checkpoint, data
 from lora_train.llm import model as models
 from lora_train.llm.config import LlmConfig
@@ -100,7 +101,7 @@ class LlmTrainer:
 
         cfg, model = self.cfg, self.model
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            set_checkpointing(model, True)
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
             model.config.use_cache = False
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
