@@ -128,6 +128,20 @@ def test_fields_show_human_labels_and_help_and_hide_what_the_host_decides(app, t
     assert "alpha/rank" in _component(webui, "lora_train_preset").info  # why presets differ from the defaults
 
 
+def test_network_type_choice_fills_the_kohya_keys_and_each_trains_that_type(app) -> None:
+    demo, _ = app
+    choice = _component(demo, "lora_train_network_type")
+    assert list(ui_fields.NETWORK_TYPES) == ["LoRA", "LoCon", "LoHa", "LoKr", "DoRA"] and choice.value == "LoRA"
+    values = dict(zip(ui_fields.FIELD_NAMES, ui_fields.config_to_values(TrainConfig()), strict=True))
+    for name in ui_fields.NETWORK_TYPES:
+        updates = _fns(demo)["network_type_updates"](name)
+        for key, update in zip(ui_fields.NETWORK_KEYS, updates, strict=True):
+            if not (isinstance(update, dict) and "value" not in update):  # gr.update(): the widget keeps its value
+                values[key] = _value(update)
+        cfg = TrainConfig(**ui_fields.values_to_config(list(values.values())))
+        assert cfg.network.name == name and ui_fields.network_type_of(cfg.to_dict()) == name
+
+
 def test_widget_values_round_trip_through_the_config() -> None:
     cfg = TrainConfig(train_data_dir="/d", trigger_word="zz", v_parameterization=True, max_train_steps=12,
                       min_snr_gamma=5.0, unet_lr=None, sample_prompts=["a", "b c"], sample_every_n_steps=3,

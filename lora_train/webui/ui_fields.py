@@ -91,17 +91,52 @@ def widget(name: str, value: Any, in_webui: bool = False, **extra: Any) -> Any:
     return make(gr.Textbox, **{"value": to_widget(name, value), "lines": lines, "placeholder": placeholder, **common})
 
 
+# The tab's one-click network choice, as kohya / lora-scripts users write each type (Advanced keeps every key).
+NETWORK_TYPES: dict[str, dict[str, Any]] = {
+    "LoRA": {"network_module": "networks.lora", "network_args": [], "conv_dim": 0},
+    "LoCon": {"network_module": "networks.lora", "network_args": [], "conv_dim": 8, "conv_alpha": 4.0},
+    "LoHa": {"network_module": "lycoris.kohya", "network_args": ["algo=loha"], "conv_dim": 0},
+    "LoKr": {"network_module": "lycoris.kohya", "network_args": ["algo=lokr"], "conv_dim": 0},
+    "DoRA": {"network_module": "lycoris.kohya", "network_args": ["algo=lora", "dora_wd=True"], "conv_dim": 0},
+}
+NETWORK_KEYS = ("network_module", "network_args", "conv_dim", "conv_alpha")
+
+
+def network_type_of(values: dict[str, Any]) -> str:
+    """The NETWORK_TYPES entry a config's values amount to ("DoRA (LoCon)" counts as DoRA); LoRA if unreadable."""
+    try:
+        name = TrainConfig(**{k: v for k, v in values.items() if k in FIELD_NAMES}).network.name
+    except (ConfigError, TypeError, ValueError):
+        return "LoRA"
+    return name.split(" ")[0]
+
+
+def network_type_updates(name: str) -> list[Any]:
+    """The NETWORK_KEYS widgets' new values for a network type (a key the type leaves alone stays as it is)."""
+    chosen = NETWORK_TYPES[name]
+    return [to_widget(key, chosen[key]) if key in chosen else gr.update() for key in NETWORK_KEYS]
+
+
 def config_panel(start: dict[str, Any], in_webui: bool) -> dict[str, Any]:
-    """The Advanced fields (all but MAIN_FIELDS) under their groups' headings, four to a row."""
+    """The Advanced fields (all but MAIN_FIELDS) under their groups' headings, four to a row; above the network
+    keys, a network-type choice that fills them in."""
     widgets: dict[str, Any] = {}
+    network_type = None
     for group in GROUPS:
         names = [n for n in FIELD_NAMES if INFOS[n].group == group and n not in MAIN_FIELDS]
         shown = [n for n in names if shown_in_tab(INFOS[n], in_webui)]
         make(gr.Markdown, value=f"#### {group}", visible=bool(shown))
+        if "network_module" in names:
+            network_type = make(gr.Radio, choices=list(NETWORK_TYPES), value=network_type_of(start),
+                                label="Network type", elem_id="lora_train_network_type",
+                                info="Fills in network_module, network_args and conv_dim/conv_alpha below as "
+                                     "kohya and LyCORIS users write them; every WebUI applies all five.")
         for chunk in range(0, len(names), 4):
             with gr.Row():
                 for name in names[chunk:chunk + 4]:
                     widgets[name] = widget(name, start.get(name), in_webui)
+    if network_type is not None:
+        network_type.change(network_type_updates, [network_type], [widgets[key] for key in NETWORK_KEYS])
     return widgets
 
 
