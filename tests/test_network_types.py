@@ -7,24 +7,27 @@ import copy
 import hashlib
 import json
 
-import ldm_models as M
 import pytest
 import torch
-import webui_networks
-from conftest import make_config
 from diffusers import UNet2DConditionModel
-from test_export import probe
-from test_ldm_host import _FULL_SD1, _FULL_SDXL
-from test_resume import assert_same_weights
 
-from lora_train.engine import kohya_names, lora
-from lora_train.engine.config import ConfigError, from_dict
-from lora_train.engine.export import read_lora
-from lora_train.engine.network_spec import NetworkSpec
-from lora_train.engine.optim import param_groups
-from lora_train.engine.progress import TrainCallbacks
-from lora_train.engine.trainer import train
-from lora_train.hosts.architectures import BY_FAMILY
+pytest.importorskip("ldm", reason="needs stable-diffusion-sdkit (requirements/ldm-test.txt)")
+
+import ldm_models as M  # noqa: E402
+import webui_networks  # noqa: E402
+from conftest import make_config  # noqa: E402
+from test_export import probe  # noqa: E402
+from test_ldm_host import _FULL_SD1, _FULL_SDXL  # noqa: E402
+from test_resume import assert_same_weights  # noqa: E402
+
+from lora_train.engine import kohya_names, lora  # noqa: E402
+from lora_train.engine.config import ConfigError, from_dict  # noqa: E402
+from lora_train.engine.export import read_lora  # noqa: E402
+from lora_train.engine.network_spec import NetworkSpec  # noqa: E402
+from lora_train.engine.optim import param_groups  # noqa: E402
+from lora_train.engine.progress import TrainCallbacks  # noqa: E402
+from lora_train.engine.trainer import train  # noqa: E402
+from lora_train.hosts.architectures import BY_FAMILY  # noqa: E402
 
 SPECS = {
     "LoRA": NetworkSpec(),
