@@ -24,13 +24,12 @@ def run_train(args: argparse.Namespace) -> int:
     if llm.is_llm_config_file(args.config, args.set):
         job = functools.partial(llm.run, args.config, args.set, callbacks, merge=args.merge)
     else:
-        from lora_train.engine import config as config_module
-        from lora_train.engine import preflight
+        from lora_train.engine import config_io, preflight
         from lora_train.engine.trainer import train
         from lora_train.hosts.base_model import base_model_family
         from lora_train.hosts.diffusers import load_model
 
-        cfg = config_module.load(args.config, args.set)
+        cfg = config_io.load(args.config, args.set)
         scanned = preflight.check(cfg, base_model_family(cfg.base_model))  # every input, before the model loads
         job = functools.partial(train, cfg, load_model(cfg), callbacks, dataset=scanned)
     previous = signal.signal(signal.SIGINT, callbacks.request_stop)

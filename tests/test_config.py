@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_train.engine import config
+from lora_train.engine import config, config_fields, config_io
 from lora_train.engine.config import ConfigError, TrainConfig
 
 
@@ -20,7 +20,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_unknown_key_names_it_and_suggests_the_nearest(tmp_path):
     path = write(tmp_path, "learnig_rate: 1e-4\n")
     with pytest.raises(ConfigError) as err:
-        config.load(path)
+        config_io.load(path)
     assert err.value.key == "learnig_rate"
     assert "learning_rate" in str(err.value)
 
@@ -42,7 +42,7 @@ def test_unknown_key_names_it_and_suggests_the_nearest(tmp_path):
 )
 def test_bad_value_names_key_and_value(tmp_path, text, key):
     with pytest.raises(ConfigError) as err:
-        config.load(write(tmp_path, text))
+        config_io.load(write(tmp_path, text))
     assert err.value.key == key
     assert key in str(err.value)
 
@@ -53,7 +53,7 @@ def test_kohya_aliases_and_yaml_quirks(tmp_path):
         "network_dim: 16\nnetwork_alpha: 8\ntrain_batch_size: 3\noptimizer_type: AdamW8bit\n"
         "mixed_precision: no\nlearning_rate: 1e-4\nnetwork_train_unet_only: false\n",
     )
-    cfg = config.load(path)
+    cfg = config_io.load(path)
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.batch_size) == (16, 8.0, 3)
     assert cfg.optimizer == "adamw8bit"
     assert cfg.mixed_precision == "no"
@@ -64,26 +64,26 @@ def test_kohya_aliases_and_yaml_quirks(tmp_path):
 def test_set_overrides_keep_types_and_paths_resolve_against_the_file(tmp_path):
     (tmp_path / "imgs").mkdir()
     path = write(tmp_path, "train_data_dir: imgs\nepochs: 3\n")
-    cfg = config.load(path, ["learning_rate=5e-5", "epochs=12", "shuffle_caption=true"])
+    cfg = config_io.load(path, ["learning_rate=5e-5", "epochs=12", "shuffle_caption=true"])
     assert cfg.epochs == 12 and cfg.shuffle_caption is True
     assert cfg.learning_rate == pytest.approx(5e-5)
     assert Path(cfg.train_data_dir) == (tmp_path / "imgs").resolve()
     with pytest.raises(ConfigError, match="key=value"):
-        config.load(path, ["epochs"])
+        config_io.load(path, ["epochs"])
 
 
 def test_dump_and_load_round_trip(tmp_path):
     cfg = TrainConfig(train_data_dir="/data", output_dir="/out", lora_rank=32, sample_prompts=["a cat"],
                       optimizer_args={"betas": [0.9, 0.99]})
-    path = write(tmp_path, config.dump(cfg))
-    assert config.load(path) == cfg
+    path = write(tmp_path, config_io.dump(cfg))
+    assert config_io.load(path) == cfg
 
 
 def test_missing_file_and_non_mapping(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
-        config.load(tmp_path / "nope.yaml")
+        config_io.load(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="mapping"):
-        config.load(write(tmp_path, "- a\n- b\n"))
+        config_io.load(write(tmp_path, "- a\n- b\n"))
 
 
 def test_set_paths_resolve_against_the_current_folder(tmp_path, monkeypatch):
@@ -92,7 +92,7 @@ def test_set_paths_resolve_against_the_current_folder(tmp_path, monkeypatch):
     path = (tmp_path / "configs" / "c.yaml")
     path.write_text("train_data_dir: imgs\nsample_prompts: prompts.txt\n")
     monkeypatch.chdir(tmp_path)
-    cfg = config.load(path, ["resume=output/lora-state", "network_weights=~/style.safetensors"])
+    cfg = config_io.load(path, ["resume=output/lora-state", "network_weights=~/style.safetensors"])
     assert Path(cfg.resume) == (tmp_path / "output" / "lora-state").resolve()
     assert Path(cfg.network_weights) == Path("~/style.safetensors").expanduser()
     # paths in the file stay relative to the file, the prompts file included
@@ -102,7 +102,7 @@ def test_set_paths_resolve_against_the_current_folder(tmp_path, monkeypatch):
 
 def test_kohya_path_aliases_resolve_against_the_file_too(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
-    cfg = config.load(write(tmp_path, "pretrained_model_name_or_path: model.safetensors\n"))
+    cfg = config_io.load(write(tmp_path, "pretrained_model_name_or_path: model.safetensors\n"))
     assert cfg.base_model == str((tmp_path / "model.safetensors").resolve())
 
 
@@ -136,7 +136,7 @@ def test_published_lora_scripts_spellings_mean_our_keys(tmp_path):
     path = tmp_path / "style.yaml"
     for alpha_key in ("lora_alpha", "alpha"):
         path.write_text(LORA_SCRIPTS_STYLE.format(alpha_key=alpha_key), encoding="utf-8")
-        cfg = config.load(path)
+        cfg = config_io.load(path)
         assert (cfg.lora_alpha, cfg.lr_scheduler, cfg.save_every_n_steps) == (16.0, "cosine", 100), alpha_key
 
 
@@ -155,7 +155,7 @@ def test_published_lora_scripts_config_runs_as_written(tmp_path, dataset_dir, ti
         "./models/Stable-diffusion/v1-5-pruned.safetensors", "tiny")
     path = project / "style.yaml"
     path.write_text(text, encoding="utf-8")
-    cfg = config.load(path)
+    cfg = config_io.load(path)
     assert (cfg.lora_alpha, cfg.lr_scheduler, cfg.save_every_n_steps, cfg.optimizer) == (16.0, "cosine", 100,
                                                                                          "adamw8bit")
     assert cfg.metadata_path == str(data / "metadata.csv")
@@ -175,7 +175,8 @@ def test_readme_config_table_is_generated_from_the_field_metadata_and_current(tm
     table = readme.split(config_doc.BEGIN, 1)[1].split(config_doc.END, 1)[0]
     documented = [info.name for info in config.field_infos()]
     assert documented == list(TrainConfig.__dataclass_fields__)  # every key, none missing
-    assert [key for key in [*documented, *config.ALIASES, *config.INVERTED_ALIASES] if f"`{key}`" not in table] == []
+    keys = [*documented, *config_fields.ALIASES, *config_fields.INVERTED_ALIASES]
+    assert [key for key in keys if f"`{key}`" not in table] == []
     stale = tmp_path / "README.md"
     stale.write_text(readme.replace("| `lora_rank` | 8 |", "| `lora_rank` | 4 |"), encoding="utf-8")
     assert config_doc.main(["--check", "--readme", str(stale)]) == 1

@@ -21,7 +21,8 @@ from test_ldm_host import _FULL_SD1, _FULL_SDXL  # noqa: E402
 from test_resume import assert_same_weights  # noqa: E402
 
 from lora_train.engine import kohya_names, lora  # noqa: E402
-from lora_train.engine.config import ConfigError, from_dict  # noqa: E402
+from lora_train.engine.config import ConfigError  # noqa: E402
+from lora_train.engine.config_io import from_dict  # noqa: E402
 from lora_train.engine.export import read_lora  # noqa: E402
 from lora_train.engine.network_spec import NetworkSpec  # noqa: E402
 from lora_train.engine.optim import param_groups  # noqa: E402

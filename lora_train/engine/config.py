@@ -7,19 +7,15 @@ that names the key, the value and, for a typo, the nearest valid key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from lora_train.engine import caption_store
 from lora_train.engine.config_checks import ConfigError, validate
-from lora_train.engine.config_checks import coerce as _coerce
-from lora_train.engine.config_fields import ALIASES, INVERTED_ALIASES, FieldInfo, describe, setting
+from lora_train.engine.config_fields import FieldInfo, describe, setting
+from lora_train.engine.config_paths import prompts_file
 from lora_train.engine.network_spec import NetworkSpec, spec_of
 
 NetworkModule = Literal["networks.lora", "lycoris.kohya"]
@@ -264,100 +260,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-_OPTIMIZER_SPELLINGS = {"adamw8bit": "adamw8bit", "adamw_8bit": "adamw8bit", "adamw": "adamw"}
-
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def _nearest(key: str) -> str:
-    match = difflib.get_close_matches(key, list(_FIELDS) + list(ALIASES), n=1, cutoff=0.5)
-    return f"; did you mean '{ALIASES.get(match[0], match[0])}'?" if match else ""
-
-
-def from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Build a config from plain data, resolving aliases and rejecting unknown keys with a suggestion."""
-    values: dict[str, Any] = {}
-    for raw_key, value in data.items():
-        key = ALIASES.get(raw_key, raw_key)
-        if key in INVERTED_ALIASES:
-            key, value = INVERTED_ALIASES[key], not value
-        if key not in _FIELDS:
-            raise ConfigError(raw_key, f"unknown key{_nearest(raw_key)}")
-        if key == "optimizer" and isinstance(value, str):
-            value = _OPTIMIZER_SPELLINGS.get(value.lower(), value.lower())
-        hints = typing.get_type_hints(TrainConfig)
-        values[key] = _coerce(raw_key, value, hints[key])
-    return TrainConfig(**values)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Parse one ``--set key=value``; the value is read as YAML so numbers and booleans keep their type."""
-    if "=" not in text:
-        raise ConfigError(text, "--set needs key=value, e.g. --set learning_rate=5e-5")
-    key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
-
-
-# Keys that hold paths: relative ones are read against the YAML's folder, or the current folder for --set.
-PATH_KEYS = ("train_data_dir", "metadata_path", "reg_data_dir", "output_dir", "network_weights", "resume",
-             "logging_dir", "base_model", "sample_prompts")
-
-
-def prompts_file(value: Any) -> str | None:
-    """The file ``sample_prompts`` names (kohya's form: one .txt), or None when it holds the prompts."""
-    items = [value] if isinstance(value, str) else value
-    if isinstance(items, list) and len(items) == 1 and str(items[0]).endswith(".txt"):
-        return str(items[0])
-    return None
-
-
-def _resolve_paths(data: dict[str, Any], folder: Path) -> None:
-    """Make the relative paths in ``data`` absolute against ``folder`` (a base_model only when it exists there:
-    otherwise it may be a built-in name)."""
-    for raw_key, value in data.items():
-        key = ALIASES.get(raw_key, raw_key)
-        if key not in PATH_KEYS:
-            continue
-        if key == "sample_prompts":
-            value = prompts_file(value)
-        if not isinstance(value, str) or not value:
-            continue
-        candidate = Path(value).expanduser()
-        if not candidate.is_absolute():
-            candidate = (folder / candidate).resolve()
-        if key != "base_model" or candidate.exists():
-            data[raw_key] = str(candidate)
-
-
-def load(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config and apply ``--set`` overrides.
-
-    Relative paths in the file are read against the file's folder; relative paths given with ``--set`` against
-    the current folder, where the user typed them (``--set resume=output/x-state`` after a run).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("--config", f"file {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(caption_store.read_text(path)) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from None
-    except caption_store.CaptionFileError as exc:
-        raise ConfigError("--config", str(exc)) from None
-    if not isinstance(data, dict):
-        raise ConfigError("--config", f"{path} must hold a mapping of key: value lines")
-    _resolve_paths(data, path.parent)
-    given = dict(parse_override(item) for item in overrides or [])
-    _resolve_paths(given, Path.cwd())
-    data.update(given)
-    return from_dict(data)
-
-
-def dump(cfg: TrainConfig) -> str:
-    """YAML text that ``load`` reads back to an equal config (the UI's Save and the CLI share it)."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
 
 
 def field_infos() -> list[FieldInfo]:

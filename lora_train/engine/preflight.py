@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from lora_train.engine import dataset, weight_kinds
-from lora_train.engine.config import ConfigError, TrainConfig, prompts_file
+from lora_train.engine.config import ConfigError, TrainConfig
+from lora_train.engine.config_paths import prompts_file
 from lora_train.engine.model import Family
 from lora_train.engine.weight_kinds import FAMILY_NAMES, Shapes
 from lora_train.engine.weights import WeightsFileError, read_header

@@ -21,10 +21,10 @@ from lora_train.engine.config import (
     Optimizer,
     Precision,
     Scheduler,
-    _coerce,
-    parse_override,
     tensorboard_folder,
 )
+from lora_train.engine.config_checks import coerce as _coerce
+from lora_train.engine.config_io import parse_override
 
 TASK_NAMES = ("text-generation", "llm", "causal-lm", "causal_lm")
 TINY_MODEL = "tiny-llm"

@@ -157,7 +157,7 @@ def to_widget(name: str, value: Any) -> Any:
 
 
 def _from_widget(name: str, value: Any) -> Any:
-    """A widget's value as config data (config.from_dict then checks and coerces it, naming the field)."""
+    """A widget's value as config data (config_io.from_dict then checks and coerces it, naming the field)."""
     kind, optional = _kind(name)
     if kind is bool and optional:
         return None if value in (None, "", "auto") else value == "true"
