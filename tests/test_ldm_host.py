@@ -34,7 +34,8 @@ from lora_train.engine.model import Conditioning  # noqa: E402
 from lora_train.engine.progress import TrainCallbacks  # noqa: E402
 from lora_train.engine.sampler import sample_images  # noqa: E402
 from lora_train.engine.trainer import train  # noqa: E402
-from lora_train.hosts.ldm import LdmBundle, detect_family  # noqa: E402
+from lora_train.hosts.ldm import LdmBundle  # noqa: E402
+from lora_train.hosts.ldm_embedders import detect_family  # noqa: E402
 from lora_train.webui.builtin_lora import reset_builtin_lora  # noqa: E402
 from lora_train.webui.host_snapshot import HostSnapshot  # noqa: E402
 

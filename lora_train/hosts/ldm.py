@@ -33,6 +33,7 @@ from torch import nn
 
 from lora_train.engine import kohya_names
 from lora_train.engine.model import Conditioning, Family, LoraTarget, Parameterization
+from lora_train.hosts.ldm_embedders import detect_family, inner, is_hf_clip, is_open_clip
 from lora_train.hosts.vae_fallback import encode_finite
 
 MAX_LENGTH = 77
@@ -43,39 +44,6 @@ TEXT_ENCODER_NOTE = (
     "train_text_encoder to false to train the UNet only, or train from the checkpoint file with the CLI "
     "(diffusers host), which trains all text encoders."
 )
-
-
-def _inner(module: nn.Module) -> nn.Module:
-    """The embedder A1111's sd_hijack wrapped (``FrozenCLIPEmbedderWithCustomWords.wrapped``), or the module."""
-    wrapped = getattr(module, "wrapped", None)
-    return wrapped if isinstance(wrapped, nn.Module) else module
-
-
-def _is_hf_clip(embedder: nn.Module) -> bool:
-    return isinstance(getattr(embedder, "transformer", None), nn.Module) and hasattr(embedder, "tokenizer")
-
-
-def _is_open_clip(embedder: nn.Module) -> bool:
-    model = getattr(embedder, "model", None)
-    return model is not None and hasattr(model, "token_embedding") and hasattr(model, "transformer")
-
-
-def detect_family(sd_model: Any) -> Family:
-    """SD1, SD2 or SDXL from the object's structure (A1111's ``is_sdxl``/``is_sd3`` flags are honoured)."""
-    for flag in ("is_sd3", "is_flux"):
-        if getattr(sd_model, flag, False):
-            raise ValueError(f"the WebUI's model is {flag[3:].upper()}; LoRA training here supports SD1, SD2, SDXL")
-    if getattr(sd_model, "is_sdxl", False) or hasattr(sd_model, "conditioner"):
-        return "sdxl"
-    cond = getattr(sd_model, "cond_stage_model", None)
-    if cond is None:
-        raise ValueError(f"{type(sd_model).__name__} has no text encoder (cond_stage_model); not an SD model")
-    inner = _inner(cond)
-    if _is_hf_clip(inner):
-        return "sd1"
-    if _is_open_clip(inner):
-        return "sd2"
-    raise ValueError(f"unsupported text encoder {type(inner).__name__}: expected SD1 (CLIP) or SD2 (OpenCLIP)")
 
 
 class LdmBundle:
@@ -114,17 +82,17 @@ class LdmBundle:
         if self.family != "sdxl" and not isinstance(blocks, int) and len(set(blocks)) != 1:
             raise ValueError(f"UNet has {list(blocks)} res blocks per level; kohya names need the same number")
         if self.family == "sdxl":
-            self.embedders = [_inner(e) for e in sd_model.conditioner.embedders]
-            self.text_embedders = [e for e in self.embedders if _is_hf_clip(e) or _is_open_clip(e)]
+            self.embedders = [inner(e) for e in sd_model.conditioner.embedders]
+            self.text_embedders = [e for e in self.embedders if is_hf_clip(e) or is_open_clip(e)]
             self._check_sdxl_embedders()
         else:
-            self.embedders = [_inner(sd_model.cond_stage_model)]
+            self.embedders = [inner(sd_model.cond_stage_model)]
             self.text_embedders = self.embedders
         self.text_encoders: list[nn.Module] = [
-            e.transformer if _is_hf_clip(e) else e.model for e in self.text_embedders
+            e.transformer if is_hf_clip(e) else e.model for e in self.text_embedders
         ]
         # Text-encoder LoRA needs separate q/k/v Linears: HF CLIP has them, OpenCLIP fuses them.
-        self.supports_text_encoder_lora = all(_is_hf_clip(e) for e in self.text_embedders)
+        self.supports_text_encoder_lora = all(is_hf_clip(e) for e in self.text_embedders)
         self.text_encoder_note = (
             None if self.supports_text_encoder_lora else TEXT_ENCODER_NOTE.format(family=self.family.upper())
         )
@@ -179,7 +147,7 @@ class LdmBundle:
         tokens = []
         for embedder, encoder in zip(self.text_embedders, self.text_encoders, strict=True):
             device = next(encoder.parameters()).device
-            if _is_hf_clip(embedder):
+            if is_hf_clip(embedder):
                 ids = embedder.tokenizer(
                     captions, truncation=True, max_length=getattr(embedder, "max_length", MAX_LENGTH),
                     padding="max_length", return_tensors="pt",
@@ -194,7 +162,7 @@ class LdmBundle:
     def encode_text(self, tokens: list[torch.Tensor]) -> Conditioning:
         contexts, pooled = [], []
         for embedder, ids in zip(self.text_embedders, tokens, strict=True):
-            if _is_hf_clip(embedder):
+            if is_hf_clip(embedder):
                 context, pool = self._encode_hf(embedder, ids)
             else:
                 context, pool = self._encode_open_clip(embedder, ids)

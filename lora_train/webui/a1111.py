@@ -20,7 +20,8 @@ import torch
 from lora_train.engine.config import ConfigError, TrainConfig
 from lora_train.engine.model import ModelBundle
 from lora_train.engine.samples import SampleFn
-from lora_train.hosts.ldm import LdmBundle, detect_family
+from lora_train.hosts.ldm import LdmBundle
+from lora_train.hosts.ldm_embedders import detect_family
 from lora_train.webui.host_detect import LoadedModel, detect_host
 from lora_train.webui.host_snapshot import HostSnapshot
 from lora_train.webui.jobs import HostError, Job, JobRunner, TrainHost
