@@ -35,9 +35,17 @@ def _write_figures(webui: WebUI):
     (webui.out / "network_types.json").write_text(json.dumps(FIGURES, indent=1))
 
 
+def host_applies(kind: str, webui: WebUI) -> bool:
+    """Whether this host's own LoRA loader knows the type: Forge Classic's has no DoRA (no ``dora_scale`` anywhere
+    in its source; it logs "LoRA version mismatch" and applies nothing), A1111's and reForge's do."""
+    return not (kind == "dora" and webui.host == "forge-classic")
+
+
 @pytest.mark.parametrize("kind", list(TYPES))
 def test_trained_type_is_applied_whole_and_leaves_no_trace(kind: str, webui: WebUI, dataset, run_id: str,
                                                            before: np.ndarray) -> None:
+    if not host_applies(kind, webui):
+        pytest.skip(f"{webui.host}'s LoRA loader does not apply {kind} files")
     start = time.monotonic()
     reply = webui.submit(train_body(dataset, f"{run_id}-{kind}", STEPS, learning_rate=5e-3, **TYPES[kind]))
     assert reply.status == 200, reply.body
