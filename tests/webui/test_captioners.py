@@ -27,6 +27,8 @@ def folder_digest(folder: Path) -> dict[str, str]:
 def choose(page: Any, elem_id: str, option: str) -> None:
     """Pick ``option`` in a gradio dropdown as a user does with the keyboard: type its name, press Enter."""
     box = page.locator(f"#{elem_id} input").first
+    if box.input_value() == option:  # already chosen (gradio lists no entry for a filter equal to the value)
+        return
     box.click()
     box.fill(option)
     page.locator(f"#{elem_id} ul.options li", has_text=option).first.wait_for()
