@@ -29,8 +29,9 @@ def choose(page: Any, elem_id: str, option: str) -> None:
     box = page.locator(f"#{elem_id} input").first
     if box.input_value() == option:  # already chosen (gradio lists no entry for a filter equal to the value)
         return
-    box.click()
-    box.fill(option)
+    box.focus()
+    box.fill("")
+    box.type(option, delay=20)  # key by key, as a user types: each key opens and filters the list
     page.locator(f"#{elem_id} ul.options li", has_text=option).first.wait_for()
     box.press("Enter")
     page.wait_for_function(f"() => document.querySelector('#{elem_id} input').value === {option!r}")
