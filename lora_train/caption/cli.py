@@ -121,15 +121,14 @@ def _options(args: argparse.Namespace) -> CaptionOptions:
 
 
 def _load(args: argparse.Namespace) -> ImageCaptioner:
-    import torch
-
     from lora_train.caption.coca import Captioner
     from lora_train.caption.wd14 import TagOptions, WD14Tagger
+    from lora_train.engine.devices import pick_device
 
     if args.model == WD14_MODEL:
         options = TagOptions(threshold=args.threshold)
         return WD14Tagger.load(args.weights, allow_download=not args.no_download, options=options)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(pick_device(args.device or "auto"))
     config = json.loads(args.model_config.read_text(encoding="utf-8")) if args.model_config else None
     return Captioner.load(
         args.model,

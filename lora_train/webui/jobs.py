@@ -57,9 +57,9 @@ class TrainHost:
 
     def device_type(self) -> str:
         """The torch device type training would run on ("cuda", "cpu", ...); presets depend on it."""
-        import torch
+        from lora_train.engine.devices import pick_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return pick_device("auto").type
 
     def preset(self, name: str) -> dict[str, Any]:
         """Preset ``name`` for the model and device this host trains (ValueError naming an unknown preset)."""

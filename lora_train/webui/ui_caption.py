@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import torch
 
 from lora_train.caption import choices, loaded
 from lora_train.caption.choices import CaptionSources
@@ -90,8 +89,8 @@ class CaptionRun:
         self.stop = threading.Event()
 
     def current_sources(self) -> CaptionSources:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return dataclasses.replace(self.sources(), device=device)
+        """The host's captioners, on the device the host trains on (the WebUI's own, e.g. CPU with --use-cpu)."""
+        return dataclasses.replace(self.sources(), device=self.runner.host.device_type())
 
     def captioner(self, name: str, threshold: float, sources: CaptionSources) -> ImageCaptioner:
         key = (name, float(threshold), sources.coca_weights, str(sources.models_dir), sources.device)
