@@ -54,12 +54,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config and apply ``--set`` overrides.
-
-    Relative paths in the file are read against the file's folder; relative paths given with ``--set`` against
-    the current folder, where the user typed them (``--set resume=output/x-state`` after a run).
-    """
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """A config file's ``key: value`` mapping (UTF-8, a BOM allowed), or ConfigError("--config") saying what is
+    wrong with the file: missing, not YAML, not UTF-8, or not a mapping. Shared by the SD and LLM configs."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("--config", f"file {str(path)!r} not found")
@@ -71,6 +68,17 @@ def load(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
         raise ConfigError("--config", str(exc)) from None
     if not isinstance(data, dict):
         raise ConfigError("--config", f"{path} must hold a mapping of key: value lines")
+    return data
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config and apply ``--set`` overrides.
+
+    Relative paths in the file are read against the file's folder; relative paths given with ``--set`` against
+    the current folder, where the user typed them (``--set resume=output/x-state`` after a run).
+    """
+    path = Path(path)
+    data = read_mapping(path)
     resolve_paths(data, path.parent)
     given = dict(parse_override(item) for item in overrides or [])
     resolve_paths(given, Path.cwd())

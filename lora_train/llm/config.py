@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lora_train.engine.config import (
     ConfigError,
     Optimizer,
@@ -24,7 +22,7 @@ from lora_train.engine.config import (
     tensorboard_folder,
 )
 from lora_train.engine.config_checks import coerce as _coerce
-from lora_train.engine.config_io import parse_override
+from lora_train.engine.config_io import parse_override, read_mapping
 
 TASK_NAMES = ("text-generation", "llm", "causal-lm", "causal_lm")
 TINY_MODEL = "tiny-llm"
@@ -195,15 +193,7 @@ def from_dict(data: dict[str, Any]) -> LlmConfig:
 
 def read_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """A YAML config as a mapping with ``--set key=value`` overrides applied (no validation yet)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("--config", f"file {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError("--config", f"{path} must hold a mapping of key: value lines")
+    data = read_mapping(path)
     for item in overrides or []:
         key, value = parse_override(item)
         data[key] = value
