@@ -35,8 +35,8 @@ REQUIRED = {"peft": "peft==0.13.2"}
 # part of every WebUI venv; installed (at what pip picks under the constraints) only when missing
 IF_MISSING = ("safetensors", "PyYAML", "tqdm", "open-clip-torch")
 # what scripts/lora_train_tab.py loads in the WebUI; must import after installing
-WEBUI_MODULES = ("lora_train.webui.a1111", "lora_train.webui.jobs", "lora_train.webui.api", "lora_train.engine.lora",
-                 "lora_train.engine.trainer")
+WEBUI_MODULES = ("lora_train.webui.a1111", "lora_train.webui.jobs", "lora_train.webui.api",
+                 "lora_train.engine.network.lora", "lora_train.engine.train.trainer")
 CHECK_FLAG = "--check-imports"
 
 

@@ -33,9 +33,9 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils import flop_counter  # noqa: E402
 
-from lora_train.engine.config import TrainConfig  # noqa: E402
-from lora_train.engine.progress import TrainCallbacks  # noqa: E402
-from lora_train.engine.trainer import Trainer  # noqa: E402
+from lora_train.engine.config.settings import TrainConfig  # noqa: E402
+from lora_train.engine.train.progress import TrainCallbacks  # noqa: E402
+from lora_train.engine.train.trainer import Trainer  # noqa: E402
 from lora_train.hosts.architectures import SD1, TINY, Architecture  # noqa: E402
 
 # kohya's default UNet targets (Linear / 1x1 conv inside every transformer block), as a peft regex.

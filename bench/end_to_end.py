@@ -1,7 +1,7 @@
 """End-to-end overhead of a short run: how much of a train() call is not training steps.
 
-Times one ``lora_train.engine.trainer.train()`` call and splits it into the steps themselves and what surrounds them
-(dataset scan, LoRA injection, latent caching, text caching, export with metadata, teardown). The goal
+Times one ``lora_train.engine.train.trainer.train()`` call and splits it into the steps themselves and what
+surrounds them (dataset scan, LoRA injection, latent caching, text caching, export with metadata, teardown). The goal
 (DESIGN.md) is overhead <= 10% of the run. ``--profile`` runs cProfile over the overhead regions only (not the
 steps) and prints the top functions with file:line.
 
@@ -29,7 +29,10 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from bench import common  # noqa: E402
-from lora_train.engine import caches, checkpoints, dataset, export, lora, progress, trainer  # noqa: E402
+from lora_train.engine.data import caches, dataset  # noqa: E402
+from lora_train.engine.network import lora
+from lora_train.engine.output import export
+from lora_train.engine.train import checkpoints, progress, trainer
 from lora_train.hosts.architectures import TINY  # noqa: E402
 from lora_train.hosts.diffusers import build_random  # noqa: E402
 

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
 from bench import common  # noqa: E402
-from lora_train.engine.trainer import Trainer  # noqa: E402
+from lora_train.engine.train.trainer import Trainer  # noqa: E402
 from lora_train.hosts.architectures import SD1, SDXL, TINY, TINY_SDXL, Architecture  # noqa: E402
 from lora_train.hosts.diffusers import build_random  # noqa: E402
 

@@ -24,12 +24,13 @@ def run_train(args: argparse.Namespace) -> int:
     if llm.is_llm_config_file(args.config, args.set):
         job = functools.partial(llm.run, args.config, args.set, callbacks, merge=args.merge)
     else:
-        from lora_train.engine import config_io, preflight
-        from lora_train.engine.trainer import train
+        from lora_train.engine import preflight
+        from lora_train.engine.config import yaml_io
+        from lora_train.engine.train.trainer import train
         from lora_train.hosts.base_model import base_model_family
         from lora_train.hosts.diffusers import load_model
 
-        cfg = config_io.load(args.config, args.set)
+        cfg = yaml_io.load(args.config, args.set)
         scanned = preflight.check(cfg, base_model_family(cfg.base_model))  # every input, before the model loads
         job = functools.partial(train, cfg, load_model(cfg), callbacks, dataset=scanned)
     previous = signal.signal(signal.SIGINT, callbacks.request_stop)
@@ -55,8 +56,8 @@ def readable_time(value: str) -> str:
 
 def describe(path: str) -> dict:
     """Family, network type, rank, alpha, module counts and metadata (sorted, times readable) of a LoRA file."""
-    from lora_train.engine import weight_kinds
-    from lora_train.engine.export import read_lora
+    from lora_train.engine.output import weight_kinds
+    from lora_train.engine.output.export import read_lora
 
     tensors, metadata = read_lora(path)
     modules = sorted({key.split(".")[0] for key in tensors})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lora_train.engine.progress import StepInfo, TrainCallbacks
+from lora_train.engine.train.progress import StepInfo, TrainCallbacks
 
 
 class ConsoleCallbacks(TrainCallbacks):

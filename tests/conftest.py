@@ -13,7 +13,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from lora_train.engine.config import TrainConfig  # noqa: E402
+from lora_train.engine.config.settings import TrainConfig  # noqa: E402
 from lora_train.hosts.diffusers import DiffusersBundle, load_bundle  # noqa: E402
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "lora_train" / "sample_data"

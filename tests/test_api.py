@@ -32,8 +32,8 @@ from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lora_train.engine.config import TrainConfig  # noqa: E402
-from lora_train.engine.config_io import from_dict  # noqa: E402
+from lora_train.engine.config.settings import TrainConfig  # noqa: E402
+from lora_train.engine.config.yaml_io import from_dict  # noqa: E402
 from lora_train.webui.host_snapshot import HostSnapshot  # noqa: E402
 
 GLUE = Path(__file__).resolve().parent.parent / "scripts" / "lora_train_tab.py"

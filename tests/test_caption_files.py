@@ -3,8 +3,8 @@
 import pytest
 from PIL import Image
 
-from lora_train.engine import caption_store as cf
-from lora_train.engine import caption_text as ct
+from lora_train.engine.data import caption_store as cf
+from lora_train.engine.data import caption_text as ct
 
 TRICKY = {
     "a.png": 'sks, a "quoted" word, commas, and more',

@@ -21,7 +21,7 @@ from lora_train.caption.errors import CaptionerError
 from lora_train.caption.options import CaptionOptions, DecodeOptions
 from lora_train.caption.run import caption_images
 from lora_train.caption.tags import load_vocab
-from lora_train.engine import caption_store, caption_text
+from lora_train.engine.data import caption_store, caption_text
 
 TINY_COCA = {
     "embed_dim": 32,

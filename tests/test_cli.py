@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_train.engine import config_io
-from lora_train.engine.config import TrainConfig
+from lora_train.engine.config import yaml_io
+from lora_train.engine.config.settings import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,7 +109,7 @@ def test_missing_model_and_dataset_are_named(tmp_path):
 
 @pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_are_valid_configs(example):
-    assert isinstance(config_io.load(example), TrainConfig)
+    assert isinstance(yaml_io.load(example), TrainConfig)
 
 
 def test_readme_documents_every_config_key():

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_train.engine import config, config_fields, config_io
-from lora_train.engine.config import ConfigError, TrainConfig
+from lora_train.engine.config import fields, yaml_io
+from lora_train.engine.config import settings as config
+from lora_train.engine.config.settings import ConfigError, TrainConfig
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -20,7 +21,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_unknown_key_names_it_and_suggests_the_nearest(tmp_path):
     path = write(tmp_path, "learnig_rate: 1e-4\n")
     with pytest.raises(ConfigError) as err:
-        config_io.load(path)
+        yaml_io.load(path)
     assert err.value.key == "learnig_rate"
     assert "learning_rate" in str(err.value)
 
@@ -42,7 +43,7 @@ def test_unknown_key_names_it_and_suggests_the_nearest(tmp_path):
 )
 def test_bad_value_names_key_and_value(tmp_path, text, key):
     with pytest.raises(ConfigError) as err:
-        config_io.load(write(tmp_path, text))
+        yaml_io.load(write(tmp_path, text))
     assert err.value.key == key
     assert key in str(err.value)
 
@@ -53,7 +54,7 @@ def test_kohya_aliases_and_yaml_quirks(tmp_path):
         "network_dim: 16\nnetwork_alpha: 8\ntrain_batch_size: 3\noptimizer_type: AdamW8bit\n"
         "mixed_precision: no\nlearning_rate: 1e-4\nnetwork_train_unet_only: false\n",
     )
-    cfg = config_io.load(path)
+    cfg = yaml_io.load(path)
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.batch_size) == (16, 8.0, 3)
     assert cfg.optimizer == "adamw8bit"
     assert cfg.mixed_precision == "no"
@@ -64,26 +65,26 @@ def test_kohya_aliases_and_yaml_quirks(tmp_path):
 def test_set_overrides_keep_types_and_paths_resolve_against_the_file(tmp_path):
     (tmp_path / "imgs").mkdir()
     path = write(tmp_path, "train_data_dir: imgs\nepochs: 3\n")
-    cfg = config_io.load(path, ["learning_rate=5e-5", "epochs=12", "shuffle_caption=true"])
+    cfg = yaml_io.load(path, ["learning_rate=5e-5", "epochs=12", "shuffle_caption=true"])
     assert cfg.epochs == 12 and cfg.shuffle_caption is True
     assert cfg.learning_rate == pytest.approx(5e-5)
     assert Path(cfg.train_data_dir) == (tmp_path / "imgs").resolve()
     with pytest.raises(ConfigError, match="key=value"):
-        config_io.load(path, ["epochs"])
+        yaml_io.load(path, ["epochs"])
 
 
 def test_dump_and_load_round_trip(tmp_path):
     cfg = TrainConfig(train_data_dir="/data", output_dir="/out", lora_rank=32, sample_prompts=["a cat"],
                       optimizer_args={"betas": [0.9, 0.99]})
-    path = write(tmp_path, config_io.dump(cfg))
-    assert config_io.load(path) == cfg
+    path = write(tmp_path, yaml_io.dump(cfg))
+    assert yaml_io.load(path) == cfg
 
 
 def test_missing_file_and_non_mapping(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
-        config_io.load(tmp_path / "nope.yaml")
+        yaml_io.load(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="mapping"):
-        config_io.load(write(tmp_path, "- a\n- b\n"))
+        yaml_io.load(write(tmp_path, "- a\n- b\n"))
 
 
 def test_set_paths_resolve_against_the_current_folder(tmp_path, monkeypatch):
@@ -92,7 +93,7 @@ def test_set_paths_resolve_against_the_current_folder(tmp_path, monkeypatch):
     path = (tmp_path / "configs" / "c.yaml")
     path.write_text("train_data_dir: imgs\nsample_prompts: prompts.txt\n")
     monkeypatch.chdir(tmp_path)
-    cfg = config_io.load(path, ["resume=output/lora-state", "network_weights=~/style.safetensors"])
+    cfg = yaml_io.load(path, ["resume=output/lora-state", "network_weights=~/style.safetensors"])
     assert Path(cfg.resume) == (tmp_path / "output" / "lora-state").resolve()
     assert Path(cfg.network_weights) == Path("~/style.safetensors").expanduser()
     # paths in the file stay relative to the file, the prompts file included
@@ -102,7 +103,7 @@ def test_set_paths_resolve_against_the_current_folder(tmp_path, monkeypatch):
 
 def test_kohya_path_aliases_resolve_against_the_file_too(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
-    cfg = config_io.load(write(tmp_path, "pretrained_model_name_or_path: model.safetensors\n"))
+    cfg = yaml_io.load(write(tmp_path, "pretrained_model_name_or_path: model.safetensors\n"))
     assert cfg.base_model == str((tmp_path / "model.safetensors").resolve())
 
 
@@ -136,14 +137,14 @@ def test_published_lora_scripts_spellings_mean_our_keys(tmp_path):
     path = tmp_path / "style.yaml"
     for alpha_key in ("lora_alpha", "alpha"):
         path.write_text(LORA_SCRIPTS_STYLE.format(alpha_key=alpha_key), encoding="utf-8")
-        cfg = config_io.load(path)
+        cfg = yaml_io.load(path)
         assert (cfg.lora_alpha, cfg.lr_scheduler, cfg.save_every_n_steps) == (16.0, "cosine", 100), alpha_key
 
 
 def test_published_lora_scripts_config_runs_as_written(tmp_path, dataset_dir, tiny):
     """lora-scripts' published style config, verbatim but for its three paths (test data, the tiny model)."""
     pytest.importorskip("bitsandbytes")
-    from lora_train.engine.trainer import train
+    from lora_train.engine.train.trainer import train
 
     project = tmp_path / "project"
     data = project / "data" / "style_train"
@@ -155,7 +156,7 @@ def test_published_lora_scripts_config_runs_as_written(tmp_path, dataset_dir, ti
         "./models/Stable-diffusion/v1-5-pruned.safetensors", "tiny")
     path = project / "style.yaml"
     path.write_text(text, encoding="utf-8")
-    cfg = config_io.load(path)
+    cfg = yaml_io.load(path)
     assert (cfg.lora_alpha, cfg.lr_scheduler, cfg.save_every_n_steps, cfg.optimizer) == (16.0, "cosine", 100,
                                                                                          "adamw8bit")
     assert cfg.metadata_path == str(data / "metadata.csv")
@@ -168,14 +169,14 @@ def test_published_lora_scripts_config_runs_as_written(tmp_path, dataset_dir, ti
 
 
 def test_readme_config_table_is_generated_from_the_field_metadata_and_current(tmp_path: Path) -> None:
-    from lora_train.engine import config_doc
+    from lora_train.engine.config import doc as config_doc
 
     readme = config_doc.README.read_text(encoding="utf-8")
     assert config_doc.main(["--check"]) == 0, f"README's config table is stale; run {config_doc.REGENERATE}"
     table = readme.split(config_doc.BEGIN, 1)[1].split(config_doc.END, 1)[0]
     documented = [info.name for info in config.field_infos()]
     assert documented == list(TrainConfig.__dataclass_fields__)  # every key, none missing
-    keys = [*documented, *config_fields.ALIASES, *config_fields.INVERTED_ALIASES]
+    keys = [*documented, *fields.ALIASES, *fields.INVERTED_ALIASES]
     assert [key for key in keys if f"`{key}`" not in table] == []
     stale = tmp_path / "README.md"
     stale.write_text(readme.replace("| `lora_rank` | 8 |", "| `lora_rank` | 4 |"), encoding="utf-8")
@@ -186,7 +187,7 @@ def test_readme_config_table_is_generated_from_the_field_metadata_and_current(tm
 def test_a_field_without_help_is_refused() -> None:
     import dataclasses
 
-    from lora_train.engine.config_fields import describe, setting
+    from lora_train.engine.config.fields import describe, setting
 
     @dataclasses.dataclass
     class Partial:

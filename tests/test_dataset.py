@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_train.engine import dataset as data
-from lora_train.engine.config import TrainConfig
-from lora_train.engine.dataset import DatasetError
+from lora_train.engine.config.settings import TrainConfig
+from lora_train.engine.data import dataset as data
+from lora_train.engine.data.dataset import DatasetError
 
 
 def cfg_for(path, **kw) -> TrainConfig:
@@ -137,7 +137,7 @@ def test_metadata_rows_naming_missing_images_are_reported(tmp_path):
 
 @pytest.mark.parametrize(("name", "mode"), [("a.bmp", "RGB"), ("a.gif", "P"), ("a.tif", "RGB"), ("a.tiff", "RGBA")])
 def test_every_image_type_the_captioner_lists_is_trained(tmp_path, name, mode):
-    from lora_train.engine import caption_store
+    from lora_train.engine.data import caption_store
 
     image(tmp_path / name, size=(96, 64), color="blue", mode=mode)
     assert [p.name for p in caption_store.list_images(tmp_path)] == [name]  # what the tab and captioner see

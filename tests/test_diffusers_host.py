@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_train.engine.weights import WeightsFileError
+from lora_train.engine.output.weights import WeightsFileError
 from lora_train.hosts.diffusers import _parameterization, load_folder, sd_alphas_cumprod
 
 

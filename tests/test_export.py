@@ -11,9 +11,9 @@ from conftest import make_config
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers_compat import require_kohya_loader
 
-from lora_train.engine.export import read_lora
-from lora_train.engine.progress import TrainCallbacks
-from lora_train.engine.trainer import train
+from lora_train.engine.output.export import read_lora
+from lora_train.engine.train.progress import TrainCallbacks
+from lora_train.engine.train.trainer import train
 from lora_train.hosts.diffusers import DiffusersBundle
 
 KEY = re.compile(r"^lora_(unet|te|te1|te2)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -133,8 +133,8 @@ def test_merge_by_hand_matches_alpha_over_rank(tiny, dataset_dir, tmp_path):
     assert scale == pytest.approx(0.5)
     module = pristine.unet.get_submodule("up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v")
     x = torch.randn(3, module.in_features)
-    from lora_train.engine import lora
     from lora_train.engine.model import LoraTarget
+    from lora_train.engine.network import lora
 
     network = lora.inject([LoraTarget(pristine.unet, "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v",
                                       key)], 4, 2, 0.0)

@@ -225,7 +225,7 @@ def test_without_the_out_of_place_patch_forge_classic_blocks_fail_to_train(tmp_p
 
 
 def test_blocks_get_forges_method_back_after_a_crash(tmp_path, dataset_dir) -> None:
-    from lora_train.engine.config import TrainConfig
+    from lora_train.engine.config.settings import TrainConfig
     from lora_train.webui.jobs import Job
 
     model = forge_model()

@@ -28,12 +28,13 @@ from diffusers_compat import require_kohya_loader  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lora_train.engine import lora, loss  # noqa: E402
-from lora_train.engine.export import read_lora  # noqa: E402
 from lora_train.engine.model import Conditioning  # noqa: E402
-from lora_train.engine.progress import TrainCallbacks  # noqa: E402
-from lora_train.engine.sampler import sample_images  # noqa: E402
-from lora_train.engine.trainer import train  # noqa: E402
+from lora_train.engine.network import lora  # noqa: E402
+from lora_train.engine.output.export import read_lora  # noqa: E402
+from lora_train.engine.train import loss
+from lora_train.engine.train.progress import TrainCallbacks  # noqa: E402
+from lora_train.engine.train.sampler import sample_images  # noqa: E402
+from lora_train.engine.train.trainer import train  # noqa: E402
 from lora_train.hosts.ldm import LdmBundle  # noqa: E402
 from lora_train.hosts.ldm_embedders import detect_family  # noqa: E402
 from lora_train.webui.builtin_lora import reset_builtin_lora  # noqa: E402

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from lora_train import llm
 from lora_train.console import ConsoleCallbacks
-from lora_train.engine.config import ConfigError
-from lora_train.engine.progress import TrainCallbacks
+from lora_train.engine.config.settings import ConfigError
+from lora_train.engine.train.progress import TrainCallbacks
 from lora_train.llm import data
 from lora_train.llm import model as models
 from lora_train.llm.config import ALIASES, LlmConfig, from_dict

@@ -20,14 +20,14 @@ from test_export import probe  # noqa: E402
 from test_ldm_host import _FULL_SD1, _FULL_SDXL  # noqa: E402
 from test_resume import assert_same_weights  # noqa: E402
 
-from lora_train.engine import kohya_names, lora  # noqa: E402
-from lora_train.engine.config import ConfigError  # noqa: E402
-from lora_train.engine.config_io import from_dict  # noqa: E402
-from lora_train.engine.export import read_lora  # noqa: E402
-from lora_train.engine.network_spec import NetworkSpec  # noqa: E402
-from lora_train.engine.optim import param_groups  # noqa: E402
-from lora_train.engine.progress import TrainCallbacks  # noqa: E402
-from lora_train.engine.trainer import train  # noqa: E402
+from lora_train.engine.config.network_spec import NetworkSpec  # noqa: E402
+from lora_train.engine.config.settings import ConfigError  # noqa: E402
+from lora_train.engine.config.yaml_io import from_dict  # noqa: E402
+from lora_train.engine.network import kohya_names, lora  # noqa: E402
+from lora_train.engine.output.export import read_lora  # noqa: E402
+from lora_train.engine.train.optim import param_groups  # noqa: E402
+from lora_train.engine.train.progress import TrainCallbacks  # noqa: E402
+from lora_train.engine.train.trainer import train  # noqa: E402
 from lora_train.hosts.architectures import BY_FAMILY  # noqa: E402
 
 SPECS = {

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_train.engine.config import ConfigError, TrainConfig
+from lora_train.engine.config.settings import ConfigError, TrainConfig
 from lora_train.engine.files import free_name
 from lora_train.webui.paths import SETTING_NAME, PathNotAllowed, PathPolicy, sanitize_name
 from lora_train.webui.run_config import prepare_config

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from lora_train import cli
 from lora_train.engine import preflight
-from lora_train.engine.config import ConfigError, TrainConfig
+from lora_train.engine.config.settings import ConfigError, TrainConfig
 from lora_train.hosts.base_model import base_model_family
 
 SD1_UNET_KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
@@ -242,7 +242,7 @@ def test_cli_names_a_non_utf8_caption(tmp_path, dataset_dir, monkeypatch, capsys
 def test_preflight_runs_where_diffusers_is_missing(dataset_dir):
     """The WebUI's venv has no diffusers: the job runner's checks must not import it."""
     code = ("import sys; sys.modules['diffusers'] = None\n"
-            "from lora_train.engine import preflight\nfrom lora_train.engine.config import TrainConfig\n"
+            "from lora_train.engine import preflight\nfrom lora_train.engine.config.settings import TrainConfig\n"
             "preflight.check(TrainConfig(train_data_dir=sys.argv[1]), 'sd1')\n")
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run([sys.executable, "-c", code, str(dataset_dir)], cwd=root, capture_output=True, text=True,

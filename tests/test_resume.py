@@ -9,12 +9,13 @@ import pytest
 import torch
 from conftest import SAMPLE_DATA, make_config
 
-from lora_train.engine import export, run_state
-from lora_train.engine.config import ConfigError
-from lora_train.engine.export import read_lora
-from lora_train.engine.progress import OutputWriteError, TrainCallbacks
-from lora_train.engine.run_paths import RunPaths, reserve_run
-from lora_train.engine.trainer import train
+from lora_train.engine.config.settings import ConfigError
+from lora_train.engine.output import export
+from lora_train.engine.output.export import read_lora
+from lora_train.engine.output.run_paths import RunPaths, reserve_run
+from lora_train.engine.train import run_state
+from lora_train.engine.train.progress import OutputWriteError, TrainCallbacks
+from lora_train.engine.train.trainer import train
 
 
 def assert_same_weights(a_path, b_path) -> None:

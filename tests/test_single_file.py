@@ -16,8 +16,8 @@ import torch  # noqa: E402
 from diffusers_compat import create_unet_diffusers_config, create_vae_diffusers_config  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from lora_train.engine import weight_kinds  # noqa: E402
-from lora_train.engine.weights import WeightsFileError  # noqa: E402
+from lora_train.engine.output import weight_kinds  # noqa: E402
+from lora_train.engine.output.weights import WeightsFileError  # noqa: E402
 from lora_train.hosts import checkpoint_convert  # noqa: E402
 from lora_train.hosts.architectures import Architecture  # noqa: E402
 from lora_train.hosts.diffusers import load_bundle, load_single_file  # noqa: E402

@@ -11,10 +11,13 @@ import pytest
 import torch
 from conftest import make_config, state_hashes
 
-from lora_train.engine import dataset, lora, loss, preflight, progress, run_state, trainer
-from lora_train.engine.export import read_lora
-from lora_train.engine.progress import NonFiniteError, TrainCallbacks
-from lora_train.engine.trainer import train
+from lora_train.engine import preflight
+from lora_train.engine.data import dataset
+from lora_train.engine.network import lora
+from lora_train.engine.output.export import read_lora
+from lora_train.engine.train import loss, progress, run_state, trainer
+from lora_train.engine.train.progress import NonFiniteError, TrainCallbacks
+from lora_train.engine.train.trainer import train
 
 
 def test_loss_falls_and_host_weights_are_untouched(tiny, dataset_dir, tmp_path):
@@ -287,7 +290,7 @@ def test_progress_every_step_and_loss_every_n_steps(tiny, dataset_dir, tmp_path)
 
 
 def test_the_job_keeps_its_last_loss_on_steps_without_a_reading():
-    from lora_train.engine.config import TrainConfig
+    from lora_train.engine.config.settings import TrainConfig
     from lora_train.webui.jobs import Job, _JobCallbacks
 
     class Host:

@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 gr = pytest.importorskip("gradio")
 
 from lora_train.cli import describe  # noqa: E402
-from lora_train.engine.config import ConfigError, TrainConfig  # noqa: E402
+from lora_train.engine.config.settings import ConfigError, TrainConfig  # noqa: E402
 from lora_train.webui import ui, ui_fields, ui_gradio, ui_status  # noqa: E402
 from lora_train.webui.diffusers_host import DiffusersHost  # noqa: E402
 from lora_train.webui.jobs import Job, JobRunner  # noqa: E402
@@ -148,7 +148,7 @@ def test_widget_values_round_trip_through_the_config() -> None:
                       optimizer_args={"weight_decay": 0.1}, lr_scheduler="cosine", mixed_precision="bf16")
     values = ui_fields.config_to_values(cfg)
     assert len(values) == len(dataclasses.fields(TrainConfig))
-    from lora_train.engine.config_io import from_dict
+    from lora_train.engine.config.yaml_io import from_dict
 
     assert from_dict(ui_fields.values_to_config(values)) == cfg
     values[ui_fields.FIELD_NAMES.index("v_parameterization")] = "auto"
@@ -358,9 +358,9 @@ def test_status_line_of_a_running_job(tmp_path: Path) -> None:
 
 
 def test_shipped_example_still_builds_a_config_the_ui_accepts() -> None:
-    from lora_train.engine import config_io
+    from lora_train.engine.config import yaml_io
 
-    cfg = config_io.load(EXAMPLE)
+    cfg = yaml_io.load(EXAMPLE)
     assert ui_fields.values_to_config(ui_fields.config_to_values(cfg))["output_name"] == cfg.output_name
 
 

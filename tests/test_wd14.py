@@ -14,7 +14,7 @@ from lora_train.caption import cli as caption_cli
 from lora_train.caption import wd14
 from lora_train.caption.errors import CaptionerError, WeightsMissingError
 from lora_train.caption.options import CaptionOptions
-from lora_train.engine import caption_store
+from lora_train.engine.data import caption_store
 
 pytest.importorskip("onnxruntime")
 

@@ -15,7 +15,7 @@ from lora_train.caption.errors import CaptionerError
 from lora_train.caption.options import CaptionOptions
 from lora_train.caption.run import caption_images
 from lora_train.caption.webui_interrogators import WebUIBlip, WebUIDeepBooru
-from lora_train.engine import caption_store
+from lora_train.engine.data import caption_store
 from lora_train.webui.jobs import JobRunner
 from lora_train.webui.paths import PathPolicy
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
-from lora_train.engine import caption_text
+from lora_train.engine.data import caption_text
 
 
 def assemble_caption(

@@ -59,7 +59,7 @@ def run_caption(args: argparse.Namespace) -> int:
     from lora_train.caption.choices import CaptionSources, needs_line
     from lora_train.caption.errors import CaptionerError, WeightsMissingError
     from lora_train.caption.run import caption_images
-    from lora_train.engine import caption_store
+    from lora_train.engine.data import caption_store
 
     try:
         options = _options(args)

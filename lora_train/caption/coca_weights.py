@@ -14,7 +14,7 @@ import torch
 from lora_train.caption.defaults import DEFAULT_MODEL
 from lora_train.caption.download import hub_file
 from lora_train.caption.errors import CaptionerError, WeightsMissingError
-from lora_train.engine.weights import WeightsFileError, load_tensors
+from lora_train.engine.output.weights import WeightsFileError, load_tensors
 
 WEIGHT_FILE_NAMES = ("open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
 # open_clip pretrained tag and its hub repository for the CoCa models we know.

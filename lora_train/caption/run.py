@@ -10,7 +10,7 @@ from typing import Protocol
 from PIL import Image
 
 from lora_train.caption.options import CaptionOptions
-from lora_train.engine import caption_store
+from lora_train.engine.data import caption_store
 
 
 class ImageCaptioner(Protocol):

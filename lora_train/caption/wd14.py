@@ -20,7 +20,7 @@ from PIL import Image
 from lora_train.caption.download import hub_file
 from lora_train.caption.errors import CaptionerError
 from lora_train.caption.options import CaptionOptions
-from lora_train.engine import caption_text
+from lora_train.engine.data import caption_text
 
 DEFAULT_REPO = "SmilingWolf/wd-vit-tagger-v3"
 MODEL_FILE, TAGS_FILE = "model.onnx", "selected_tags.csv"

@@ -15,7 +15,7 @@ from PIL import Image
 
 from lora_train.caption.errors import CaptionerError
 from lora_train.caption.options import CaptionOptions
-from lora_train.engine import caption_text
+from lora_train.engine.data import caption_text
 
 ERROR_MARK = "<error>"  # what InterrogateModels.interrogate appends after logging its own traceback
 

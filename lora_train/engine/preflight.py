@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-from lora_train.engine import dataset, weight_kinds
-from lora_train.engine.config import ConfigError, TrainConfig
-from lora_train.engine.config_paths import prompts_file
+from lora_train.engine.config.paths import prompts_file
+from lora_train.engine.config.settings import ConfigError, TrainConfig
+from lora_train.engine.data import dataset
 from lora_train.engine.model import Family
-from lora_train.engine.weight_kinds import FAMILY_NAMES, Shapes
-from lora_train.engine.weights import WeightsFileError, read_header
+from lora_train.engine.output import weight_kinds
+from lora_train.engine.output.weight_kinds import FAMILY_NAMES, Shapes
+from lora_train.engine.output.weights import WeightsFileError, read_header
 
 # (config key, value that needs it, importable package, what to tell the user)
 _PACKAGES = (

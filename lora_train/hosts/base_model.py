@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_train.engine import weight_kinds
-from lora_train.engine.config import ConfigError
+from lora_train.engine.config.settings import ConfigError
 from lora_train.engine.model import Family
-from lora_train.engine.weights import WeightsFileError, read_header
+from lora_train.engine.output import weight_kinds
+from lora_train.engine.output.weights import WeightsFileError, read_header
 from lora_train.hosts.architectures import BUILTIN
 
 

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_train.engine import weight_kinds
 from lora_train.engine.model import Family
-from lora_train.engine.weights import WeightsFileError, load_tensors
+from lora_train.engine.output import weight_kinds
+from lora_train.engine.output.weights import WeightsFileError, load_tensors
 
 try:  # diffusers >= 0.28 moved the module
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint

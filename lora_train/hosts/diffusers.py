@@ -15,11 +15,11 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lora_train.engine import kohya_names
-from lora_train.engine.config import TrainConfig
+from lora_train.engine.config.settings import TrainConfig
 from lora_train.engine.devices import frozen_dtype, pick_device
 from lora_train.engine.model import Conditioning, Family, LoraTarget, Parameterization
-from lora_train.engine.weights import WeightsFileError
+from lora_train.engine.network import kohya_names
+from lora_train.engine.output.weights import WeightsFileError
 from lora_train.hosts import checkpoint_convert
 from lora_train.hosts.architectures import BUILTIN, BY_FAMILY, Architecture
 from lora_train.hosts.base_model import folder_family

@@ -31,8 +31,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from lora_train.engine import kohya_names
 from lora_train.engine.model import Conditioning, Family, LoraTarget, Parameterization
+from lora_train.engine.network import kohya_names
 from lora_train.hosts.ldm_embedders import detect_family, inner, is_hf_clip, is_open_clip
 from lora_train.hosts.vae_fallback import encode_finite
 

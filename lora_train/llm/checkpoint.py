@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lora_train.engine.config import ConfigError
+from lora_train.engine.config.settings import ConfigError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 STATE = "state.json"

@@ -1,6 +1,6 @@
 """The text-generation task's config: lora-scripts and HF-Trainer key spellings in one typed dataclass.
 
-Field names match the SD engine's ``TrainConfig`` where the meaning is the same, so ``lora_train.engine.optim``'s
+Field names match the SD engine's ``TrainConfig`` where the meaning is the same, so ``lora_train.engine.train.optim``'s
 optimizer, schedule and scaler factories read this config unchanged. Type checks are ``config._coerce``'s.
 """
 
@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_train.engine.config import (
+from lora_train.engine.config.checks import coerce as _coerce
+from lora_train.engine.config.settings import (
     ConfigError,
     Optimizer,
     Precision,
     Scheduler,
     tensorboard_folder,
 )
-from lora_train.engine.config_checks import coerce as _coerce
-from lora_train.engine.config_io import parse_override, read_mapping
+from lora_train.engine.config.yaml_io import parse_override, read_mapping
 
 TASK_NAMES = ("text-generation", "llm", "causal-lm", "causal_lm")
 TINY_MODEL = "tiny-llm"

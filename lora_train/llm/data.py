@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_train.engine.dataset import DatasetError
+from lora_train.engine.data.dataset import DatasetError
 
 IGNORE = -100  # label of a token the loss skips (transformers' and torch's ignore_index)
 DATA_SUFFIXES = (".jsonl", ".json", ".txt")

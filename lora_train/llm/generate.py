@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lora_train.engine.config import ConfigError
+from lora_train.engine.config.settings import ConfigError
 from lora_train.engine.devices import pick_device
 from lora_train.llm import data
 from lora_train.llm import model as models

@@ -13,7 +13,7 @@ import torch
 import transformers
 from torch import nn
 
-from lora_train.engine.config import ConfigError
+from lora_train.engine.config.settings import ConfigError
 from lora_train.engine.devices import frozen_dtype
 from lora_train.hosts.clip_tokenizer import _byte_symbols
 from lora_train.llm.config import TINY_MODEL

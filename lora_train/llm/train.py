@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from lora_train.engine.config import ConfigError
+from lora_train.engine.config.settings import ConfigError
 from lora_train.engine.devices import pick_device
 from lora_train.engine.files import free_name
-from lora_train.engine.loss import autocast
-from lora_train.engine.optim import make_grad_scaler, make_optimizer, make_scheduler, optimizer_step
-from lora_train.engine.progress import StepInfo, TrainCallbacks, TrainResult
-from lora_train.engine.samples import tensorboard_writer
+from lora_train.engine.train.loss import autocast
+from lora_train.engine.train.optim import make_grad_scaler, make_optimizer, make_scheduler, optimizer_step
+from lora_train.engine.train.progress import StepInfo, TrainCallbacks, TrainResult
+from lora_train.engine.train.samples import tensorboard_writer
 from lora_train.hosts.hf_compat import set_checkpointing
 from lora_train.llm import checkpoint, data
 from lora_train.llm import model as models

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from lora_train.engine.config import ConfigError, TrainConfig
+from lora_train.engine.config.settings import ConfigError, TrainConfig
 from lora_train.engine.model import ModelBundle
-from lora_train.engine.samples import SampleFn
+from lora_train.engine.train.samples import SampleFn
 from lora_train.hosts.ldm import LdmBundle
 from lora_train.hosts.ldm_embedders import detect_family
 from lora_train.webui.host_detect import LoadedModel, detect_host
@@ -236,7 +236,9 @@ def txt2img_sampler(processing: Any, shared: Any, cfg: TrainConfig, log: Callabl
             return webui_sample(bundle, prompts, step)
         except Exception as exc:  # noqa: BLE001 - see above
             try:
-                from lora_train.engine.sampler import sample_images  # needs diffusers, which the WebUI's venv may lack
+                from lora_train.engine.train.sampler import (
+                    sample_images,  # needs diffusers, which the WebUI's venv may lack
+                )
             except ImportError:
                 log(f"txt2img preview failed ({type(exc).__name__}: {exc}); no preview at step {step}")
                 return []

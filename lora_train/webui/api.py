@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from lora_train.engine.config import ConfigError, field_infos
+from lora_train.engine.config.settings import ConfigError, field_infos
 from lora_train.webui.jobs import BusyError, HostError, JobRunner
 from lora_train.webui.paths import INPUT_KEYS, PathNotAllowed
 from lora_train.webui.presets import DEFAULT_PRESET, PRESET_NAMES, all_presets

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lora_train.engine.config import TrainConfig
+from lora_train.engine.config.settings import TrainConfig
 from lora_train.engine.model import ModelBundle
-from lora_train.engine.samples import SampleFn
+from lora_train.engine.train.samples import SampleFn
 from lora_train.webui.jobs import HostError, Job, TrainHost
 
 

@@ -22,13 +22,13 @@ from typing import Any
 from PIL import Image
 
 from lora_train.engine import preflight
-from lora_train.engine.config import ConfigError, TrainConfig
-from lora_train.engine.dataset import DatasetError
+from lora_train.engine.config.settings import ConfigError, TrainConfig
+from lora_train.engine.data.dataset import DatasetError
 from lora_train.engine.files import atomic_write
 from lora_train.engine.model import ModelBundle
-from lora_train.engine.progress import StepInfo, TrainCallbacks, TrainResult
-from lora_train.engine.samples import SampleFn
-from lora_train.engine.trainer import train
+from lora_train.engine.train.progress import StepInfo, TrainCallbacks, TrainResult
+from lora_train.engine.train.samples import SampleFn
+from lora_train.engine.train.trainer import train
 from lora_train.webui.paths import PathPolicy
 from lora_train.webui.presets import preset_values
 from lora_train.webui.run_config import prepare_config
@@ -200,7 +200,7 @@ def describe_run(cfg: TrainConfig, result: TrainResult, model_name: str) -> str:
 
 def publish(job: Job, result: TrainResult, family: str, model_name: str) -> Path | None:
     """Write the card (``.json``) and preview beside the final file the trainer wrote into the Lora folder."""
-    from lora_train.engine.export import write_sidecar
+    from lora_train.engine.output.export import write_sidecar
 
     if result.output is None:
         return None

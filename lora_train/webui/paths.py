@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_train.engine.config import ConfigError, TrainConfig
+from lora_train.engine.config.settings import ConfigError, TrainConfig
 
 # Windows device names are reserved with any extension ("nul.safetensors" opens the null device there).
 _RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_train.engine.config import TrainConfig
+from lora_train.engine.config.settings import TrainConfig
 from lora_train.engine.model import Family
 
 PRESET_NAMES = ("Character", "Style", "Concept")

@@ -10,9 +10,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from lora_train.engine import config_io
-from lora_train.engine.config import ConfigError, TrainConfig
-from lora_train.engine.run_paths import plan_run
+from lora_train.engine.config import yaml_io
+from lora_train.engine.config.settings import ConfigError, TrainConfig
+from lora_train.engine.output.run_paths import plan_run
 from lora_train.webui.paths import PathPolicy, resolve, sanitize_name
 
 
@@ -27,7 +27,7 @@ def prepare_config(data: dict[str, Any] | TrainConfig, policy: PathPolicy) -> Tr
     """
     raw_name = data.output_name if isinstance(data, TrainConfig) else str(data.get("output_name") or "")
     name = sanitize_name(raw_name, fallback="lora")
-    cfg = data if isinstance(data, TrainConfig) else config_io.from_dict({**data, "output_name": name})
+    cfg = data if isinstance(data, TrainConfig) else yaml_io.from_dict({**data, "output_name": name})
     if not cfg.train_data_dir:
         raise ConfigError("train_data_dir", "pick the folder with your training images")
     changes: dict[str, Any] = {}

@@ -36,9 +36,9 @@ def make_app(args: argparse.Namespace) -> tuple[Any, JobRunner]:
     runner = JobRunner(DiffusersHost(args.base_model), PathPolicy(output_root=output, input_roots=roots))
     defaults: dict[str, Any] = {"base_model": args.base_model}
     if args.config:
-        from lora_train.engine import config_io
+        from lora_train.engine.config import yaml_io
 
-        defaults = {**config_io.load(args.config).to_dict(), "base_model": args.base_model}
+        defaults = {**yaml_io.load(args.config).to_dict(), "base_model": args.base_model}
         defaults.pop("output_dir", None)
     sources = CaptionSources(coca_weights=args.captioner_weights, allow_download=not args.no_download)
     settings = UISettings(datasets_root=output / "datasets", captioner_weights=args.captioner_weights,

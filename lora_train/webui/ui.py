@@ -14,8 +14,8 @@ from typing import Any
 
 import gradio as gr
 
-from lora_train.engine import config_io
-from lora_train.engine.config import ConfigError
+from lora_train.engine.config import yaml_io
+from lora_train.engine.config.settings import ConfigError
 from lora_train.webui.jobs import BusyError, HostError, JobRunner
 from lora_train.webui.paths import sanitize_name
 from lora_train.webui.presets import DEFAULT_PRESET, PRESET_HELP, PRESET_NAMES, preset_values
@@ -115,7 +115,7 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
             if file is None:
                 return [gr.update() for _ in FIELD_NAMES] + [""]
             try:
-                cfg = config_io.load(file_path(file))
+                cfg = yaml_io.load(file_path(file))
             except ConfigError as exc:
                 return [gr.update() for _ in FIELD_NAMES] + [f"⚠️ {exc}"]
             return config_to_values(cfg) + [f"Loaded {Path(file_path(file)).name}."]
@@ -124,12 +124,12 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
 
         def save_config(*values: Any):
             try:
-                cfg = config_io.from_dict(values_to_config(list(values)))
+                cfg = yaml_io.from_dict(values_to_config(list(values)))
             except ConfigError as exc:
                 return None, f"⚠️ {exc}"
             folder = Path(tempfile.mkdtemp(prefix="lora-train-config-"))
             path = folder / f"{sanitize_name(cfg.output_name, fallback='lora')}.yaml"
-            path.write_text(config_io.dump(cfg), encoding="utf-8")
+            path.write_text(yaml_io.dump(cfg), encoding="utf-8")
             return str(path), f"Config written: {path.name}"
 
         save_config_button.click(save_config, fields, [config_out, status])

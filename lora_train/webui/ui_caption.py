@@ -21,7 +21,7 @@ from lora_train.caption.coca_weights import DEFAULT_MODEL, PRETRAINED, WEIGHT_FI
 from lora_train.caption.errors import CaptionerError, WeightsMissingError
 from lora_train.caption.options import CaptionOptions
 from lora_train.caption.run import ImageCaptioner, caption_images, preview_captions
-from lora_train.engine import caption_store
+from lora_train.engine.data import caption_store
 from lora_train.webui.jobs import BusyError, JobRunner
 
 DOWNLOADS_SETTING = "Settings > LoRA Train > Allow captioner downloads"

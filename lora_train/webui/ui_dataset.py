@@ -12,8 +12,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from lora_train.engine import caption_store, caption_text
-from lora_train.engine.config import ConfigError
+from lora_train.engine.config.settings import ConfigError
+from lora_train.engine.data import caption_store, caption_text
 from lora_train.engine.files import free_name
 from lora_train.webui.jobs import JobRunner
 from lora_train.webui.paths import sanitize_name

@@ -1,5 +1,5 @@
 """Config fields as the tab's widgets and back: one widget per TrainConfig field, chosen from its type, labelled
-and explained by the field's metadata (``engine/config_fields``), so a new key shows up without UI work.
+and explained by the field's metadata (``engine/config/fields``), so a new key shows up without UI work.
 
 Every field keeps a widget (hidden where it does nothing), so the form always carries a whole config.
 """
@@ -18,8 +18,8 @@ import gradio as gr
 import yaml
 
 from lora_train.caption.choices import CaptionSources
-from lora_train.engine.config import ConfigError, TrainConfig, field_infos
-from lora_train.engine.config_fields import GROUPS, FieldInfo
+from lora_train.engine.config.fields import GROUPS, FieldInfo
+from lora_train.engine.config.settings import ConfigError, TrainConfig, field_infos
 from lora_train.webui.presets import DEFAULT_PRESET, preset_values
 from lora_train.webui.ui_caption import DOWNLOADS_SETTING
 from lora_train.webui.ui_gradio import make
@@ -157,7 +157,7 @@ def to_widget(name: str, value: Any) -> Any:
 
 
 def _from_widget(name: str, value: Any) -> Any:
-    """A widget's value as config data (config_io.from_dict then checks and coerces it, naming the field)."""
+    """A widget's value as config data (yaml_io.from_dict then checks and coerces it, naming the field)."""
     kind, optional = _kind(name)
     if kind is bool and optional:
         return None if value in (None, "", "auto") else value == "true"

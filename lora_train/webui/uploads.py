@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from lora_train.engine.caption_store import IMAGE_EXTENSIONS
+from lora_train.engine.data.caption_store import IMAGE_EXTENSIONS
 
 CAPTION_EXTENSIONS = frozenset({".txt", ".caption", ".csv"})
 ALLOWED_EXTENSIONS = IMAGE_EXTENSIONS | CAPTION_EXTENSIONS

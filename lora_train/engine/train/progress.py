@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lora_train.engine import export
+from lora_train.engine.output import export
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lora_train.engine.config_fields import ALIASES
+from lora_train.engine.config.fields import ALIASES
 
 # Keys that hold paths: relative ones are read against the YAML's folder, or the current folder for --set.
 PATH_KEYS = ("train_data_dir", "metadata_path", "reg_data_dir", "output_dir", "network_weights", "resume",

@@ -13,12 +13,12 @@ from typing import Any
 
 import yaml
 
-from lora_train.engine import caption_store
-from lora_train.engine.config import TrainConfig
-from lora_train.engine.config_checks import ConfigError
-from lora_train.engine.config_checks import coerce as _coerce
-from lora_train.engine.config_fields import ALIASES, INVERTED_ALIASES
-from lora_train.engine.config_paths import resolve_paths
+from lora_train.engine.config.checks import ConfigError
+from lora_train.engine.config.checks import coerce as _coerce
+from lora_train.engine.config.fields import ALIASES, INVERTED_ALIASES
+from lora_train.engine.config.paths import resolve_paths
+from lora_train.engine.config.settings import TrainConfig
+from lora_train.engine.data import caption_store
 
 _OPTIMIZER_SPELLINGS = {"adamw8bit": "adamw8bit", "adamw_8bit": "adamw8bit", "adamw": "adamw"}
 

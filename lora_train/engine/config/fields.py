@@ -1,7 +1,7 @@
 """What each config key means, said once: help, group, human label and where it applies, as dataclass metadata.
 
 ``TrainConfig`` declares its fields with ``setting(...)``; ``describe`` reads them back for the README table
-(``python -m lora_train.engine.config_doc``), the tab's labels and tooltips and the API's schema route, so the
+(``python -m lora_train.engine.config.doc``), the tab's labels and tooltips and the API's schema route, so the
 three never drift apart.
 """
 

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save, save_file
 
-from lora_train.engine.config import TrainConfig
-from lora_train.engine.dataset import Dataset
+from lora_train.engine.config.settings import TrainConfig
+from lora_train.engine.data.dataset import Dataset
 from lora_train.engine.files import atomic_write, atomic_write_text
 from lora_train.engine.model import BASE_MODEL_VERSION, Family, Parameterization
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from lora_train.engine.model import Family
-from lora_train.engine.weights import WeightsFileError
+from lora_train.engine.output.weights import WeightsFileError
 
 Shapes = Mapping[str, Sequence[int]]
 FAMILY_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from lora_train.engine import caption_store, caption_text
-from lora_train.engine.config import TrainConfig
+from lora_train.engine.config.settings import TrainConfig
+from lora_train.engine.data import caption_store, caption_text
 
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 _EXIF_ORIENTATION = 0x0112

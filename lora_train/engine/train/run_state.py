@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_train.engine.config import ConfigError
+from lora_train.engine.config.settings import ConfigError
 from lora_train.engine.files import atomic_write, atomic_write_text
 
 STATE_JSON = "state.json"

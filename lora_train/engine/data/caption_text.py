@@ -9,7 +9,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
-from lora_train.engine.caption_store import CaptionFileError
+from lora_train.engine.data.caption_store import CaptionFileError
 
 
 def find_replace(

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from lora_train.engine.config_checks import ConfigError
+from lora_train.engine.config.checks import ConfigError
 
 if TYPE_CHECKING:
-    from lora_train.engine.config import TrainConfig
+    from lora_train.engine.config.settings import TrainConfig
 
 Algo = Literal["lora", "loha", "lokr"]
 # LyCORIS spells LoRA-with-convolutions both ways; "lora" is its default.

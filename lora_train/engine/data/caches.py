@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_train.engine import dataset as data
-from lora_train.engine.config import TrainConfig
+from lora_train.engine.config.settings import TrainConfig
+from lora_train.engine.data import dataset as data
 from lora_train.engine.files import atomic_write
 from lora_train.engine.model import Conditioning, ModelBundle
-from lora_train.engine.progress import NonFiniteError
+from lora_train.engine.train.progress import NonFiniteError
 
 Batches = Iterator[tuple[int, list[int]]]
 

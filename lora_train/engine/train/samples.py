@@ -8,12 +8,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from lora_train.engine.config import TrainConfig
+from lora_train.engine.config.settings import TrainConfig
 from lora_train.engine.files import atomic_write
-from lora_train.engine.loss import autocast
 from lora_train.engine.model import ModelBundle
-from lora_train.engine.module_flags import ModuleFlags
-from lora_train.engine.run_paths import RunPaths
+from lora_train.engine.network.module_flags import ModuleFlags
+from lora_train.engine.output.run_paths import RunPaths
+from lora_train.engine.train.loss import autocast
 
 SampleFn = Callable[[ModelBundle, list[str], int], list[Image.Image]]
 
@@ -44,7 +44,7 @@ def sample(cfg: TrainConfig, bundle: ModelBundle, paths: RunPaths, step: int,
 def _draw(cfg: TrainConfig, bundle: ModelBundle, step: int, sample_fn: SampleFn | None) -> list[Image.Image]:
     if sample_fn:
         return sample_fn(bundle, cfg.prompts, step)
-    from lora_train.engine.sampler import sample_images  # diffusers: the CLI's venv has it, the WebUI's need not
+    from lora_train.engine.train.sampler import sample_images  # diffusers: the CLI's venv has it, the WebUI's need not
 
     height, width = cfg.resolution_hw
     with autocast(cfg, bundle.device):

@@ -17,24 +17,26 @@ from pathlib import Path
 
 import torch
 
-from lora_train.engine import dataset as data
-from lora_train.engine import export, lora, run_state
-from lora_train.engine.caches import LatentCache, TextCache
-from lora_train.engine.checkpoints import RunWriter
-from lora_train.engine.config import TrainConfig
-from lora_train.engine.loss import diffusion_loss
+from lora_train.engine.config.settings import TrainConfig
+from lora_train.engine.data import dataset as data
+from lora_train.engine.data.caches import LatentCache, TextCache
 from lora_train.engine.model import ModelBundle
-from lora_train.engine.module_flags import ModuleFlags
-from lora_train.engine.optim import (
+from lora_train.engine.network import lora
+from lora_train.engine.network.module_flags import ModuleFlags
+from lora_train.engine.output import export
+from lora_train.engine.output.run_paths import check_writable, plan_run
+from lora_train.engine.train import run_state
+from lora_train.engine.train.checkpoints import RunWriter
+from lora_train.engine.train.loss import diffusion_loss
+from lora_train.engine.train.optim import (
     make_grad_scaler,
     make_optimizer,
     make_scheduler,
     optimizer_step,
     param_groups,
 )
-from lora_train.engine.progress import NonFiniteError, StepInfo, TrainCallbacks, TrainResult
-from lora_train.engine.run_paths import check_writable, plan_run
-from lora_train.engine.samples import SampleFn, sample, tensorboard_writer
+from lora_train.engine.train.progress import NonFiniteError, StepInfo, TrainCallbacks, TrainResult
+from lora_train.engine.train.samples import SampleFn, sample, tensorboard_writer
 
 
 class Trainer:

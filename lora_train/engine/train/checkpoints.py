@@ -12,13 +12,15 @@ from pathlib import Path
 
 import torch
 
-from lora_train.engine import dataset as data
-from lora_train.engine import export, lora, run_state
-from lora_train.engine.config import TrainConfig
+from lora_train.engine.config.settings import TrainConfig
+from lora_train.engine.data import dataset as data
 from lora_train.engine.files import free_path
 from lora_train.engine.model import ModelBundle
-from lora_train.engine.progress import NonFiniteError, OutputWriteError
-from lora_train.engine.run_paths import RunPaths
+from lora_train.engine.network import lora
+from lora_train.engine.output import export
+from lora_train.engine.output.run_paths import RunPaths
+from lora_train.engine.train import run_state
+from lora_train.engine.train.progress import NonFiniteError, OutputWriteError
 
 
 class RunWriter:

@@ -14,9 +14,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_train.engine.config import ConfigError
+from lora_train.engine.config.settings import ConfigError
 from lora_train.engine.files import first_free
-from lora_train.engine.run_state import ResumeState
+from lora_train.engine.train.run_state import ResumeState
 
 
 @dataclass(frozen=True)

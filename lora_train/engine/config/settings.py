@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lora_train.engine import caption_store
-from lora_train.engine.config_checks import ConfigError, validate
-from lora_train.engine.config_fields import FieldInfo, describe, setting
-from lora_train.engine.config_paths import prompts_file
-from lora_train.engine.network_spec import NetworkSpec, spec_of
+from lora_train.engine.config.checks import ConfigError, validate
+from lora_train.engine.config.fields import FieldInfo, describe, setting
+from lora_train.engine.config.network_spec import NetworkSpec, spec_of
+from lora_train.engine.config.paths import prompts_file
+from lora_train.engine.data import caption_store
 
 NetworkModule = Literal["networks.lora", "lycoris.kohya"]
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "sgd"]

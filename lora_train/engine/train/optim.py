@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from lora_train.engine.config import ConfigError, TrainConfig
-from lora_train.engine.lora import LoraNetwork
+from lora_train.engine.config.settings import ConfigError, TrainConfig
+from lora_train.engine.network.lora import LoraNetwork
 
 
 def param_groups(cfg: TrainConfig, network: LoraNetwork) -> list[dict]:

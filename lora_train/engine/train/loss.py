@@ -9,7 +9,7 @@ import contextlib
 
 import torch
 
-from lora_train.engine.config import TrainConfig
+from lora_train.engine.config.settings import TrainConfig
 from lora_train.engine.model import Conditioning, ModelBundle, Parameterization
 
 

@@ -16,9 +16,9 @@ from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from lora_train.engine.dora import DoraLayer
+from lora_train.engine.config.network_spec import NetworkSpec
 from lora_train.engine.model import LoraTarget
-from lora_train.engine.network_spec import NetworkSpec
+from lora_train.engine.network.dora import DoraLayer
 
 ADAPTER = "default"
 # peft's parameter name → the name in a kohya/LyCORIS file (LoHa/LoKr names are the same in both).

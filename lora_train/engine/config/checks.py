@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from lora_train.engine.config import TrainConfig
+    from lora_train.engine.config.settings import TrainConfig
 
 
 class ConfigError(ValueError):

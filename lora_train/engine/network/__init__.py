@@ -1,0 +1,1 @@
+"""The trained layers: peft adapters on the host's modules and their kohya names."""
