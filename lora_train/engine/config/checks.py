@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from lora_train.engine.config.settings import TrainConfig
+from types import SimpleNamespace
+from typing import Any, Literal
 
 
 class ConfigError(ValueError):
@@ -82,8 +81,18 @@ _NON_NEGATIVE = ("lora_dropout", "noise_offset", "lr_warmup_steps", "keep_tokens
                  "save_every_n_epochs", "sample_every_n_steps", "max_grad_norm", "prior_loss_weight")
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Range and cross-field checks that types alone cannot express."""
+def parse_resolution(resolution: str) -> tuple[int, int]:
+    """kohya's ``resolution`` ("512" or "width,height") as (height, width); ValueError when it is neither."""
+    parts = [p.strip() for p in str(resolution).split(",")]
+    width = int(parts[0])
+    height = int(parts[1]) if len(parts) > 1 else width
+    return height, width
+
+
+def validate(values: Mapping[str, Any]) -> None:
+    """Range and cross-field checks that types alone cannot express, over a config's values by key (the
+    dataclass's ``vars``), so this module needs nothing of the dataclass that calls it."""
+    cfg = SimpleNamespace(**values)
     for key in _POSITIVE:
         if getattr(cfg, key) <= 0:
             raise ConfigError(key, f"{getattr(cfg, key)!r} must be greater than 0")
@@ -111,7 +120,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.clip_skip not in (1, 2):
         raise ConfigError("clip_skip", f"{cfg.clip_skip!r} must be 1 or 2")
     try:
-        height, width = cfg.resolution_hw
+        height, width = parse_resolution(cfg.resolution)
     except ValueError:
         raise ConfigError("resolution", f"{cfg.resolution!r} is not '512' or 'width,height'") from None
     for side in (height, width):

@@ -7,13 +7,12 @@ One ``NetworkSpec`` holds the result, so the layers, the file format and the met
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from types import SimpleNamespace
+from typing import Any, Literal
 
 from lora_train.engine.config.checks import ConfigError
-
-if TYPE_CHECKING:
-    from lora_train.engine.config.settings import TrainConfig
 
 Algo = Literal["lora", "loha", "lokr"]
 # LyCORIS spells LoRA-with-convolutions both ways; "lora" is its default.
@@ -80,8 +79,10 @@ def _int(key: str, value: str) -> int:
         raise ConfigError("network_args", f"{key}={value!r} is not a whole number") from None
 
 
-def spec_of(cfg: TrainConfig) -> NetworkSpec:
-    """The network ``cfg`` asks for, or one ConfigError naming the key that cannot be honoured."""
+def spec_of(values: Mapping[str, Any]) -> NetworkSpec:
+    """The network a config's values (by key) ask for, or one ConfigError naming the key that cannot be
+    honoured."""
+    cfg = SimpleNamespace(**values)
     args = parse_args(cfg.network_args)
     algo_text = args.get("algo", "lora").lower()
     if algo_text not in _ALGOS:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lora_train.engine.config.checks import ConfigError, validate
+from lora_train.engine.config.checks import ConfigError, parse_resolution, validate
 from lora_train.engine.config.fields import FieldInfo, describe, setting
 from lora_train.engine.config.network_spec import NetworkSpec, spec_of
 from lora_train.engine.config.paths import prompts_file
@@ -222,21 +222,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.caption_extension and not self.caption_extension.startswith("."):
             self.caption_extension = "." + self.caption_extension  # kohya writes both "txt" and ".txt"
-        validate(self)
-        spec_of(self)  # a network that cannot be built is refused with the config, not at the first step
+        validate(vars(self))
+        spec_of(vars(self))  # a network that cannot be built is refused with the config, not at the first step
 
     @property
     def resolution_hw(self) -> tuple[int, int]:
         """``resolution`` as (height, width); kohya writes "512" or "512,768" (width,height)."""
-        parts = [p.strip() for p in str(self.resolution).split(",")]
-        width = int(parts[0])
-        height = int(parts[1]) if len(parts) > 1 else width
-        return height, width
+        return parse_resolution(self.resolution)
 
     @property
     def network(self) -> NetworkSpec:
         """The network to train, from network_module, network_args and conv_dim/conv_alpha."""
-        return spec_of(self)
+        return spec_of(vars(self))
 
     @property
     def tensorboard_dir(self) -> Path | None:
