@@ -12,27 +12,56 @@ import functools
 import json
 import signal
 import sys
+import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from lora_train.quiet import silence_dependency_noise
+
+if TYPE_CHECKING:
+    from lora_train.console import ConsoleCallbacks
+    from lora_train.engine.train.distributed import Team
+    from lora_train.engine.train.progress import TrainResult
 
 
 def run_train(args: argparse.Namespace) -> int:
     from lora_train import llm  # light; the text-generation engine loads only for an LLM config
     from lora_train.console import ConsoleCallbacks
+    from lora_train.engine.train import distributed
 
-    callbacks = ConsoleCallbacks()
     if llm.is_llm_config_file(args.config, args.set):
-        job = functools.partial(llm.run, args.config, args.set, callbacks, merge=args.merge)
-    else:
-        from lora_train.engine import preflight
-        from lora_train.engine.config import yaml_io
-        from lora_train.engine.train.trainer import train
-        from lora_train.hosts.base_model import base_model_family
-        from lora_train.hosts.diffusers import load_model
+        if distributed.launched():
+            from lora_train.engine.config.checks import ConfigError
 
-        cfg = yaml_io.load(args.config, args.set)
-        scanned = preflight.check(cfg, base_model_family(cfg.base_model))  # every input, before the model loads
-        job = functools.partial(train, cfg, load_model(cfg), callbacks, dataset=scanned)
+            raise ConfigError("task_type", "text-generation trains on one process; run it without torchrun")
+        callbacks = ConsoleCallbacks()
+        return _train(functools.partial(llm.run, args.config, args.set, callbacks, merge=args.merge), callbacks)
+    from lora_train.engine import preflight
+    from lora_train.engine.config import yaml_io
+    from lora_train.engine.train.trainer import train
+    from lora_train.hosts.base_model import base_model_family
+    from lora_train.hosts.diffusers import load_model
+
+    with distributed.started() as team:
+        try:
+            cfg = yaml_io.load(args.config, args.set)
+            if cfg.multi_gpu and not distributed.under_launcher():
+                from lora_train import launcher
+
+                return launcher.launch(cfg, ["train", "--config", args.config, *(f"--set={s}" for s in args.set)])
+            cfg.device = team.use_device(cfg.device)
+            scanned = preflight.check(cfg, base_model_family(cfg.base_model))  # every input, before the model loads
+            callbacks = ConsoleCallbacks(quiet=not team.main)
+            job = functools.partial(train, cfg, load_model(cfg), callbacks, dataset=scanned, team=team)
+            return _train(job, callbacks, team.main)
+        except Exception as exc:
+            if team.world == 1:
+                raise
+            return _one_report(exc, team)
+
+
+def _train(job: Callable[[], TrainResult], callbacks: ConsoleCallbacks, main: bool = True) -> int:
+    """Run ``job`` with Ctrl-C asking it to stop after the current step; rank 0 says how it ended."""
     previous = signal.signal(signal.SIGINT, callbacks.request_stop)
     try:
         result = job()
@@ -40,9 +69,24 @@ def run_train(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, previous)
         if callbacks.bar:
             callbacks.bar.close()
-    state = "stopped" if result.stopped else "done"
-    print(f"{state}: {result.steps}/{result.total_steps} steps -> {result.output}")
+    if main:
+        state = "stopped" if result.stopped else "done"
+        print(f"{state}: {result.steps}/{result.total_steps} steps -> {result.output}")
     return 0
+
+
+def _one_report(exc: Exception, team: Team) -> int:
+    """A failure in a run on several processes: the first process to fail says it in one line (a bug adds its
+    traceback), the others stay silent; the launcher then ends them all. Exit code as ``main`` gives."""
+    expected = isinstance(exc, (ValueError, OSError))
+    if team.first_to_fail():
+        if not expected:
+            traceback.print_exception(exc)
+        where = f"process {team.rank} of {team.world}"
+        message = exc if expected else f"{type(exc).__name__}: {exc}"
+        # on a line of its own: rank 0's progress bar may be on the terminal's last line
+        print(f"\nerror ({where}): {message}", file=sys.stderr, flush=True)
+    return 2 if expected else 1
 
 
 def readable_time(value: str) -> str:

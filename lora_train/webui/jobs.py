@@ -241,6 +241,9 @@ class JobRunner:
         """Validate and start a job; raises ConfigError (with .key), HostError or BusyError and starts nothing."""
         policy = self.policy
         cfg = prepare_config(data, policy)
+        if cfg.multi_gpu:
+            raise ConfigError("multi_gpu", "the tab and the API train on one GPU; train on several with the CLI "
+                                           "(README, More than one GPU)")
         self.host.check(cfg)
         try:
             preflight.check(cfg, self.host.family())

@@ -186,6 +186,14 @@ class TrainConfig:
     device: str = setting(
         "auto", group="Optimisation", label="Device", scope="standalone",
         help="`auto`, `cuda`, `cpu`, `cuda:1`, ... The WebUI trains on its own device.")
+    multi_gpu: bool = setting(
+        False, group="Optimisation", label="Multi-GPU", scope="cli",
+        help="Train on several GPUs at once: `lora-train train` starts one process per GPU itself (README, More "
+             "than one GPU). The global batch is batch_size x GPUs; learning_rate is not scaled. The tab trains "
+             "on one GPU.")
+    gpu_ids: list[str] = setting(
+        group="Optimisation", label="GPU ids", scope="cli", default_factory=list, unset="every GPU",
+        help="With `multi_gpu`: the GPUs to use, e.g. `[0, 1]` (lora-scripts' spelling; one process each).")
     output_dir: str = setting(
         "output", group="Output", label="Output folder", scope="cli",
         help="Where the LoRA, checkpoints, state and samples go. The tab sets it: the LoRA goes to the Lora "

@@ -2,7 +2,8 @@
 
 With a latent cache every image goes through the VAE once; without one, the next batch's images are decoded
 in threads while the current step trains. Text is cached per caption when the text encoders are frozen and
-captions are fixed.
+captions are fixed. On N processes each encodes its share of the images and captions and they swap the
+results, so nothing is encoded N times.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lora_train.engine.config.settings import TrainConfig
 from lora_train.engine.data import dataset as data
 from lora_train.engine.files import atomic_write
 from lora_train.engine.model import Conditioning, ModelBundle
+from lora_train.engine.train.distributed import SOLO, Team
 from lora_train.engine.train.progress import NonFiniteError
 
 Batches = Iterator[tuple[int, list[int]]]
@@ -74,15 +76,33 @@ class LatentCache:
             latents.append(latent)
         return torch.stack(latents)
 
-    def cache_all(self, should_stop: Callable[[], bool], log: Callable[[str], None]) -> bool:
-        """Encode every image up front when caching; False when a stop was asked for in between."""
+    def cache_all(self, should_stop: Callable[[], bool], log: Callable[[str], None], team: Team = SOLO) -> bool:
+        """Encode every image up front when caching; False when a stop was asked for in between.
+
+        Each process of a ``team`` encodes its share; the shares then reach every process through memory
+        (``cache_latents``) or through the disk cache, written before the barrier.
+        """
         if not self.caching:
             return True
         log(f"caching latents of {len(self.dataset.items)} image(s)")
-        for index in range(len(self.dataset.items)):
+        mine = team.part(range(len(self.dataset.items)))
+        stopped = False
+        for index in mine:
             if should_stop():
-                return False
+                stopped = True
+                break
             self.encode([index])
+        if team.any(stopped):
+            return False
+        if team.world == 1:
+            return True
+        if not self.cfg.cache_latents:
+            team.barrier()  # every share is on disk now
+            return True
+        shared = team.gather({i: (self.memory[i].cpu(), self.dataset.items[i].crop) for i in mine})
+        for index, (latent, crop) in shared.items():
+            self.memory[index] = latent.to(self.device)
+            self.dataset.items[index].crop = crop
         return True
 
     def size_ids(self, indices: list[int]) -> torch.Tensor:
@@ -126,6 +146,20 @@ class TextCache:
         self.bundle = bundle
         self.enabled = not (cfg.train_text_encoder or cfg.shuffle_caption or cfg.caption_dropout_rate)
         self.cache: dict[str, Conditioning] = {}
+
+    def fill(self, captions: list[str], team: Team) -> None:
+        """Encode ``captions`` up front, each process its share, when several processes would otherwise each
+        encode all of them (one process encodes them as they come)."""
+        if not self.enabled or team.world == 1:
+            return
+        mine = team.part(dict.fromkeys(captions))
+        if mine:
+            self.encode(mine)
+        cpu = {c: Conditioning(v.context.cpu(), v.pooled.cpu() if v.pooled is not None else None)
+               for c, v in self.cache.items() if c in mine}
+        for caption, cond in team.gather(cpu).items():
+            pooled = cond.pooled.to(self.bundle.device) if cond.pooled is not None else None
+            self.cache[caption] = Conditioning(cond.context.to(self.bundle.device), pooled)
 
     def encode(self, captions: list[str]) -> Conditioning:
         if not self.enabled:

@@ -27,10 +27,11 @@ class RunWriter:
     """Writes one run's files under ``paths``; ``facts`` must be set before the first export."""
 
     def __init__(self, cfg: TrainConfig, bundle: ModelBundle, dataset: data.Dataset, paths: RunPaths,
-                 batches_per_epoch: int, last_good: Path | None = None):
+                 batches_per_epoch: int, last_good: Path | None = None, processes: int = 1):
         self.cfg, self.bundle, self.dataset, self.paths = cfg, bundle, dataset, paths
         self.batches_per_epoch = batches_per_epoch
         self.last_good = last_good
+        self.processes = processes  # recorded in the state: a run resumes on as many processes as it had
         self.started_at = time.time()
         self.facts: export.RunFacts | None = None
 
@@ -77,7 +78,7 @@ class RunWriter:
         """Everything resume needs, crash-safe as a whole (see run_state)."""
         adapter = self.adapter(network, torch.float32, step)
         run_state.save(self.paths.state, step, self.paths.name, finished, history, adapter, optimizer, scheduler,
-                       scaler)
+                       scaler, self.processes)
         self.last_good = self.paths.state
 
     def checkpoint(self, network, optimizer, scheduler, scaler, step: int, history: list[float]) -> Path:

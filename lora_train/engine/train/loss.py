@@ -49,16 +49,21 @@ def autocast(cfg: TrainConfig, device: torch.device):
 
 def diffusion_loss(cfg: TrainConfig, bundle: ModelBundle, latents: torch.Tensor, cond: Conditioning,
                    alphas: torch.Tensor, generator: torch.Generator,
-                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+                   sample_weights: torch.Tensor | None = None,
+                   rows_of: tuple[slice, int] | None = None) -> torch.Tensor:
     """Mean loss of a batch; every random draw comes from ``generator``, so a resumed run draws the same.
 
     ``sample_weights`` scales each sample's loss (regularization images get ``prior_loss_weight``).
+    ``rows_of`` = (rows, size): ``latents`` are these rows of a global batch of that size (one process of
+    several); the noise and timesteps are drawn for the whole batch and these rows kept, as one process would.
     """
     device = latents.device
-    noise = torch.randn(latents.shape, generator=generator, device=device)
+    rows, size = rows_of or (slice(None), len(latents))
+    noise = torch.randn((size, *latents.shape[1:]), generator=generator, device=device)[rows]
     if cfg.noise_offset:
-        noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=device)
-    timesteps = torch.randint(0, len(alphas), (len(latents),), generator=generator, device=device)
+        offset = torch.randn((size, latents.shape[1], 1, 1), generator=generator, device=device)[rows]
+        noise += cfg.noise_offset * offset
+    timesteps = torch.randint(0, len(alphas), (size,), generator=generator, device=device)[rows]
     noisy = add_noise(latents, noise, timesteps, alphas)
     with autocast(cfg, device):
         prediction = bundle.predict(noisy.to(bundle.dtype), timesteps, cond)

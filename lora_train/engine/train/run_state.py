@@ -3,7 +3,8 @@
 Each save writes step-named files (adapter, optimizer, scheduler, scaler) next to the previous ones, then
 replaces ``state.json``, which names the files it belongs to, in one atomic rename; only then are the files
 of older saves removed. A reader therefore always finds a state.json whose files are complete and from the
-same step. The RNG needs no saving: every draw of step k is seeded from (seed, k).
+same step. The RNG needs no saving: every draw of step k is seeded from (seed, k). A run on N processes
+(torchrun) records N: its steps are global batches of ``batch_size x N``, so it resumes on N processes.
 """
 
 from __future__ import annotations
@@ -37,13 +38,15 @@ class ResumeState:
     finished: bool = False
     loss_history: list[float] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
+    processes: int = 1
 
     def path(self, part: str) -> Path:
         return self.folder / self.files[part]
 
 
-def read(folder: str | Path) -> ResumeState:
-    """The state saved in ``folder``; one clear error when it is not a state folder."""
+def read(folder: str | Path, processes: int = 1) -> ResumeState:
+    """The state saved in ``folder``; one clear error when it is not a state folder, or when it was trained on
+    another number of processes than the ``processes`` resuming it."""
     folder = Path(folder)
     info_path = folder / STATE_JSON
     if not info_path.is_file():
@@ -51,7 +54,8 @@ def read(folder: str | Path) -> ResumeState:
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
         state = ResumeState(folder, int(info["step"]), str(info["output_name"]), bool(info.get("finished", False)),
-                            [float(v) for v in info.get("loss_history", [])], dict(info.get("files", _LEGACY_FILES)))
+                            [float(v) for v in info.get("loss_history", [])], dict(info.get("files", _LEGACY_FILES)),
+                            int(info.get("processes", 1)))
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError("resume", f"{info_path} is not a state this version wrote ({exc!r}); "
                                     "train from the LoRA file with network_weights instead") from None
@@ -59,18 +63,24 @@ def read(folder: str | Path) -> ResumeState:
     missing += sorted(set(_PARTS) - set(state.files))
     if missing:
         raise ConfigError("resume", f"{folder} is incomplete: {', '.join(missing)} missing")
+    if state.processes != processes:
+        how = (f"torchrun --nproc_per_node {state.processes} -m lora_train train ..." if state.processes > 1
+               else "one process: python -m lora_train train ...")
+        raise ConfigError("resume", f"{folder} was trained on {state.processes} process(es) and this run has "
+                                    f"{processes}; a step is a batch of batch_size x processes, so resume it on "
+                                    f"{how} (or start over from the LoRA with network_weights)")
     return state
 
 
 def save(folder: Path, step: int, output_name: str, finished: bool, loss_history: list[float],
-         adapter: dict[str, torch.Tensor], optimizer, scheduler, scaler) -> Path:
+         adapter: dict[str, torch.Tensor], optimizer, scheduler, scaler, processes: int = 1) -> Path:
     """Write a complete state for ``step``; the previous one stays valid until state.json is replaced."""
     files = {part: f"{part}-{step:08d}{suffix}" for part, suffix in _PARTS.items()}
     atomic_write(folder / files["adapter"], lambda tmp: save_file(adapter, str(tmp)))
     for part, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         atomic_write(folder / files[part], lambda tmp, obj=obj: torch.save(obj.state_dict(), tmp))
     info = {"step": step, "output_name": output_name, "finished": finished, "loss_history": loss_history,
-            "files": files}
+            "files": files, "processes": processes}
     atomic_write_text(folder / STATE_JSON, json.dumps(info))
     _remove_stale(folder, set(files.values()))
     return folder

@@ -4,7 +4,8 @@ Every random draw of step ``k`` comes from a seed derived from (seed, k), and ba
 a run resumed from a checkpoint ends with the same weights as one that never stopped (bit for bit on CPU; on
 a GPU up to its nondeterministic kernels). The parts it drives, in the order data flows through them: caches
 (latents, text), loss, checkpoints (every file of the LoRA), samples (previews, TensorBoard); where files go
-is run_paths', resumable state run_state's, what the caller hears progress'.
+is run_paths', resumable state run_state's, what the caller hears progress'. On N processes (distributed's
+``Team``) every step trains one global batch of ``batch_size x N`` and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lora_train.engine.output import export
 from lora_train.engine.output.run_paths import check_writable, plan_run
 from lora_train.engine.train import run_state
 from lora_train.engine.train.checkpoints import RunWriter
+from lora_train.engine.train.distributed import SOLO, Team
 from lora_train.engine.train.loss import diffusion_loss
 from lora_train.engine.train.optim import (
     make_grad_scaler,
@@ -44,21 +46,23 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, bundle: ModelBundle, callbacks: TrainCallbacks | None = None,
                  sample_fn: SampleFn | None = None, final_dir: str | Path | None = None,
-                 dataset: data.Dataset | None = None):
+                 dataset: data.Dataset | None = None, team: Team = SOLO):
         self.cfg = cfg
+        self.team = team
         self.bundle = bundle
         self.callbacks = callbacks or TrainCallbacks()
         self.sample_fn = sample_fn
         self.device = bundle.device
         self.dataset = dataset if dataset is not None else data.scan(cfg)
-        self.batches_per_epoch = len(data.epoch_batches(self.dataset, cfg.batch_size, cfg.seed, 0))
+        self.global_batch = cfg.batch_size * team.world  # what one step trains, over all processes
+        self.batches_per_epoch = len(data.epoch_batches(self.dataset, self.global_batch, cfg.seed, 0))
         micro_total = cfg.epochs * self.batches_per_epoch
         self.total_steps = cfg.max_train_steps or math.ceil(micro_total / cfg.gradient_accumulation_steps)
-        self.resume = run_state.read(cfg.resume) if cfg.resume else None
-        self.paths = plan_run(final_dir or cfg.output_dir, cfg.output_dir, cfg.output_name, cfg.overwrite,
-                              self.resume)
+        self.resume = run_state.read(cfg.resume, team.world) if cfg.resume else None
+        self.paths = team.from_main(lambda: plan_run(final_dir or cfg.output_dir, cfg.output_dir, cfg.output_name,
+                                                     cfg.overwrite, self.resume))
         self.saver = RunWriter(cfg, bundle, self.dataset, self.paths, self.batches_per_epoch,
-                                self.resume.folder if self.resume else None)
+                                self.resume.folder if self.resume else None, team.world)
         self.latents = LatentCache(cfg, bundle, self.dataset, self.paths.work_dir)
         self.text = TextCache(cfg, bundle)
         self.alphas = bundle.alphas_cumprod.to(self.device)
@@ -69,31 +73,38 @@ class Trainer:
         micro = start_micro
         while True:
             epoch, index = divmod(micro, self.batches_per_epoch)
-            batches = data.epoch_batches(self.dataset, self.cfg.batch_size, self.cfg.seed, epoch)
+            batches = data.epoch_batches(self.dataset, self.global_batch, self.cfg.seed, epoch)
             for batch in batches[index:]:
                 yield epoch, batch
                 micro += 1
 
-    def _loss(self, indices: list[int], seed: int) -> torch.Tensor:
+    def _loss(self, batch: list[int], seed: int) -> torch.Tensor:
+        """The loss of this process's rows of the global ``batch`` (all of it on one process)."""
         cfg = self.cfg
-        torch.manual_seed(seed)  # LoRA dropout draws from the global generator
+        torch.manual_seed(seed + 7919 * self.team.rank)  # LoRA dropout draws from the global generator
         generator = torch.Generator(self.device).manual_seed(seed)
         rng = random.Random(seed)
+        captions = [data.process_caption(self.dataset.items[i].caption, cfg, rng) for i in batch]
+        share = self.team.share(batch, cfg.batch_size)
+        indices = share.indices
         latents = self.latents.encode(indices)
         items = [self.dataset.items[i] for i in indices]
-        cond = self.text.encode([data.process_caption(item.caption, cfg, rng) for item in items])
+        cond = self.text.encode(captions[share.rows])
         if cond.pooled is not None:
             cond.size_ids = self.latents.size_ids(indices)
         weights = None
         if self.has_reg:
             weights = torch.tensor([cfg.prior_loss_weight if it.is_reg else 1.0 for it in items], device=self.device)
-        return diffusion_loss(cfg, self.bundle, latents, cond, self.alphas, generator, weights)
+        loss = diffusion_loss(cfg, self.bundle, latents, cond, self.alphas, generator, weights,
+                              rows_of=(share.rows, share.total))
+        return loss if share.weight == 1.0 else loss * share.weight
 
     def run(self) -> TrainResult:
         cfg, bundle = self.cfg, self.bundle
-        self.paths.check_writable()
-        if cfg.tensorboard_dir:
-            check_writable(cfg.tensorboard_dir, "logging_dir")
+        if self.team.main:
+            self.paths.check_writable()
+            if cfg.tensorboard_dir:
+                check_writable(cfg.tensorboard_dir, "logging_dir")
         if self.paths.name != (self.resume.output_name if self.resume else cfg.output_name):
             self.callbacks.on_log(f"{self.paths.name}: a run of that name already has files; nothing is replaced")
         flags = ModuleFlags.capture([bundle.unet, *bundle.text_encoders])
@@ -153,6 +164,8 @@ class Trainer:
             lora.load_kohya(network, adapter, str(self.resume.folder))
             step, history = self.resume.step, list(self.resume.loss_history)
             self.callbacks.on_log(f"resumed from {self.resume.folder} at step {step}")
+        team = self.team
+        team.wrap(network.parameters(), self.device)
         writer = None  # made once there is something to log: a run stopped while caching leaves no log
         accumulation = cfg.gradient_accumulation_steps
         params = network.parameters()
@@ -160,28 +173,30 @@ class Trainer:
         running = torch.zeros((), device=self.device)
         window = 0
         try:
-            if not self.latents.cache_all(self.callbacks.should_stop, self.callbacks.on_log):
+            if not self.latents.cache_all(self.callbacks.should_stop, self.callbacks.on_log, team):
                 self.callbacks.on_log("stopped while caching latents; nothing was trained or written")
                 return TrainResult(None, step, self.total_steps, True, history, facts=facts)
-            writer = tensorboard_writer(cfg.tensorboard_dir, self.paths.name)
+            self.text.fill([item.caption for item in self.dataset.items], team)
+            writer = tensorboard_writer(cfg.tensorboard_dir, self.paths.name) if team.main else None
             self.callbacks.on_start(self.total_steps, step)
             batches = self.latents.prefetched(self._micro_batches(step * accumulation))
             start_time, start_step = time.time(), step
             while step < self.total_steps:
-                if self.callbacks.should_stop():
+                if team.any(self.callbacks.should_stop()):
                     stopped = True
                     break
                 for micro in range(accumulation):
-                    epoch, indices = next(batches)
-                    loss = self._loss(indices, seed=cfg.seed * 1_000_003 + step * accumulation + micro)
-                    scaler.scale(loss / accumulation).backward()
+                    epoch, batch = next(batches)
+                    with team.accumulating(sync=micro == accumulation - 1):
+                        loss = team.forward(self._loss, batch, seed=cfg.seed * 1_000_003 + step * accumulation + micro)
+                        scaler.scale(loss / accumulation).backward()
                     running += loss.detach() / accumulation
                 optimizer_step(optimizer, scheduler, scaler, params, cfg.max_grad_norm)
                 step += 1
                 window += 1
                 loss_value = None
                 if window == cfg.log_every_n_steps or step == self.total_steps:
-                    loss_value = running.item() / window  # the only host-device sync in the loop
+                    loss_value = team.mean(running).item() / window  # the only host-device sync in the loop
                     running.zero_()
                     window = 0
                     if not math.isfinite(loss_value):
@@ -189,10 +204,10 @@ class Trainer:
                                              f"{self.saver.likely_cause()}. {self.saver.kept()}")
                     history.append(loss_value)
                 self._report(step, epoch, loss_value, scheduler.get_last_lr()[0], start_time, start_step, writer)
-                if step < self.total_steps and self._checkpoint_due(step):
+                if team.main and step < self.total_steps and self._checkpoint_due(step):
                     path = self.saver.checkpoint(network, optimizer, scheduler, scaler, step, history)
                     self.callbacks.on_checkpoint(step, path)
-                if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
+                if team.main and cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
                     saved, images = sample(cfg, bundle, self.paths, step, self.sample_fn)
                     self.callbacks.on_sample(step, images)
                     samples += saved
@@ -207,7 +222,7 @@ class Trainer:
                 bundle.unet.to(memory_format=torch.contiguous_format)
         if stopped:
             self.callbacks.on_log(f"stopped at step {step}/{self.total_steps}; saving what was trained")
-        if step == 0:
+        if step == 0 or not self.team.main:
             return TrainResult(None, step, self.total_steps, stopped, history, samples, facts)
         # state first: a finished run can be resumed to train longer, and it holds the weights if the export fails
         self.saver.save_state(network, optimizer, scheduler, scaler, step, history, finished=not stopped)
@@ -239,11 +254,12 @@ class Trainer:
 
 def train(cfg: TrainConfig, bundle: ModelBundle, callbacks: TrainCallbacks | None = None,
           sample_fn: SampleFn | None = None, final_dir: str | Path | None = None,
-          dataset: data.Dataset | None = None) -> TrainResult:
+          dataset: data.Dataset | None = None, team: Team = SOLO) -> TrainResult:
     """Train a LoRA on ``bundle`` as ``cfg`` says.
 
     The final file goes to ``final_dir`` (default ``cfg.output_dir``); step files, resumable state and samples
     to ``cfg.output_dir``. Names are reserved for all of them together (run_paths.plan_run). ``dataset`` is
     ``preflight.check``'s scan of ``cfg``'s data when the caller just made it (else it is scanned here).
+    ``team``: the processes of a run launched on several (torchrun, accelerate launch); one by default.
     """
-    return Trainer(cfg, bundle, callbacks, sample_fn, final_dir, dataset).run()
+    return Trainer(cfg, bundle, callbacks, sample_fn, final_dir, dataset, team).run()
