@@ -10,11 +10,12 @@ import contextlib
 import datetime
 import functools
 import json
+import os
 import signal
 import sys
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from lora_train.quiet import silence_dependency_noise
 
@@ -57,7 +58,7 @@ def run_train(args: argparse.Namespace) -> int:
         except Exception as exc:
             if team.world == 1:
                 raise
-            return _one_report(exc, team)
+            _one_report(exc, team)
 
 
 def _train(job: Callable[[], TrainResult], callbacks: ConsoleCallbacks, main: bool = True) -> int:
@@ -75,9 +76,10 @@ def _train(job: Callable[[], TrainResult], callbacks: ConsoleCallbacks, main: bo
     return 0
 
 
-def _one_report(exc: Exception, team: Team) -> int:
+def _one_report(exc: Exception, team: Team) -> NoReturn:
     """A failure in a run on several processes: the first process to fail says it in one line (a bug adds its
-    traceback), the others stay silent; the launcher then ends them all. Exit code as ``main`` gives."""
+    traceback), the others stay silent. The process then leaves at once (exit code as ``main`` gives), without
+    the orderly goodbye to the others, who may be blocked in a collective: the launcher then ends them all."""
     expected = isinstance(exc, (ValueError, OSError))
     if team.first_to_fail():
         if not expected:
@@ -86,7 +88,8 @@ def _one_report(exc: Exception, team: Team) -> int:
         message = exc if expected else f"{type(exc).__name__}: {exc}"
         # on a line of its own: rank 0's progress bar may be on the terminal's last line
         print(f"\nerror ({where}): {message}", file=sys.stderr, flush=True)
-    return 2 if expected else 1
+    sys.stdout.flush()
+    os._exit(2 if expected else 1)
 
 
 def readable_time(value: str) -> str:

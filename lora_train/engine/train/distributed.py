@@ -82,10 +82,15 @@ class Team:
 
     def use_device(self, name: str) -> str:
         """The device this process trains on: ``auto``/``cuda`` give each process its own GPU
-        (``cuda:<local rank>``, made the current one); an explicit ``cuda:K`` or ``cpu`` is used by every process
-        as written (two processes on one GPU check the path)."""
-        if self.world == 1 or name not in ("auto", "cuda") or not torch.cuda.is_available():
+        (``cuda:<local rank>``, made the current one; with fewer GPUs than processes they share, which checks the
+        path); ``cpu`` trains every process on the CPU. One GPU named for all processes is refused."""
+        if self.world == 1 or name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
             return name
+        if name not in ("auto", "cuda"):
+            from lora_train.engine.config.checks import ConfigError
+
+            raise ConfigError("device", f"{name!r} would put every process on one device; with several processes "
+                                        "use auto (each takes its own GPU) or cpu")
         index = self.local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return f"cuda:{index}"
@@ -185,7 +190,10 @@ def started() -> Iterator[Team]:
         return
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    # NCCL wants one GPU per process; processes sharing a GPU (a check of the path) all-reduce through gloo
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    own_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= local_world
+    backend = "cpu:gloo,cuda:nccl" if own_gpus else "gloo"
     torch.distributed.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
     try:
         yield Team(rank, world, local_rank)
