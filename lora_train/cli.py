@@ -28,23 +28,23 @@ if TYPE_CHECKING:
 def run_train(args: argparse.Namespace) -> int:
     from lora_train import llm  # light; the text-generation engine loads only for an LLM config
     from lora_train.console import ConsoleCallbacks
+    from lora_train.engine.config.checks import ConfigError
     from lora_train.engine.train import distributed
 
-    if llm.is_llm_config_file(args.config, args.set):
-        if distributed.launched():
-            from lora_train.engine.config.checks import ConfigError
-
-            raise ConfigError("task_type", "text-generation trains on one process; run it without torchrun")
-        callbacks = ConsoleCallbacks()
-        return _train(functools.partial(llm.run, args.config, args.set, callbacks, merge=args.merge), callbacks)
-    from lora_train.engine import preflight
-    from lora_train.engine.config import yaml_io
-    from lora_train.engine.train.trainer import train
-    from lora_train.hosts.base_model import base_model_family
-    from lora_train.hosts.diffusers import load_model
-
-    with distributed.started() as team:
+    with distributed.started() as team:  # one process (SOLO) unless torchrun / accelerate started several
         try:
+            if llm.is_llm_config_file(args.config, args.set):
+                if team.world > 1:
+                    raise ConfigError("task_type", "text-generation trains on one process; run it without torchrun")
+                callbacks = ConsoleCallbacks()
+                return _train(functools.partial(llm.run, args.config, args.set, callbacks, merge=args.merge),
+                              callbacks)
+            from lora_train.engine import preflight
+            from lora_train.engine.config import yaml_io
+            from lora_train.engine.train.trainer import train
+            from lora_train.hosts.base_model import base_model_family
+            from lora_train.hosts.diffusers import load_model
+
             cfg = yaml_io.load(args.config, args.set)
             if cfg.multi_gpu and not distributed.under_launcher():
                 from lora_train import launcher

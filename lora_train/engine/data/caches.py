@@ -38,13 +38,14 @@ class LatentCache:
         self.loader = None if self.caching else ThreadPoolExecutor(max_workers=2, thread_name_prefix="lora-images")
         self.pending: dict[int, Future] = {}
 
-    def prefetched(self, batches: Batches) -> Batches:
-        """Without a latent cache, decode the next batch's images in a thread while this step trains."""
+    def prefetched(self, batches: Batches, mine: Callable[[list[int]], list[int]] = list) -> Batches:
+        """Without a latent cache, decode the next batch's images in a thread while this step trains; only
+        ``mine(batch)``, the images this process trains of it."""
         upcoming = next(batches)
         while True:
             current, upcoming = upcoming, next(batches)
             if self.loader is not None:
-                for index in upcoming[1]:
+                for index in mine(upcoming[1]):
                     if index not in self.pending:
                         self.pending[index] = self.loader.submit(data.load_pixels, self.dataset.items[index])
             yield current

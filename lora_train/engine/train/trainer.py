@@ -179,7 +179,8 @@ class Trainer:
             self.text.fill([item.caption for item in self.dataset.items], team)
             writer = tensorboard_writer(cfg.tensorboard_dir, self.paths.name) if team.main else None
             self.callbacks.on_start(self.total_steps, step)
-            batches = self.latents.prefetched(self._micro_batches(step * accumulation))
+            batches = self.latents.prefetched(self._micro_batches(step * accumulation),
+                                              lambda batch: team.share(batch, cfg.batch_size).indices)
             start_time, start_step = time.time(), step
             while step < self.total_steps:
                 if team.any(self.callbacks.should_stop()):
