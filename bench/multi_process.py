@@ -54,12 +54,13 @@ def _arch(model: str):
 
 def worker(args: argparse.Namespace) -> None:
     """One process of a run (torchrun started it): train and, on rank 0, print the timing as JSON."""
+    from lora_train.engine.devices import pick_device
     from lora_train.engine.train import distributed
     from lora_train.engine.train.trainer import Trainer
     from lora_train.hosts.diffusers import build_random
 
     with distributed.started() as team, tempfile.TemporaryDirectory() as out:
-        device = torch.device(team.use_device("auto"))
+        device = pick_device(team.use_device("auto"))
         precision = args.precision if device.type == "cuda" else "no"
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         arch = _arch(args.model)

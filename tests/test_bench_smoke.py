@@ -53,3 +53,15 @@ def test_gpu_step_counts_flops_anywhere(capsys):
 def test_gpu_step_exits_cleanly_without_cuda(capsys):
     assert gpu_step.main(["--skip-sdxl"]) == []
     assert "CUDA is not available" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_multi_process_prints_samples_per_second_for_1_and_2_processes(capsys):
+    from bench import multi_process
+
+    results = multi_process.main(["--steps", "1", "--warmup", "1", "--images", "4"])
+    out = capsys.readouterr().out
+    assert [r["processes"] for r in results] == [1, 2] and all(r["samples"] > 0 for r in results)
+    assert "| 2 | 4 |" in out
+    if not torch.cuda.is_available():
+        assert "no GPU" in out
