@@ -92,14 +92,43 @@ class FIFOLikeLock:
         self.release()
 
 
+class FakeNetworkOnDisk:
+    """extensions-builtin/Lora/network.py's entry: name, filename, alias (``ss_output_name``); reading a file's
+    header and hash cache takes a moment, as there."""
+
+    def __init__(self, name: str, filename: str) -> None:
+        time.sleep(0.01)
+        self.name, self.filename = name, filename
+        self.alias = json.loads(Path(filename).with_suffix(".alias").read_text()) if Path(filename).with_suffix(
+            ".alias").exists() else name
+
+
 class FakeNetworks(types.ModuleType):
-    def __init__(self) -> None:
+    """extensions-builtin/Lora/networks.py as A1111, reForge and Forge Classic have it: the module-level dicts, the
+    ``network`` module, and a rescan that clears the list and then rebuilds it file by file."""
+
+    def __init__(self, lora_dir: Path) -> None:
         super().__init__("networks")
+        self.lora_dir = lora_dir
         self.loaded_networks = ["some_lora"]
+        self.available_networks: dict[str, FakeNetworkOnDisk] = {}
+        self.available_network_aliases: dict[str, FakeNetworkOnDisk] = {}
+        self.forbidden_network_aliases: dict[str, int] = {}
+        self.network = SimpleNamespace(NetworkOnDisk=FakeNetworkOnDisk)
         self.rescans = 0
 
     def list_available_networks(self) -> None:
         self.rescans += 1
+        self.available_networks.clear()
+        self.available_network_aliases.clear()
+        self.forbidden_network_aliases.clear()
+        for filename in sorted(self.lora_dir.rglob("*.safetensors")):
+            entry = FakeNetworkOnDisk(filename.stem, str(filename))
+            self.available_networks[entry.name] = entry
+            if entry.alias in self.available_network_aliases:
+                self.forbidden_network_aliases[entry.alias.lower()] = 1
+            self.available_network_aliases[entry.name] = entry
+            self.available_network_aliases[entry.alias] = entry
 
 
 def _namespace(tmp_path: Path, model, **cmd) -> SimpleNamespace:
@@ -145,7 +174,7 @@ def _namespace(tmp_path: Path, model, **cmd) -> SimpleNamespace:
         setattr(modules, name, value)
     return SimpleNamespace(modules=modules, parts=parts, shared=shared, lock=lock, callbacks=callbacks,
                            options=options, lora_dir=lora_dir, webui=webui, samples=samples,
-                           networks=FakeNetworks())
+                           networks=FakeNetworks(lora_dir))
 
 
 @pytest.fixture(scope="module")
@@ -223,12 +252,41 @@ def test_train_on_the_loaded_model_into_the_lora_folder(webui, sd1_model) -> Non
     assert ns.shared.state.events == ["begin:LoRA training", "end"]
     assert any("step 4/4" in text for text in ns.shared.state.texts)
     assert [s["steps"] for s in ns.samples] == [3, 3] and ns.samples[0]["width"] == 64
-    assert ns.networks.loaded_networks == [] and ns.networks.rescans == 1
+    assert ns.networks.loaded_networks == [] and ns.networks.available_networks["shapes"].filename == str(output)
     assert not ns.lock.held
     snapshot.verify()
     # the same name again never overwrites
     again = client.post("/lora-train/v1/jobs", json={**body, "sample_every_n_steps": 0, "max_train_steps": 1})
     assert _wait(client, again.json()["id"])["output"] == str(ns.lora_dir / "shapes-2.safetensors")
+
+
+def test_done_means_listed_every_lora_stays_listed_meanwhile(webui) -> None:
+    """A client that reads the Lora list the moment a job says done finds the new LoRA and every one from before:
+    the list is added to in place, never cleared and rebuilt (which a reader in between would see empty)."""
+    ns, client = webui()
+    for name in ("old-a", "old-b", "shapes"):
+        (ns.lora_dir / f"{name}.safetensors").write_bytes(b"x")
+    ns.networks.list_available_networks()
+    (ns.lora_dir / "shapes.safetensors").unlink()  # deleted by the user, still listed until the next rescan
+    before = set(ns.networks.available_networks)
+    replaced = ns.networks.available_networks["shapes"]
+    body = {**SMALL, "train_data_dir": str(ns.data), "max_train_steps": 1}
+    seen: list[set[str]] = []
+    for name in ("shapes", "fresh"):  # a name listed before, then a new one
+        job = ns.glue.RUNNER.get(client.post("/lora-train/v1/jobs", json={**body, "output_name": name}).json()["id"])
+        while job.state != "done":
+            assert job.state in ("queued", "waiting", "running"), job.log
+            time.sleep(0.0005)
+        for _ in range(100):  # every 2 ms for 0.2 s from the moment it said done
+            seen.append(set(ns.networks.available_networks))
+            time.sleep(0.002)
+        job.done_event.wait(30)
+    assert all(listed >= before for listed in seen), "a LoRA listed before was missing while the job said done"
+    assert all("fresh" in listed for listed in seen[100:]), "the new LoRA was not listed when the job said done"
+    entry = ns.networks.available_networks["shapes"]
+    assert entry is not replaced and entry.filename == str(ns.lora_dir / "shapes.safetensors")
+    assert ns.networks.available_network_aliases["shapes"] is entry and not ns.networks.forbidden_network_aliases
+    assert ns.networks.rescans == 1, "the job rescanned the whole Lora folder"
 
 
 def test_a_failing_txt2img_preview_falls_back_to_the_engine_sampler(webui) -> None:

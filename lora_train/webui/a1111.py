@@ -22,6 +22,7 @@ from lora_train.engine.model import ModelBundle
 from lora_train.engine.train.samples import SampleFn
 from lora_train.hosts.ldm import LdmBundle
 from lora_train.hosts.ldm_embedders import detect_family
+from lora_train.webui.builtin_lora import list_lora
 from lora_train.webui.host_detect import LoadedModel, detect_host
 from lora_train.webui.host_snapshot import HostSnapshot
 from lora_train.webui.jobs import HostError, Job, JobRunner, TrainHost
@@ -179,17 +180,17 @@ class WebUIHost(TrainHost):
     def interrupted(self) -> bool:
         return bool(getattr(self.state, "interrupted", False))
 
-    def finished(self, job: Job) -> None:
-        """Rescan models/Lora so the new card shows and ``<lora:name>`` resolves even for a replaced name."""
+    def list_output(self, job: Job) -> None:
+        """Add the new LoRA to the Lora list in place, so its card shows and ``<lora:name>`` resolves (also for a
+        replaced name) without the list ever being empty. The queue lock is already held (inside ``session``)."""
         networks = self.networks()
-        refresh = getattr(networks, "list_available_networks", None) if networks is not None else None
-        if refresh is None:
+        if networks is None or job.output is None:
             return
-        with self.queue_lock:
-            try:
-                refresh()
-            except Exception as exc:  # noqa: BLE001 - a failed rescan must not turn a good run into a failure
-                job.add_log(f"could not refresh the Lora list ({exc}); press the refresh button in Lora tab")
+        try:
+            list_lora(networks, job.output)
+        except Exception as exc:  # noqa: BLE001 - a failed listing must not turn a good run into a failure
+            job.add_log(f"could not add {job.output.name} to the Lora list ({exc}); press the refresh button in "
+                        "the Lora tab")
 
 
 def _untrainable_storage(shared: Any, model: Any) -> str | None:

@@ -87,8 +87,12 @@ class TrainHost:
         """True when the host asks to stop (the WebUI's Interrupt button)."""
         return False
 
-    def finished(self, job: Job) -> None:
-        """After the output is published (refresh the WebUI's Lora list)."""
+    def list_output(self, job: Job) -> None:
+        """Make the published LoRA ``job.output`` visible where the host lists LoRAs (the WebUI's Lora list).
+
+        Called inside ``session`` (the GPU lock still held) and before the job says done, so "done" means the file,
+        its card and its listing are all in place for whoever looks next.
+        """
 
 
 @dataclass
@@ -275,8 +279,9 @@ class JobRunner:
             with self.host.session(job.cfg, job) as (bundle, sample_fn):
                 job.state = "running"
                 result = train(job.cfg, bundle, _JobCallbacks(job, self.host), sample_fn, final_dir=job.output_root)
-                family, model_name = bundle.family, bundle.model_name
-            job.output = publish(job, result, family, model_name)
+                job.output = publish(job, result, bundle.family, bundle.model_name)
+                if job.output is not None:
+                    self.host.list_output(job)
             job.state = "stopped" if result.stopped else "done"
             job.add_log(f"{job.state}: {result.steps}/{result.total_steps} steps -> {job.output}")
         except Exception as exc:  # noqa: BLE001 - every failure must reach the UI, not die with the thread
@@ -287,7 +292,4 @@ class JobRunner:
             traceback.print_exc()
         finally:
             job.finished_at = time.time()
-            try:
-                self.host.finished(job)
-            finally:
-                job.done_event.set()
+            job.done_event.set()

@@ -19,6 +19,7 @@ from webui_client import TXT2IMG, WebUI, kohya_modules, published, train_body
 
 STEPS = 6
 PROMPT = "acceptok, a photo of a cat"
+LIST_WATCH_S = 2.0
 
 
 @dataclass
@@ -34,6 +35,9 @@ class Run:
     image_before: np.ndarray
     # the txt2img sent while the job trained: its HTTP status and the job's step when it was sent and returned
     during: dict[str, Any] = field(default_factory=dict)
+    # the Lora list before the job, and as read every few ms from the moment the job said done
+    listed_before: set[str] = field(default_factory=set)
+    listed_after_done: list[set[str]] = field(default_factory=list)
 
 
 def _txt2img_while_training(webui: WebUI, job_id: str, record: dict[str, Any]) -> None:
@@ -49,6 +53,7 @@ def _txt2img_while_training(webui: WebUI, job_id: str, record: dict[str, Any]) -
 def run(webui: WebUI, dataset, run_id: str) -> Run:
     name = f"{run_id}-api"
     entries_before = webui.lora_entries()
+    listed_before = set(webui.lora_names())
     hash_before = webui.base_hash()
     image_before = webui.txt2img(PROMPT, "api-A-before-training")
     body = train_body(dataset, name, STEPS, sample_prompts=["acceptok"], sample_every_n_steps=STEPS, sample_steps=2)
@@ -69,10 +74,16 @@ def run(webui: WebUI, dataset, run_id: str) -> Run:
 
     final = webui.wait(job_id, watch)
     webui.timings[f"API job, {STEPS} steps + preview (submit to done)"] = round(time.monotonic() - start, 1)
+    listed_after_done = []
+    done_at = time.monotonic()  # read the list as a client would right after "done", also while the txt2img
+    while time.monotonic() < done_at + LIST_WATCH_S or (sender and sender[0].is_alive()):  # sent mid-run ends
+        listed_after_done.append(set(webui.lora_names()))
+        time.sleep(0.005)
     if sender:
         sender[0].join(600)
     return Run(name=final["name"], final=final, steps_seen=steps, entries_before=entries_before,
-               entries_after=webui.lora_entries(), hash_before=hash_before, image_before=image_before, during=during)
+               entries_after=webui.lora_entries(), hash_before=hash_before, image_before=image_before, during=during,
+               listed_before=listed_before, listed_after_done=listed_after_done)
 
 
 def test_job_trains_every_step_and_finishes(run: Run) -> None:
@@ -104,6 +115,18 @@ def test_nothing_else_appears_under_models_lora(run: Run) -> None:
 
 def test_listed_by_the_webui_without_restart(run: Run, webui: WebUI) -> None:
     assert run.name in webui.lora_names()
+
+
+def test_listed_the_moment_the_job_says_done_and_nothing_else_drops_out(run: Run) -> None:
+    """The Lora list read every few ms from "done" on always holds the new LoRA and every LoRA listed before."""
+    want = run.listed_before | {run.name}
+    short = [sorted(want - listed) for listed in run.listed_after_done if not want <= listed]
+    assert run.listed_after_done and not short, f"{len(short)} of {len(run.listed_after_done)} reads lacked {short[:3]}"
+
+
+def test_the_log_says_nothing_was_undone_after_a_plain_generation(run: Run) -> None:
+    """The job trained right after a generation without <lora:…>: there was no merge to undo, so none is reported."""
+    assert not [line for line in run.final["log"] if "] undid the " in line], run.final["log"]
 
 
 def test_lora_changes_the_image_and_the_next_plain_image_is_the_original(run: Run, webui: WebUI) -> None:
