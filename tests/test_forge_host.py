@@ -216,6 +216,38 @@ def test_job_right_after_a_lora_generation_trains_and_leaves_forge_as_it_was(tmp
     assert torch.equal(plain_output(model), plain)
 
 
+def script_clone_generation(model: torch.nn.Module, manager: ModelManagement) -> None:
+    """A plain generation with an always-on script (FreeU, RescaleCFG, ...): the UNet's patcher is a clone with
+    model options but no weight patches, and it stays in ``forge_objects`` afterwards."""
+    model.forge_objects.unet = model.forge_objects_original.unet.clone({})
+    with torch.inference_mode():
+        manager.load_models_gpu([model.forge_objects.unet])
+
+
+def a1111_after_a_lora_then_a_plain_generation() -> torch.nn.Module:
+    """What A1111's Lora extension leaves after ``<lora:…>`` then a plain prompt: backups kept, weights restored."""
+    model = M.tiny_sd1()
+    for module in model.model.diffusion_model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.network_weights_backup = module.weight.to("cpu", copy=True)
+            module.network_bias_backup = None if module.bias is None else module.bias.to("cpu", copy=True)
+            module.network_current_names = ()
+    return model
+
+
+@pytest.mark.parametrize("host", ["a1111", "forge"])
+def test_the_log_says_a_merge_was_undone_only_when_one_was(tmp_path, dataset_dir, host) -> None:
+    if host == "forge":
+        model, manager = forge_model(), ModelManagement()
+        script_clone_generation(model, manager)
+    else:
+        model, manager = a1111_after_a_lora_then_a_plain_generation(), None
+    runner = _runner(_host(model, manager, SimpleNamespace(loaded_networks=[])), tmp_path)
+    job = runner.submit({**SMALL, "train_data_dir": str(dataset_dir), "max_train_steps": 1})
+    assert job.done_event.wait(120) and job.state == "done", (job.error, job.log[-10:])
+    assert not [line for line in job.log if "undid" in line]
+
+
 def test_without_the_out_of_place_patch_forge_classic_blocks_fail_to_train(tmp_path, dataset_dir, monkeypatch) -> None:
     monkeypatch.setattr(ForgeModel, "run_scope", lambda self, model, log: nullcontext())  # training as before #15
     runner = _runner(_host(forge_model(), ModelManagement()), tmp_path)

@@ -56,21 +56,24 @@ class ForgeModel:
             loaded.clear()
         objects, original = sd_model.forge_objects, sd_model.forge_objects_original
         swapped = objects.unet is not original.unet or objects.clip is not original.clip
+        # a merge is in the weights (generations run under inference mode); a swapped patcher alone is not one:
+        # always-on scripts (FreeU, RescaleCFG, ...) clone the UNet's patcher in every generation
+        merged = _has_inference_weights(sd_model)
         objects.unet, objects.clip = original.unet, original.clip
         sd_model.current_lora_hash = str([])
         sd_model.forge_objects_after_applying_lora = objects.shallow_copy()
         manager = self.model_management()
         if manager is None:
-            if swapped or _has_inference_weights(sd_model):
+            if swapped or merged:
                 raise HostError(NO_MEMORY_MANAGER)
             return
         # the text encoder and VAE too: training runs them, and Forge keeps what is not loaded on its offload device
         extra = [getattr(getattr(objects, part, None), "patcher", None) for part in ("clip", "vae")]
         manager.load_models_gpu([objects.unet] + [patcher for patcher in extra if patcher is not None])
-        if swapped:
-            log("undid the <lora:…> merge of the last generation (Forge's patchers put back and reloaded)")
         if _has_inference_weights(sd_model):
             raise HostError(STILL_MERGED)
+        if merged:
+            log("undid the <lora:…> merge of the last generation (Forge's patchers put back and reloaded)")
 
     @contextmanager
     def run_scope(self, sd_model: nn.Module, log: Callable[[str], None]) -> Iterator[None]:
