@@ -378,6 +378,18 @@ def test_bad_fields_answer_422_naming_the_field(webui, body, field) -> None:
     assert field in response.json()["detail"]["message"] or field == "preset"
 
 
+# the CLI's sentence
+ESCAPE_REFUSED = "config key 'output_name': '../escape' must be a plain file name without path separators"
+
+
+def test_an_output_name_with_a_path_is_refused_as_the_cli_refuses_it(webui) -> None:
+    ns, client = webui()
+    response = client.post("/lora-train/v1/jobs", json={"train_data_dir": str(ns.data), "output_name": "../escape"})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == {"field": "output_name", "message": ESCAPE_REFUSED}
+    assert ns.glue.RUNNER.jobs == {}
+
+
 def test_no_model_loaded_starts_nothing(webui) -> None:
     ns, client = webui(model=None)
     response = client.post("/lora-train/v1/jobs", json={"train_data_dir": str(ns.data)})

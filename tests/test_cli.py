@@ -156,3 +156,9 @@ def test_bad_llm_record_exits_2_naming_its_line(tmp_path):
     result = run("train", "--config", "examples/llm/tiny.yaml", "--set", f"train_data_dir={data}",
                  "--set", f"output_dir={tmp_path}")
     assert result.returncode == 2 and f"{data}:2" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_output_name_with_a_path_is_refused_naming_the_key() -> None:
+    result = run("train", "--config", "examples/tiny.yaml", "--set", "output_name=../escape")
+    refused = "config key 'output_name': '../escape' must be a plain file name without path separators"
+    assert result.returncode == 2 and refused in result.stderr, result.stderr

@@ -88,9 +88,11 @@ def test_outputs_only_in_the_lora_and_run_folders(tmp_path: Path) -> None:
 
 def test_prepare_config_puts_outputs_in_the_run_folder_and_checks_every_path(tmp_path: Path, dataset_dir) -> None:
     policy = PathPolicy(output_root=tmp_path / "Lora", input_roots=[dataset_dir.parent], work_root=tmp_path / "runs")
-    cfg = prepare_config({"train_data_dir": str(dataset_dir), "output_name": "../evil", "output_dir": "/etc"}, policy)
-    assert Path(cfg.output_dir) == tmp_path / "runs"
-    assert "/" not in cfg.output_name and ".." not in cfg.output_name
+    cfg = prepare_config({"train_data_dir": str(dataset_dir), "output_name": "con", "output_dir": "/etc"}, policy)
+    assert Path(cfg.output_dir) == tmp_path / "runs" and cfg.output_name == "_con"
+    with pytest.raises(ConfigError) as refused:  # a path as the name: refused as the CLI refuses it, not renamed
+        prepare_config({"train_data_dir": str(dataset_dir), "output_name": "../evil"}, policy)
+    assert refused.value.key == "output_name"
     for key in ("reg_data_dir", "network_weights", "metadata_path", "resume"):
         with pytest.raises(PathNotAllowed) as info:
             prepare_config({"train_data_dir": str(dataset_dir), key: "/etc/passwd"}, policy)

@@ -283,6 +283,14 @@ def test_the_live_view_follows_a_job_started_with_train_to_the_snippet(app, data
     assert "learning_rate" in message and len(runner.jobs) == 1
 
 
+def test_an_output_name_with_a_path_is_refused_in_the_tab_as_in_the_cli(app, dataset_dir: Path) -> None:
+    demo, runner = app
+    _, message = _fns(demo)["start"](*_small_run(dataset_dir, output_name="../escape"))
+    # the CLI's sentence
+    refused = "config key 'output_name': '../escape' must be a plain file name without path separators"
+    assert message == f"⚠️ {refused}" and runner.jobs == {}
+
+
 def test_stop_button_stops_a_running_job_and_keeps_the_lora(app, dataset_dir: Path) -> None:
     demo, runner = app
     fns = _fns(demo)

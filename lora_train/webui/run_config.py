@@ -23,11 +23,14 @@ def prepare_config(data: dict[str, Any] | TrainConfig, policy: PathPolicy) -> Tr
     (never overwriting); resumable state, step checkpoints and samples go to the run root (``<name>-state/``,
     ``<name>-stepN.safetensors``, ``sample/``), which the policy keeps out of the WebUI's Lora folder. A caption
     ``metadata.csv`` in the dataset folder is used when no ``metadata_path`` is given. Everything that can be
-    wrong with a path is found here, before a job starts, with the config key it came from.
+    wrong with a path is found here, before a job starts, with the config key it came from; an ``output_name``
+    naming a path is refused with the CLI's sentence, an empty one becomes "lora".
     """
-    raw_name = data.output_name if isinstance(data, TrainConfig) else str(data.get("output_name") or "")
-    name = sanitize_name(raw_name, fallback="lora")
-    cfg = data if isinstance(data, TrainConfig) else yaml_io.from_dict({**data, "output_name": name})
+    # a name with a path in it ("../x") is refused by the config's own check, as the CLI refuses it; what is left
+    # to clean is what a file system would trip on (reserved device names, trailing dots, length)
+    cfg = data if isinstance(data, TrainConfig) else yaml_io.from_dict(
+        {**data, "output_name": str(data.get("output_name") or "").strip() or "lora"})
+    name = sanitize_name(cfg.output_name, fallback="lora")
     if not cfg.train_data_dir:
         raise ConfigError("train_data_dir", "pick the folder with your training images")
     changes: dict[str, Any] = {}

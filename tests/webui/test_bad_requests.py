@@ -25,6 +25,14 @@ def test_unknown_config_key_is_422_naming_it(webui: WebUI, dataset: Path, run_id
     assert "lerning_rate" in reply.detail()["message"], reply.body
 
 
+def test_output_name_with_a_path_is_422_naming_it_as_the_cli_does(webui: WebUI, dataset: Path) -> None:
+    reply = webui.submit(train_body(dataset, "../escape", 1))
+    webui.settle(reply)
+    assert reply.status == 422, f"HTTP {reply.status} {reply.body}"
+    assert reply.detail() == {"field": "output_name", "message": "config key 'output_name': '../escape' must be a "
+                              "plain file name without path separators"}, reply.body
+
+
 @pytest.mark.parametrize(("key", "outside"), [("train_data_dir", "/etc"), ("reg_data_dir", "/usr/share")])
 def test_path_outside_the_allowed_folders_is_403_naming_the_key(
     webui: WebUI, dataset: Path, run_id: str, key: str, outside: str
