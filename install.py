@@ -7,25 +7,34 @@ The WebUI path needs only peft on top of the WebUI's venv (0.13.2: later ones ne
 rest is installed only when missing, which in a WebUI venv it never is. After installing, the engine modules
 the WebUI loads are imported in a fresh interpreter; if they fail, what was just added is uninstalled again.
 When nothing is missing it is a fast no-op: metadata look-ups, no pip. Prints one line.
+
+Users' venvs are often inconsistent already (an extension pinned something; `pip check` complains), and pip's
+resolver then refuses any install that touches the complaining package, even where the new one needs nothing
+changed. So the resolver is used only for what is really missing: each requirement's wheel is fetched without
+its dependencies, its declared dependencies are compared with what is installed (``importlib.metadata`` and
+``packaging``), and when all are there at versions it accepts, the wheel goes in with ``--no-deps``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.parser
 import importlib
 import importlib.metadata
 import io
-import os
 import re
 import subprocess
 import sys
 import tempfile
 import traceback
+import zipfile
 from pathlib import Path
 
 try:
+    from packaging.requirements import InvalidRequirement, Requirement
     from packaging.version import InvalidVersion, Version
 except ImportError:  # a bare venv: pip always carries its own copy
+    from pip._vendor.packaging.requirements import InvalidRequirement, Requirement
     from pip._vendor.packaging.version import InvalidVersion, Version
 
 PREFIX = "[sd-webui-lora-train]"
@@ -94,14 +103,15 @@ def _pip_error(output: str) -> str:
     return reason.removeprefix("ERROR:").strip().rstrip(".")
 
 
-def pip_install(args: list[str], desc: str) -> str | None:
-    """``pip install`` through the WebUI's runner when there is one (it honours INDEX_URL and --skip-install)."""
+def pip_install(args: list[str], desc: str, verb: str = "install") -> str | None:
+    """``pip install`` (or ``verb``) through the WebUI's runner when there is one (it honours INDEX_URL and
+    --skip-install); None on success, else pip's reason in one line."""
     launch = _webui_launch()
     if launch is None:
-        return python_pip(["install", *args])
+        return python_pip([verb, *args])
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # its "Installing ..." line: ours is the one line
-            launch.run_pip("install " + " ".join(f'"{a}"' for a in args), f"sd-webui-lora-train: {desc}")
+            launch.run_pip(f"{verb} " + " ".join(f'"{a}"' for a in args), f"sd-webui-lora-train: {desc}")
     except Exception as exc:  # noqa: BLE001 - run_pip raises RuntimeError carrying pip's output
         return _pip_error(str(exc))
     return None
@@ -147,17 +157,87 @@ def import_failure() -> tuple[str, str] | None:
     return package, detail
 
 
+def wheel_metadata(wheel: Path) -> tuple[str, str, list[str]]:
+    """(name, version, Requires-Dist lines) from a wheel's ``*.dist-info/METADATA``."""
+    with zipfile.ZipFile(wheel) as archive:
+        member = next(n for n in archive.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
+        meta = email.parser.Parser().parsestr(archive.read(member).decode("utf-8"))
+    return meta["Name"], meta["Version"], meta.get_all("Requires-Dist") or []
+
+
+def _accepts(requirement: Requirement, version: str) -> bool:
+    try:
+        return requirement.specifier.contains(version, prereleases=True)
+    except InvalidVersion:  # a version that is not PEP 440: no specifier can be checked against it
+        return not str(requirement.specifier)
+
+
+def unmet_dependencies(wheels: list[Path], installed: dict[str, str]) -> tuple[list[str], list[str]]:
+    """What the wheels declare that the venv (with the wheels added) lacks: (missing requirements, conflicts).
+
+    A conflict is a dependency installed at a version the wheel does not accept ("accelerate>=0.21.0 (0.20.0 is
+    installed)"); install.py never changes an installed package, so nothing can fix it here.
+    """
+    metas = [wheel_metadata(wheel) for wheel in wheels]
+    available = {**installed, **{canonical(name): version for name, version, _ in metas}}
+    missing: list[str] = []
+    conflicts: list[str] = []
+    for name, version, requires in metas:
+        for line in requires:
+            try:
+                requirement = Requirement(line)
+            except InvalidRequirement:
+                missing.append(line)  # let pip read it
+                continue
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue  # an optional extra, or another platform's
+            have = available.get(canonical(requirement.name))
+            if have is None or requirement.extras:
+                missing.append(str(requirement))
+            elif not _accepts(requirement, have):
+                conflicts.append(f"{name} {version} needs {requirement} ({have} is installed)")
+    return list(dict.fromkeys(missing)), conflicts
+
+
+def fetch_wheels(requirements: list[str], folder: Path) -> list[Path] | None:
+    """The wheels of ``requirements`` alone (no dependencies), downloaded into ``folder``; None when pip cannot."""
+    if pip_install(["--no-deps", "--only-binary=:all:", "-d", str(folder), *requirements], ", ".join(requirements),
+                   verb="download") is not None:
+        return None
+    wheels = sorted(folder.glob("*.whl"))
+    return wheels if len(wheels) == len(requirements) else None
+
+
+def add(requirements: list[str], constraints: Path, before: dict[str, str], folder: Path) -> str | None:
+    """Install ``requirements`` without changing anything in ``before``; None, or what went wrong in one line.
+
+    Where each requirement's dependencies are all installed at versions it accepts, its wheel goes in with
+    ``--no-deps``: pip's resolver would also check the installed packages' own requirements, and refuse because
+    of a conflict the venv already had. Dependencies that are missing go in first with the resolver (everything
+    installed pinned). When the wheels cannot be fetched alone, the resolver does all of it, as it would anyway.
+    """
+    wanted = ", ".join(requirements)
+    wheels = fetch_wheels(requirements, folder)
+    if wheels is None:
+        error = pip_install([*requirements, "-c", str(constraints)], wanted)
+        return f"pip could not add {wanted} without changing installed packages: {error}" if error else None
+    missing, conflicts = unmet_dependencies(wheels, before)
+    if conflicts:
+        return f"{'; '.join(conflicts)}, and install.py never changes an installed package"
+    if missing and (error := pip_install([*missing, "-c", str(constraints)], ", ".join(missing))):
+        return f"pip could not add {', '.join(missing)} (needed by {wanted}) without changing installed " \
+            f"packages: {error}"
+    error = pip_install(["--no-deps", *map(str, wheels), "-c", str(constraints)], wanted)
+    return f"pip could not add {wanted}: {error}" if error else None
+
+
 def install(requirements: list[str], before: dict[str, str]) -> tuple[bool, str]:
     """Install ``requirements`` with everything in ``before`` pinned; undo it if anything went wrong."""
-    handle, path = tempfile.mkstemp(prefix="lora-train-constraints-", suffix=".txt")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write("\n".join(constraint_lines(before)) + "\n")
-        error = pip_install([*requirements, "-c", path], ", ".join(requirements))
-    finally:
-        os.unlink(path)
-    problem = f"pip could not add {', '.join(requirements)} without changing installed packages: {error}" \
-        if error else None
+    with tempfile.TemporaryDirectory(prefix="lora-train-install-") as work:
+        constraints = Path(work) / "constraints.txt"
+        constraints.write_text("\n".join(constraint_lines(before)) + "\n", encoding="utf-8")
+        (Path(work) / "wheels").mkdir()
+        problem = add(requirements, constraints, before, Path(work) / "wheels")
     if problem is None and (broken := import_failure()) is not None:
         problem = f"with {', '.join(requirements)} added the extension does not import ({broken[0]}: {broken[1]})"
     after = installed_distributions()

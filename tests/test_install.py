@@ -11,10 +11,13 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import sysconfig
 import types
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,7 +30,15 @@ INSTALL = ROOT / "install.py"
 # what a WebUI venv holds, odd entries included: a CUDA local version, a URL install, '_' and '.' in names
 WEBUI = {"torch": "2.1.2+cu121", "transformers": "4.30.2", "protobuf": "3.20.0", "huggingface-hub": "0.36.2",
          "clip": "1.0", "typing-extensions": "4.16.0", "zope-interface": "7.2", "safetensors": "0.4.2",
-         "pyyaml": "6.0.4", "tqdm": "4.70.1", "open-clip-torch": "2.20.0"}
+         "pyyaml": "6.0.4", "tqdm": "4.70.1", "open-clip-torch": "2.20.0", "numpy": "1.26.2", "packaging": "26.4",
+         "psutil": "5.9.5", "accelerate": "0.21.0"}
+# Requires-Dist of peft 0.13.2 as its wheel's METADATA has them (PyPI, peft-0.13.2-py3-none-any.whl)
+PEFT_REQUIRES = ["numpy>=1.17", "packaging>=20.0", "psutil", "pyyaml", "torch>=1.13.0", "transformers", "tqdm",
+                 "accelerate>=0.21.0", "safetensors", "huggingface-hub>=0.17.0", 'black; extra == "dev"',
+                 'pytest; extra == "test"', 'diffusers<0.21.0; extra == "test"']
+# pip's refusal in the reForge build, whose torch wants a setuptools the venv does not have (pip check says so)
+INCONSISTENT = ("ERROR: Cannot install torch==2.14.1 because these package versions have conflicting "
+                "dependencies.\nERROR: ResolutionImpossible: for help visit https://pip.pypa.io")
 
 
 def _load(path: Path = INSTALL):
@@ -38,13 +49,30 @@ def _load(path: Path = INSTALL):
     return module
 
 
-class FakeVenv:
-    """The venv install.py sees: ``run_pip`` adds ``adds`` (or fails with ``pip_output``); uninstall removes."""
+def fake_wheel(folder: Path, name: str, version: str, requires: list[str]) -> Path:
+    """A wheel holding only its METADATA, named as pip names wheels."""
+    path = folder / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
+    metadata = "".join(f"Requires-Dist: {line}\n" for line in requires)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(f"{name.replace('-', '_')}-{version}.dist-info/METADATA",
+                         f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{metadata}")
+    return path
 
-    def __init__(self, monkeypatch, installed: dict[str, str], adds: dict[str, str], pip_output: str = ""):
+
+class FakeVenv:
+    """The venv install.py sees, and pip over it (``launch.run_pip``).
+
+    ``download --no-deps`` writes the wheels of ``index`` (name -> version, Requires-Dist); ``install --no-deps``
+    adds wheels as they are; the resolver (``install`` without ``--no-deps``) adds ``adds``, or fails with
+    ``pip_output`` (``refuses`` limits that to resolver runs naming one of those requirements). Uninstall removes.
+    """
+
+    def __init__(self, monkeypatch, installed: dict[str, str], adds: dict[str, str], pip_output: str = "",
+                 index: dict[str, tuple[str, list[str]]] | None = None, refuses: tuple[str, ...] = ()):
         self.installed = dict(installed)
-        self.adds, self.pip_output = adds, pip_output
-        self.pip_calls: list[tuple[str, str]] = []
+        self.adds, self.pip_output, self.refuses = adds, pip_output, refuses
+        self.index = {"peft": ("0.13.2", PEFT_REQUIRES), **(index or {})}
+        self.pip_calls: list[tuple[str, str]] = []  # (command, constraints file text)
         self.uninstalled: list[str] = []
         self.install = _load()
         launch = types.ModuleType("launch")
@@ -54,10 +82,39 @@ class FakeVenv:
         monkeypatch.setattr(self.install, "python_pip", self.python_pip)
         monkeypatch.setattr(self.install, "import_failure", lambda: None)
 
+    @property
+    def resolver_calls(self) -> list[list[str]]:
+        """The requirements of each pip install that ran the resolver."""
+        calls = [shlex.split(command) for command, _ in self.pip_calls]
+        return [[a for a in args[1:args.index("-c")]] for args in calls if args[0] == "install" and
+                "--no-deps" not in args]
+
+    @property
+    def no_deps_installs(self) -> list[list[str]]:
+        """The wheel file names of each ``pip install --no-deps``."""
+        calls = [shlex.split(command) for command, _ in self.pip_calls]
+        return [[Path(a).name for a in args[2:args.index("-c")]] for args in calls if args[:2] == ["install",
+                                                                                                   "--no-deps"]]
+
     def run_pip(self, command: str, desc: str = "") -> None:
-        path = command.split(' "-c" ')[1].strip('"')
-        self.pip_calls.append((command, Path(path).read_text()))
-        if self.pip_output:
+        args = shlex.split(command)
+        constraints = Path(args[args.index("-c") + 1]).read_text() if "-c" in args else ""
+        self.pip_calls.append((command, constraints))
+        if args[0] == "download":
+            folder = Path(args[args.index("-d") + 1])
+            for requirement in [a for a in args[1:] if not a.startswith("-") and a != str(folder)]:
+                name = Requirement(requirement).name
+                version, requires = self.index.get(name, ("1.0", []))
+                fake_wheel(folder, name, version, requires)
+            return
+        assert args[0] == "install", command
+        if "--no-deps" in args:
+            for wheel in args[2:args.index("-c")]:
+                name, version = Path(wheel).name.split("-")[:2]
+                self.installed[name.replace("_", "-").lower()] = version
+            return
+        wanted = args[1:args.index("-c")]
+        if self.pip_output and (not self.refuses or any(r in wanted for r in self.refuses)):
             raise RuntimeError(f"Couldn't install {desc}.\nCommand: pip {command}\nstdout: {self.pip_output}")
         self.installed.update(self.adds)
 
@@ -69,10 +126,12 @@ class FakeVenv:
 
 
 def test_installs_only_peft_with_every_installed_package_pinned(monkeypatch, capsys) -> None:
-    venv = FakeVenv(monkeypatch, WEBUI, adds={"peft": "0.13.2"})
+    venv = FakeVenv(monkeypatch, WEBUI, adds={})
     assert venv.install.main([]) == 0
-    (command, constraints), = venv.pip_calls
-    assert command.startswith('install "peft==0.13.2" "-c" ')
+    (download, _), (command, constraints) = venv.pip_calls
+    assert download.startswith('download "--no-deps" "--only-binary=:all:" "-d" ') and '"peft==0.13.2"' in download
+    # everything peft needs is there at versions it accepts: its wheel alone, no resolver
+    assert venv.resolver_calls == [] and venv.no_deps_installs == [["peft-0.13.2-py3-none-any.whl"]]
     assert "tensorboard" not in command and "diffusers" not in command and "bitsandbytes" not in command
     pins = [Requirement(line) for line in constraints.split()]
     # every installed package, and only those, pinned to exactly its installed version
@@ -113,20 +172,59 @@ def test_nothing_missing_runs_no_pip_and_no_subprocess(monkeypatch, capsys) -> N
 
 
 def test_a_bare_venv_gets_what_is_missing_and_nothing_optional(monkeypatch) -> None:
-    venv = FakeVenv(monkeypatch, {"torch": "2.13.0"}, adds={"peft": "0.13.2"})
+    venv = FakeVenv(monkeypatch, {"torch": "2.13.0"}, adds={"numpy": "2.0", "packaging": "25.0", "psutil": "7.0",
+                                                              "transformers": "4.46", "accelerate": "1.0",
+                                                              "huggingface-hub": "0.26"})
     venv.install.main([])
-    command = venv.pip_calls[0][0]
+    download = venv.pip_calls[0][0]
     for name in ("peft==0.13.2", "safetensors", "PyYAML", "tqdm", "open-clip-torch"):
-        assert f'"{name}"' in command
-    assert "tensorboard" not in command and "bitsandbytes" not in command
+        assert f'"{name}"' in download
+    # the resolver only for what none of those wheels provides; the wheels themselves as they are
+    (resolved,) = venv.resolver_calls
+    assert sorted(resolved) == sorted(["numpy>=1.17", "packaging>=20.0", "psutil", "transformers",
+                                       "accelerate>=0.21.0", "huggingface-hub>=0.17.0"])
+    assert len(venv.no_deps_installs[0]) == 5
+    assert not any("tensorboard" in c or "bitsandbytes" in c for c, _ in venv.pip_calls)
+
+
+def test_an_inconsistent_venv_still_gets_peft_when_all_it_needs_is_there(monkeypatch, capsys) -> None:
+    """reForge's venv: pip check says torch wants setuptools>=77 (69.5.1 is installed), so the resolver refuses
+    anything that touches torch. peft's needs are all met, so its wheel goes in alone and the tab loads."""
+    venv = FakeVenv(monkeypatch, {**WEBUI, "torch": "2.14.1", "setuptools": "69.5.1"}, adds={},
+                    pip_output=INCONSISTENT)
+    assert venv.install.main([]) == 0
+    assert venv.resolver_calls == [] and venv.installed["peft"] == "0.13.2"
+    assert capsys.readouterr().out == "[sd-webui-lora-train] installed peft==0.13.2; nothing else changed\n"
+
+
+def test_only_what_is_really_missing_goes_through_the_resolver(monkeypatch, capsys) -> None:
+    """psutil missing: the resolver adds psutil alone (which touches nothing else), then peft goes in alone."""
+    without = {k: v for k, v in WEBUI.items() if k != "psutil"}
+    venv = FakeVenv(monkeypatch, {**without, "torch": "2.14.1", "setuptools": "69.5.1"}, adds={"psutil": "7.0.0"},
+                    pip_output=INCONSISTENT, refuses=("torch", "peft==0.13.2"))
+    assert venv.install.main([]) == 0
+    assert venv.resolver_calls == [["psutil"]] and venv.no_deps_installs == [["peft-0.13.2-py3-none-any.whl"]]
+    assert capsys.readouterr().out == \
+        "[sd-webui-lora-train] installed peft==0.13.2, psutil==7.0.0; nothing else changed\n"
+
+
+def test_a_dependency_at_a_version_peft_refuses_is_named_and_nothing_changes(monkeypatch, capsys) -> None:
+    venv = FakeVenv(monkeypatch, {**WEBUI, "accelerate": "0.20.3"}, adds={})
+    assert venv.install.main([]) == 1
+    assert [c for c, _ in venv.pip_calls if not c.startswith("download")] == [] and venv.installed == \
+        {**WEBUI, "accelerate": "0.20.3"}
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert "ERROR: peft 0.13.2 needs accelerate>=0.21.0 (0.20.3 is installed), and install.py never changes" in out
 
 
 def test_import_failure_after_install_removes_what_was_added(monkeypatch, capsys) -> None:
-    venv = FakeVenv(monkeypatch, WEBUI, adds={"peft": "0.13.2", "accelerate": "0.21.0"})
+    without = {k: v for k, v in WEBUI.items() if k != "accelerate"}
+    venv = FakeVenv(monkeypatch, without, adds={"accelerate": "0.21.0"})
     error = "ImportError: cannot import name 'is_torch_xpu_available' from 'transformers'"
     monkeypatch.setattr(venv.install, "import_failure", lambda: ("transformers", error))
     assert venv.install.main([]) == 1
-    assert sorted(venv.uninstalled) == ["accelerate", "peft"] and venv.installed == WEBUI
+    assert sorted(venv.uninstalled) == ["accelerate", "peft"] and venv.installed == without
     out = capsys.readouterr().out
     assert out.count("\n") == 1
     assert "ERROR: with peft==0.13.2 added the extension does not import (transformers: ImportError" in out
@@ -134,14 +232,23 @@ def test_import_failure_after_install_removes_what_was_added(monkeypatch, capsys
 
 
 def test_pip_refusal_is_one_line_with_pips_reason(monkeypatch, capsys) -> None:
-    output = "Collecting peft==0.13.2\nERROR: Cannot install peft==0.13.2 because these package versions have " \
+    output = "Collecting psutil\nERROR: Cannot install psutil because these package versions have " \
              "conflicting dependencies.\nERROR: ResolutionImpossible: for help visit https://pip.pypa.io"
-    venv = FakeVenv(monkeypatch, WEBUI, adds={}, pip_output=output)
+    without = {k: v for k, v in WEBUI.items() if k != "psutil"}
+    venv = FakeVenv(monkeypatch, without, adds={}, pip_output=output)
     assert venv.install.main([]) == 1
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "nothing was added" in out
-    assert "without changing installed packages: Cannot install peft==0.13.2 because these package versions" in out
-    assert venv.installed == WEBUI
+    assert "pip could not add psutil (needed by peft==0.13.2) without changing installed packages: Cannot " \
+           "install psutil because these package versions" in out
+    assert venv.installed == without and venv.no_deps_installs == []
+
+
+def test_without_a_wheel_to_read_pip_resolves_it_all_as_before(monkeypatch, capsys) -> None:
+    venv = FakeVenv(monkeypatch, WEBUI, adds={"peft": "0.13.2"})
+    monkeypatch.setattr(venv.install, "fetch_wheels", lambda requirements, folder: None)  # offline index, sdist
+    assert venv.install.main([]) == 0
+    assert venv.resolver_calls == [["peft==0.13.2"]]
 
 
 def test_import_check_names_the_package_that_fails(tmp_path, monkeypatch, capsys) -> None:
@@ -235,6 +342,31 @@ def test_real_install_twice_installs_peft_once_and_nothing_else(venv_without_pef
     assert second.returncode == 0
     assert second.stdout == "[sd-webui-lora-train] requirements present; nothing to install\n"
     assert _freeze(python) == after
+
+
+@pytest.mark.slow
+def test_real_install_on_a_venv_pip_calls_inconsistent_adds_peft_alone(venv_without_peft, tmp_path: Path) -> None:
+    """As in the reForge build, torch declares a setuptools the venv does not have (here: >=999): `pip check`
+    complains and pip's resolver refuses anything that touches torch. peft's needs are all there, so it goes in."""
+    python, env = venv_without_peft
+    purelib = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  capture_output=True, text=True, check=True).stdout.strip())
+    (torch_info,) = purelib.glob("torch-*.dist-info")
+    source = torch_info.resolve()
+    torch_info.unlink()
+    shutil.copytree(source, torch_info)  # our own copy of torch's metadata, the rest stays a symlink
+    metadata = torch_info / "METADATA"
+    text = metadata.read_text(encoding="utf-8")
+    metadata.write_text(text.replace("Requires-Dist:", "Requires-Dist: setuptools>=999\nRequires-Dist:", 1),
+                        encoding="utf-8")
+    check = subprocess.run([str(python), "-m", "pip", "check"], capture_output=True, text=True, env=env)
+    assert "has requirement setuptools>=999" in check.stdout, check.stdout
+    before = _freeze(python)
+
+    run = subprocess.run([str(python), str(INSTALL)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout == "[sd-webui-lora-train] installed peft==0.13.2; nothing else changed\n"
+    assert _freeze(python) - before == {"peft==0.13.2"} and before - _freeze(python) == set()
 
 
 @pytest.mark.slow
