@@ -572,6 +572,8 @@ def test_schema_describes_every_key_a_job_accepts(webui) -> None:
         "Rank (network_dim)", "Model and network", "int", ["network_dim"])
     assert "alpha / rank" in alpha["help"] and alpha["aliases"] == ["network_alpha", "alpha"]
     assert fields["optimizer"]["choices"] == ["adamw", "adamw8bit", "prodigy", "sgd"]
+    assert (fields["loss_type"]["choices"], fields["huber_c"]["group"]) == (["l2", "l1", "huber", "smooth_l1"],
+                                                                           "Noise and loss")
     assert fields["max_train_steps"]["nullable"] is True and fields["max_train_steps"]["default"] is None
     assert fields["train_text_encoder"]["inverted_aliases"] == ["network_train_unet_only"]
     assert (fields["base_model"]["scope"], fields["output_dir"]["scope"], fields["seed"]["scope"]) == (

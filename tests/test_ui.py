@@ -124,7 +124,8 @@ def test_fields_show_human_labels_and_help_and_hide_what_the_host_decides(app, t
                                    "seed": True}
     headings = [b.value for b in webui.blocks.values() if type(b).__name__ == "Markdown" and b.visible]
     assert [h for h in headings if h.startswith("####")] == [
-        "#### Data", "#### Model and network", "#### Optimisation", "#### Output", "#### Samples"]
+        "#### Data", "#### Model and network", "#### Optimisation", "#### Noise and loss", "#### Output",
+        "#### Samples"]
     assert "alpha/rank" in _component(webui, "lora_train_preset").info  # why presets differ from the defaults
 
 
@@ -142,9 +143,57 @@ def test_network_type_choice_fills_the_kohya_keys_and_each_trains_that_type(app)
         assert cfg.network.name == name and ui_fields.network_type_of(cfg.to_dict()) == name
 
 
+NOISE_AND_LOSS_KEYS = ("noise_offset", "noise_offset_random_strength", "adaptive_noise_scale",
+                       "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma",
+                       "ip_noise_gamma_random_strength", "min_timestep", "max_timestep", "loss_type", "huber_schedule",
+                       "huber_c", "huber_scale", "min_snr_gamma", "debiased_estimation_loss", "masked_loss",
+                       "alpha_mask", "conditioning_data_dir")
+
+
+def test_kohyas_noise_and_loss_keys_are_in_advanced_with_when_to_use_them(app, dataset_dir: Path) -> None:
+    demo, runner = app
+    fields = {key: _component(demo, f"lora_train_cfg_{key}") for key in NOISE_AND_LOSS_KEYS}
+    assert all(f.visible for f in fields.values())
+    assert type(fields["loss_type"]).__name__ == "Dropdown" and type(fields["masked_loss"]).__name__ == "Checkbox"
+    assert list(_choices(fields["loss_type"])) == ["l2", "l1", "huber", "smooth_l1"]
+    assert list(_choices(fields["huber_schedule"])) == ["constant", "exponential", "snr"]
+    assert "overfitting" in fields["ip_noise_gamma"].info and "detail" in fields["max_timestep"].info
+    assert "transparent" in fields["alpha_mask"].info and "outliers" in fields["loss_type"].info
+    blocks = list(demo.blocks.values())  # the heading comes right before the group's first widget
+    heading = next(i for i, b in enumerate(blocks) if getattr(b, "value", None) == "#### Noise and loss")
+    assert all(blocks.index(f) > heading for f in fields.values())
+    # a masked run with kohya's loss options, started from the tab
+    from PIL import Image
+
+    with Image.open(dataset_dir / "00_red_circle.png") as image:
+        rgba = image.convert("RGBA")
+    alpha = Image.new("L", rgba.size, 0)
+    alpha.paste(255, (rgba.width // 2, 0, rgba.width, rgba.height))  # the right half trains
+    rgba.putalpha(alpha)
+    rgba.save(dataset_dir / "00_red_circle.png")
+    values = _small_run(dataset_dir, sample_every_n_steps=0, masked_loss=True, alpha_mask=True, loss_type="huber",
+                        multires_noise_iterations=4, ip_noise_gamma=0.1, debiased_estimation_loss=True,
+                        min_timestep=50, max_timestep=950)
+    progress, message = _fns(demo)["start"](*values)
+    job = runner.current
+    assert job.done_event.wait(120) and job.error is None, (message, job.error)
+    from lora_train.engine.output.export import read_lora
+
+    _, meta = read_lora(job.output)
+    assert (meta["ss_alpha_mask"], meta["ss_loss_type"], meta["modelspec.timestep_range"]) == ("True", "huber",
+                                                                                               "50,950")
+
+
+def _choices(dropdown) -> list:
+    """A dropdown's values (gradio 4+ keeps (label, value) pairs)."""
+    return [c[1] if isinstance(c, (tuple, list)) else c for c in dropdown.choices]
+
+
 def test_widget_values_round_trip_through_the_config() -> None:
     cfg = TrainConfig(train_data_dir="/d", trigger_word="zz", v_parameterization=True, max_train_steps=12,
-                      min_snr_gamma=5.0, unet_lr=None, sample_prompts=["a", "b c"], sample_every_n_steps=3,
+                      min_snr_gamma=5.0, unet_lr=None, loss_type="smooth_l1", min_timestep=10, ip_noise_gamma=0.1,
+                      masked_loss=True, conditioning_data_dir="/m", multires_noise_iterations=6,
+                      sample_prompts=["a", "b c"], sample_every_n_steps=3,
                       optimizer_args={"weight_decay": 0.1}, lr_scheduler="cosine", mixed_precision="bf16")
     values = ui_fields.config_to_values(cfg)
     assert len(values) == len(dataclasses.fields(TrainConfig))

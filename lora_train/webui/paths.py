@@ -23,7 +23,7 @@ MAX_NAME_LENGTH = 100
 SETTING_NAME = "Settings > LoRA Train > Extra allowed dataset folders"
 
 # Config keys that name files or folders the trainer reads, and the ones it writes.
-INPUT_KEYS = ("train_data_dir", "reg_data_dir", "metadata_path", "network_weights", "resume")
+INPUT_KEYS = ("train_data_dir", "reg_data_dir", "conditioning_data_dir", "metadata_path", "network_weights", "resume")
 OUTPUT_KEYS = ("output_dir", "logging_dir")
 
 

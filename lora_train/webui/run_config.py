@@ -13,7 +13,7 @@ from typing import Any
 from lora_train.engine.config import yaml_io
 from lora_train.engine.config.settings import ConfigError, TrainConfig
 from lora_train.engine.output.run_paths import plan_run
-from lora_train.webui.paths import PathPolicy, resolve, sanitize_name
+from lora_train.webui.paths import INPUT_KEYS, PathPolicy, resolve, sanitize_name
 
 
 def prepare_config(data: dict[str, Any] | TrainConfig, policy: PathPolicy) -> TrainConfig:
@@ -34,7 +34,7 @@ def prepare_config(data: dict[str, Any] | TrainConfig, policy: PathPolicy) -> Tr
     if not cfg.train_data_dir:
         raise ConfigError("train_data_dir", "pick the folder with your training images")
     changes: dict[str, Any] = {}
-    for key in ("train_data_dir", "reg_data_dir", "metadata_path", "network_weights", "resume"):
+    for key in INPUT_KEYS:
         value = getattr(cfg, key)
         if value:
             changes[key] = str(policy.check_exists(value, key))

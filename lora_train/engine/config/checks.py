@@ -117,6 +117,7 @@ def validate(values: Mapping[str, Any]) -> None:
         raise ConfigError("max_train_steps", f"{cfg.max_train_steps!r} must be greater than 0")
     if cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0:
         raise ConfigError("min_snr_gamma", f"{cfg.min_snr_gamma!r} must be greater than 0 (5 is typical)")
+    _check_noise_and_loss(cfg)
     if cfg.clip_skip not in (1, 2):
         raise ConfigError("clip_skip", f"{cfg.clip_skip!r} must be 1 or 2")
     try:
@@ -136,3 +137,34 @@ def validate(values: Mapping[str, Any]) -> None:
         raise ConfigError("caption_extension", f"{cfg.caption_extension!r} is not a file extension like .txt") from None
     if cfg.sample_every_n_steps and not cfg.sample_prompts:
         raise ConfigError("sample_prompts", "sample_every_n_steps is set but there are no sample_prompts")
+
+
+def _check_noise_and_loss(cfg: SimpleNamespace) -> None:
+    """kohya's noise and loss options: ranges, and the keys that only mean something together."""
+    for key in ("multires_noise_iterations", "ip_noise_gamma"):  # kohya-GUI configs write 0 for off
+        value = getattr(cfg, key)
+        if value is not None and value < 0:
+            raise ConfigError(key, f"{value!r} must not be negative (0 or unset is off)")
+    if cfg.adaptive_noise_scale is not None and not cfg.noise_offset:
+        raise ConfigError("adaptive_noise_scale", "needs noise_offset (it is added to it); set noise_offset: 0.05")
+    if not 0 <= cfg.multires_noise_discount <= 1:
+        raise ConfigError("multires_noise_discount",
+                          f"{cfg.multires_noise_discount!r} must be in [0, 1] (0.3 is usual)")
+    if cfg.min_timestep is not None and not 0 <= cfg.min_timestep <= 999:
+        raise ConfigError("min_timestep", f"{cfg.min_timestep!r} must be in 0-999")
+    if cfg.max_timestep is not None and not 1 <= cfg.max_timestep <= 1000:
+        raise ConfigError("max_timestep", f"{cfg.max_timestep!r} must be in 1-1000")
+    if cfg.min_timestep is not None and cfg.max_timestep is not None and cfg.min_timestep > cfg.max_timestep:
+        raise ConfigError("min_timestep", f"{cfg.min_timestep!r} is above max_timestep {cfg.max_timestep!r}")
+    for key in ("huber_c", "huber_scale"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(key, f"{getattr(cfg, key)!r} must be greater than 0 (kohya's default: "
+                                   f"{'0.1' if key == 'huber_c' else '1.0'})")
+    if cfg.masked_loss and not (cfg.alpha_mask or cfg.conditioning_data_dir):
+        raise ConfigError("masked_loss", "needs a mask: alpha_mask: true (the images' alpha channel) or "
+                                         "conditioning_data_dir (a folder of mask images named like the images)")
+    if cfg.conditioning_data_dir and not cfg.masked_loss:
+        raise ConfigError("conditioning_data_dir", "holds loss masks, read only with masked_loss: true")
+    if cfg.conditioning_data_dir and cfg.alpha_mask:
+        raise ConfigError("alpha_mask", "choose one mask: the images' alpha channel or conditioning_data_dir's "
+                                        "mask images, not both")

@@ -9,8 +9,8 @@ from typing import Any
 from lora_train.engine.config.fields import ALIASES
 
 # Keys that hold paths: relative ones are read against the YAML's folder, or the current folder for --set.
-PATH_KEYS = ("train_data_dir", "metadata_path", "reg_data_dir", "output_dir", "network_weights", "resume",
-             "logging_dir", "base_model", "sample_prompts")
+PATH_KEYS = ("train_data_dir", "metadata_path", "reg_data_dir", "conditioning_data_dir", "output_dir",
+             "network_weights", "resume", "logging_dir", "base_model", "sample_prompts")
 
 
 def prompts_file(value: Any) -> str | None:

@@ -25,6 +25,8 @@ Scheduler = Literal[
 ]
 Precision = Literal["no", "fp16", "bf16"]
 SavePrecision = Literal["fp16", "bf16", "float"]
+LossType = Literal["l2", "l1", "huber", "smooth_l1"]
+HuberSchedule = Literal["constant", "exponential", "snr"]
 
 
 def tensorboard_folder(logging_dir: str | None, output_dir: str) -> Path | None:
@@ -177,11 +179,73 @@ class TrainConfig:
         False, group="Optimisation", label="torch.compile",
         help="Compile the UNet for the run (slow first steps, faster after).")
     noise_offset: float = setting(
-        0.0, group="Optimisation", label="Noise offset",
+        0.0, group="Noise and loss", label="Noise offset",
         help="Offset noise for darker darks and brighter brights; 0.05-0.1 when wanted.")
+    noise_offset_random_strength: bool = setting(
+        False, group="Noise and loss", label="Random noise offset strength",
+        help="Each step draws the offset's strength between 0 and noise_offset instead of always the full value: "
+             "a gentler noise offset.")
+    adaptive_noise_scale: float | None = setting(
+        None, group="Noise and loss", label="Adaptive noise scale", unset="none (off)",
+        help="Adds this times each image's absolute latent mean (per channel) to noise_offset; needs noise_offset. "
+             "For datasets of very bright or very dark images; about noise_offset / 10.")
+    multires_noise_iterations: int | None = setting(
+        None, group="Noise and loss", label="Multires noise levels", unset="none (off)",
+        help="Multi-resolution (pyramid) noise with this many levels; 6-10 is usual, 0 is off. Like noise offset, "
+             "it teaches large dark or bright areas and strong contrast.")
+    multires_noise_discount: float = setting(
+        0.3, group="Noise and loss", label="Multires noise discount",
+        help="Level i of the multires noise is scaled by discount^i (0-1): higher gives more low-frequency noise; "
+             "0.3 (kohya's default) to 0.8.")
+    ip_noise_gamma: float | None = setting(
+        None, group="Noise and loss", label="Input perturbation noise", unset="none (off)",
+        help="Input-perturbation noise (Ning et al. 2023): the UNet's input gets extra noise of this strength that "
+             "its target lacks; about 0.1 against overfitting a small dataset.")
+    ip_noise_gamma_random_strength: bool = setting(
+        False, group="Noise and loss", label="Random input perturbation strength",
+        help="Each step draws the input-perturbation strength between 0 and ip_noise_gamma.")
+    min_timestep: int | None = setting(
+        None, group="Noise and loss", label="Min timestep", unset="0",
+        help="Train only timesteps from this one up (0-999). Raise it to train composition and shapes, not detail.")
+    max_timestep: int | None = setting(
+        None, group="Noise and loss", label="Max timestep", unset="1000",
+        help="Train only timesteps below this one (1-1000). Lower it (e.g. 500) to train detail and texture, not "
+             "composition.")
+    loss_type: LossType = setting(
+        "l2", group="Noise and loss", label="Loss type",
+        help="`l2` (mean squared error) is the usual loss. `huber` and `smooth_l1` (scheduled pseudo-Huber, "
+             "Khrapov et al. 2024) are robust to outliers: noisy, odd or badly captioned images. `l1`: absolute "
+             "error.")
+    huber_schedule: HuberSchedule = setting(
+        "snr", group="Noise and loss", label="Huber schedule",
+        help="How huber_c changes with the timestep for `huber`/`smooth_l1`: `snr` (kohya's default: near l2 at "
+             "noisy steps, robust at clean ones), `exponential` (from 1 at t=0 to huber_c at t=1000), `constant`.")
+    huber_c: float = setting(
+        0.1, group="Noise and loss", label="Huber c",
+        help="Huber threshold: errors below it count squared, above it linearly. Larger is closer to l2; 0.1 is "
+             "kohya's default.")
+    huber_scale: float = setting(
+        1.0, group="Noise and loss", label="Huber scale",
+        help="Multiplies the threshold of the `constant` and `exponential` Huber schedules (kohya's huber_scale).")
     min_snr_gamma: float | None = setting(
-        None, group="Optimisation", label="Min-SNR gamma", unset="none (off)",
+        None, group="Noise and loss", label="Min-SNR gamma", unset="none (off)",
         help="Min-SNR loss weighting; 5 is typical.")
+    debiased_estimation_loss: bool = setting(
+        False, group="Noise and loss", label="Debiased estimation loss",
+        help="Weights each step's loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)) so no timestep dominates "
+             "(Yu et al. 2024); an alternative to min_snr_gamma, often with fewer artefacts.")
+    masked_loss: bool = setting(
+        False, group="Noise and loss", label="Masked loss",
+        help="Train only where the mask is: white in conditioning_data_dir's mask images, or opaque with "
+             "alpha_mask. For a subject on a background it should not learn.")
+    alpha_mask: bool = setting(
+        False, group="Noise and loss", label="Alpha channel as mask",
+        help="Use each image's alpha channel as the loss mask: transparent pixels are not trained (images without "
+             "alpha train everywhere). Turns masked loss on.")
+    conditioning_data_dir: str | None = setting(
+        None, group="Noise and loss", label="Mask images folder", unset="none",
+        help="Mask images for masked_loss, named like the training images (any image type, same size, "
+             "`N_name` subfolders as in train_data_dir or all in one folder); white trains, black is ignored.")
     seed: int = setting(42, group="Optimisation", label="Seed", help="Makes runs repeatable and resumable.")
     device: str = setting(
         "auto", group="Optimisation", label="Device", scope="standalone",

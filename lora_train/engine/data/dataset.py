@@ -38,6 +38,7 @@ class ImageItem:
     size: tuple[int, int]  # (width, height) after EXIF rotation
     bucket: tuple[int, int] = (0, 0)  # (width, height) it is trained at
     crop: tuple[int, int] = (0, 0)  # (top, left) of the crop, set when the image is loaded
+    mask_path: Path | None = None  # its loss mask in conditioning_data_dir (masked_loss)
 
     def size_ids(self) -> list[int]:
         """SDXL's size conditioning: original h, w, crop top, left, target h, w."""
@@ -109,6 +110,7 @@ def scan(cfg: TrainConfig) -> Dataset:
         roots.append((Path(cfg.reg_data_dir), True))
     metadata = _read_metadata(Path(cfg.metadata_path)) if cfg.metadata_path else None
     captions = _Captions(metadata, cfg.caption_extension)
+    masks = _MaskFiles(Path(cfg.conditioning_data_dir)) if cfg.conditioning_data_dir else None
     items: list[ImageItem] = []
     unreadable: list[str] = []
     uncaptioned: list[str] = []
@@ -133,7 +135,9 @@ def scan(cfg: TrainConfig) -> Dataset:
                     continue
                 caption = caption_text.with_trigger(caption or "", None if is_reg else cfg.trigger_word)
                 items.append(ImageItem(path, caption, repeats, is_reg, folder.name, size))
-    problems = []
+                if masks is not None and not is_reg:  # regularization images train everywhere
+                    items[-1].mask_path = masks.find(path, root, size)
+    problems = [] if masks is None else masks.problems()
     if unreadable:
         problems.append(f"{len(unreadable)} unreadable image(s):\n  " + "\n  ".join(unreadable))
     if captions.undecodable:
@@ -184,6 +188,55 @@ class _Captions:
         return sorted(set(self.metadata or {}) - self.used)
 
 
+class _MaskFiles:
+    """kohya's masked-loss images in conditioning_data_dir: one per training image with its name (any image type),
+    in the same ``N_name`` subfolder or all in the folder itself, and of the image's size. Missing, unused and
+    mis-sized masks are collected for the one dataset report."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files: dict[str, Path] = {}
+        if folder.is_dir():
+            for sub in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
+                for path in caption_store.list_images(sub):
+                    self.files[path.relative_to(folder).with_suffix("").as_posix()] = path
+        self.used: set[str] = set()
+        self.missing: list[str] = []
+        self.mis_sized: list[str] = []
+
+    def find(self, image: Path, root: Path, size: tuple[int, int]) -> Path | None:
+        for key in (image.relative_to(root).with_suffix("").as_posix(), image.stem):
+            if key in self.files:
+                self.used.add(key)
+                mask = self.files[key]
+                try:
+                    mask_size = _image_size(mask)
+                except Exception as exc:  # noqa: BLE001 - any decoder error means the same to the user
+                    self.mis_sized.append(f"{mask} is unreadable ({exc.__class__.__name__})")
+                    return None
+                if mask_size != size:
+                    self.mis_sized.append(f"{mask} is {mask_size[0]}x{mask_size[1]}, {image.name} is "
+                                          f"{size[0]}x{size[1]}")
+                return mask
+        self.missing.append(str(image))
+        return None
+
+    def problems(self) -> list[str]:
+        if not self.folder.is_dir():
+            return [f"conditioning_data_dir {str(self.folder)!r} is not a folder"]
+        found = []
+        if self.missing:
+            found.append(f"{len(self.missing)} image(s) without a mask in {self.folder} (same name, any image type):"
+                         "\n  " + "\n  ".join(self.missing))
+        if self.mis_sized:
+            found.append("mask images must have their image's size:\n  " + "\n  ".join(self.mis_sized))
+        unused = sorted(set(self.files) - self.used)
+        if unused:
+            found.append(f"{len(unused)} mask(s) in {self.folder} match no training image: "
+                         f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''} (rename or remove them)")
+        return found
+
+
 def make_buckets(max_area: int, min_reso: int, max_reso: int, step: int) -> list[tuple[int, int]]:
     """Every (w, h) on the ``step`` grid within [min, max] with the largest area not above ``max_area``."""
     buckets = set()
@@ -217,16 +270,22 @@ def load_pixels(item: ImageItem) -> tuple[torch.Tensor, tuple[int, int]]:
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, image)
         image = image.convert("RGB")
-    target_w, target_h = item.bucket
+    cropped, crop = fit_to_bucket(image, item.bucket)
+    array = np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), crop
+
+
+def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
+    """The image cover-resized to the (width, height) bucket and centre-cropped, with the crop's (top, left):
+    the one geometry an image and its loss mask share."""
+    target_w, target_h = bucket
     scale = max(target_w / image.width, target_h / image.height)
     resized = image.resize(
         (max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale))), Image.LANCZOS
     )
     left = (resized.width - target_w) // 2
     top = (resized.height - target_h) // 2
-    cropped = resized.crop((left, top, left + target_w, top + target_h))
-    array = np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left)
+    return resized.crop((left, top, left + target_w, top + target_h)), (top, left)
 
 
 def epoch_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> list[list[int]]:

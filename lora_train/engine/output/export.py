@@ -117,6 +117,7 @@ def training_metadata(
         "ss_seed": cfg.seed,
         "ss_noise_offset": cfg.noise_offset or None,
         "ss_min_snr_gamma": cfg.min_snr_gamma,
+        **noise_and_loss_metadata(cfg),
         "ss_optimizer": cfg.optimizer + (f"({cfg.optimizer_args})" if cfg.optimizer_args else ""),
         "ss_max_grad_norm": cfg.max_grad_norm,
         "ss_caption_dropout_rate": cfg.caption_dropout_rate,
@@ -144,8 +145,38 @@ def training_metadata(
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.prediction_type": "v" if parameterization == "v" else "epsilon",
         "modelspec.trigger_phrase": cfg.trigger_word,
+        "modelspec.timestep_range": timestep_range(cfg),
     }
     return {key: str(value) for key, value in values.items() if value is not None}
+
+
+def noise_and_loss_metadata(cfg: TrainConfig) -> dict[str, Any]:
+    """kohya's ss_* keys for its noise and loss options, spelled and valued as train_network.py writes them
+    (kohya writes nothing for masked loss; ss_masked_loss / ss_alpha_mask are ours, written only when on)."""
+    masked = cfg.masked_loss or cfg.alpha_mask
+    return {
+        "ss_noise_offset_random_strength": cfg.noise_offset_random_strength,
+        "ss_adaptive_noise_scale": cfg.adaptive_noise_scale,
+        "ss_multires_noise_iterations": cfg.multires_noise_iterations or None,
+        "ss_multires_noise_discount": cfg.multires_noise_discount,
+        "ss_ip_noise_gamma": cfg.ip_noise_gamma or None,
+        "ss_ip_noise_gamma_random_strength": cfg.ip_noise_gamma_random_strength,
+        "ss_debiased_estimation": cfg.debiased_estimation_loss,
+        "ss_loss_type": cfg.loss_type,
+        "ss_huber_schedule": cfg.huber_schedule,
+        "ss_huber_c": cfg.huber_c,
+        "ss_huber_scale": cfg.huber_scale,
+        "ss_masked_loss": True if masked else None,
+        "ss_alpha_mask": True if cfg.alpha_mask else None,
+    }
+
+
+def timestep_range(cfg: TrainConfig) -> str | None:
+    """modelspec.timestep_range as kohya's sai_model_spec writes it ("min,max"), when either end is set."""
+    if cfg.min_timestep is None and cfg.max_timestep is None:
+        return None
+    low = 0 if cfg.min_timestep is None else cfg.min_timestep
+    return f"{low},{1000 if cfg.max_timestep is None else cfg.max_timestep}"
 
 
 def write_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:

@@ -11,6 +11,8 @@ import torch
 
 from lora_train.engine.config.settings import TrainConfig
 from lora_train.engine.model import Conditioning, ModelBundle, Parameterization
+from lora_train.engine.train import loss_terms as terms
+from lora_train.engine.train import noise as noises
 
 
 def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor):
@@ -49,26 +51,31 @@ def autocast(cfg: TrainConfig, device: torch.device):
 
 def diffusion_loss(cfg: TrainConfig, bundle: ModelBundle, latents: torch.Tensor, cond: Conditioning,
                    alphas: torch.Tensor, generator: torch.Generator,
-                   sample_weights: torch.Tensor | None = None,
+                   sample_weights: torch.Tensor | None = None, masks: torch.Tensor | None = None,
                    rows_of: tuple[slice, int] | None = None) -> torch.Tensor:
     """Mean loss of a batch; every random draw comes from ``generator``, so a resumed run draws the same.
 
-    ``sample_weights`` scales each sample's loss (regularization images get ``prior_loss_weight``).
+    ``sample_weights`` scales each sample's loss (regularization images get ``prior_loss_weight``); ``masks``
+    ([batch, 1, h, w], 1 = train) zero the loss where the images are masked out. The order is kohya's: element
+    loss, mask, mean per sample, sample weights, then the SNR weightings.
     ``rows_of`` = (rows, size): ``latents`` are these rows of a global batch of that size (one process of
     several); the noise and timesteps are drawn for the whole batch and these rows kept, as one process would.
     """
     device = latents.device
     rows, size = rows_of or (slice(None), len(latents))
-    noise = torch.randn((size, *latents.shape[1:]), generator=generator, device=device)[rows]
-    if cfg.noise_offset:
-        offset = torch.randn((size, latents.shape[1], 1, 1), generator=generator, device=device)[rows]
-        noise += cfg.noise_offset * offset
-    timesteps = torch.randint(0, len(alphas), (size,), generator=generator, device=device)[rows]
-    noisy = add_noise(latents, noise, timesteps, alphas)
+    noise = noises.training_noise(cfg, latents, generator, rows, size)
+    timesteps = noises.timesteps(cfg, size, len(alphas), generator, device)[rows]
+    noisy = add_noise(latents, noises.perturbed(cfg, noise, generator, rows, size), timesteps, alphas)
     with autocast(cfg, device):
         prediction = bundle.predict(noisy.to(bundle.dtype), timesteps, cond)
     target = loss_target(bundle.parameterization, latents, noise, timesteps, alphas)
-    loss = torch.nn.functional.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+    huber_c = terms.huber_threshold(cfg, timesteps, alphas)
+    loss = terms.masked(terms.elementwise_loss(prediction.float(), target, cfg.loss_type, huber_c), masks)
+    loss = loss.mean(dim=(1, 2, 3))
+    if sample_weights is not None:
+        loss = loss * sample_weights
     if cfg.min_snr_gamma:
         loss = loss * min_snr_weights(timesteps, alphas, cfg.min_snr_gamma, bundle.parameterization)
-    return loss.mean() if sample_weights is None else (loss * sample_weights).mean()
+    if cfg.debiased_estimation_loss:
+        loss = loss * terms.debiased_weights(timesteps, alphas, bundle.parameterization)
+    return loss.mean()

@@ -21,6 +21,7 @@ import torch
 from lora_train.engine.config.settings import TrainConfig
 from lora_train.engine.data import dataset as data
 from lora_train.engine.data.caches import LatentCache, TextCache
+from lora_train.engine.data.masks import MaskCache, uses_masks
 from lora_train.engine.model import ModelBundle
 from lora_train.engine.network import lora
 from lora_train.engine.network.module_flags import ModuleFlags
@@ -65,6 +66,7 @@ class Trainer:
                                 self.resume.folder if self.resume else None, team.world)
         self.latents = LatentCache(cfg, bundle, self.dataset, self.paths.work_dir)
         self.text = TextCache(cfg, bundle)
+        self.masks = MaskCache(self.dataset, self.device) if uses_masks(cfg) else None
         self.alphas = bundle.alphas_cumprod.to(self.device)
         self.has_reg = any(item.is_reg for item in self.dataset.items)
 
@@ -95,7 +97,8 @@ class Trainer:
         weights = None
         if self.has_reg:
             weights = torch.tensor([cfg.prior_loss_weight if it.is_reg else 1.0 for it in items], device=self.device)
-        loss = diffusion_loss(cfg, self.bundle, latents, cond, self.alphas, generator, weights,
+        masks = self.masks.batch(indices, tuple(latents.shape[-2:])) if self.masks else None
+        loss = diffusion_loss(cfg, self.bundle, latents, cond, self.alphas, generator, weights, masks,
                               rows_of=(share.rows, share.total))
         return loss if share.weight == 1.0 else loss * share.weight
 
