@@ -432,3 +432,26 @@ def test_reg_images_train_everywhere_with_a_mask_folder(tmp_path, dataset_dir):
     reg_index = next(i for i, item in enumerate(ds.items) if item.is_reg)
     got = MaskCache(ds, torch.device("cpu")).batch([0, reg_index], (8, 8))
     assert float(got[0].max()) == 0.0 and float(got[1].min()) == 1.0
+
+
+@pytest.mark.parametrize("options", [
+    dict(noise_offset=0.1, noise_offset_random_strength=True, multires_noise_iterations=4, ip_noise_gamma=0.1,
+         ip_noise_gamma_random_strength=True, min_timestep=100, max_timestep=800, loss_type="huber",
+         debiased_estimation_loss=True),
+    dict(noise_offset=0.1, adaptive_noise_scale=0.5, loss_type="smooth_l1", huber_schedule="exponential"),
+], ids=["multires", "adaptive"])
+def test_each_process_draws_its_rows_of_the_global_batch(alphas, options):
+    """With several processes each one's rows get the noise, timesteps and mask one process gives those rows."""
+    unet = OracleUNet(alphas, answer=lambda recovered, t: recovered * 0.5)
+    cfg = TrainConfig(masked_loss=True, alpha_mask=True, **options)
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    masks = (torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    cond = Conditioning(torch.zeros(1))
+
+    def loss(rows: slice | None) -> torch.Tensor:
+        part = slice(None) if rows is None else rows
+        return diffusion_loss(cfg, unet, latents[part], cond, alphas, torch.Generator().manual_seed(3),
+                              masks=masks[part], rows_of=None if rows is None else (rows, 4))
+
+    halves = (loss(slice(0, 2)) + loss(slice(2, 4))) / 2
+    torch.testing.assert_close(halves, loss(None), rtol=1e-6, atol=0)
