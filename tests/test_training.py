@@ -198,6 +198,21 @@ def test_min_snr_weights_match_diffusers_example(ddpm, parameterization):
     torch.testing.assert_close(loss.min_snr_weights(t, ddpm.alphas_cumprod, 5.0, parameterization), expected)
 
 
+@pytest.mark.parametrize(("parameterization", "last_weight"), [("eps", 1.0), ("v", 0.0)])
+def test_min_snr_weights_stay_finite_on_a_zero_terminal_snr_schedule(parameterization, last_weight):
+    """SNR is exactly 0 at the last timestep after rescaling (Lin et al. 2023): min(SNR, γ)/SNR there is
+    0/0; the weight must be its limit (1 for epsilon: min(SNR, γ) = SNR near 0; 0 for v), never NaN."""
+    from diffusers import DDPMScheduler
+
+    zero_snr = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                             rescale_betas_zero_snr=True)
+    assert zero_snr.alphas_cumprod[-1] == 0
+    t = torch.tensor([0, 500, 998, 999])
+    weights = loss.min_snr_weights(t, zero_snr.alphas_cumprod, 5.0, parameterization)
+    assert torch.isfinite(weights).all()
+    assert weights[-1].item() == pytest.approx(last_weight, abs=1e-6)
+
+
 def test_sdxl_layout_trains_with_accumulation_and_options(tiny_sdxl, dataset_dir, tmp_path):
     cfg = make_config(dataset_dir, tmp_path, max_train_steps=3, gradient_accumulation_steps=2, min_snr_gamma=5,
                       noise_offset=0.05, shuffle_caption=True, keep_tokens=1, lr_scheduler="cosine",

@@ -31,12 +31,21 @@ def loss_target(
     return alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
 
 
+MIN_SNR_FLOOR = 1e-8
+"""Smallest SNR the Min-SNR weight divides by (a zero-terminal-SNR schedule reaches exactly 0)."""
+
+
 def min_snr_weights(
     timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, parameterization: Parameterization
 ) -> torch.Tensor:
-    """Min-SNR-γ loss weights (Hang et al. 2023); v-prediction divides by SNR+1 instead of SNR."""
+    """Min-SNR-γ loss weights (Hang et al. 2023); v-prediction divides by SNR+1 instead of SNR.
+
+    A zero-terminal-SNR schedule has SNR = 0 at its last timestep, where min(SNR, γ)/SNR is 0/0: SNR is
+    clamped to a tiny floor (as kohya clamps it to 1000 where it is infinite), which gives that step the
+    weight's limit (1 for epsilon, 0 for v) instead of NaN.
+    """
     alpha = alphas_cumprod[timesteps]
-    snr = alpha / (1 - alpha)
+    snr = torch.clamp(alpha / (1 - alpha), min=MIN_SNR_FLOOR)
     clipped = torch.clamp(snr, max=gamma)
     return clipped / (snr + 1) if parameterization == "v" else clipped / snr
 
