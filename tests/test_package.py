@@ -52,3 +52,49 @@ def test_installed_command_trains_from_outside_the_repository(tmp_path):
     assert trained.returncode == 0, trained.stderr
     assert "done: 2/2" in trained.stdout and (work / "out" / "tiny-shapes.safetensors").is_file()
     assert "Warning" not in trained.stderr and "gemm_4bit" not in trained.stderr
+
+
+@pytest.mark.slow
+def test_setup_venv_installs_this_checkout_editable_so_it_runs_from_any_folder(tmp_path):
+    """The step every tools/setup_venv.sh mode ends with, on a venv that sees the test venv's packages: the
+    checkout is installed editable and nothing else changes; then `python -m lora_train` and `lora-train` run
+    from another folder with a config given by absolute path."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    (site / "test_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # offline: the build backend is the test venv's setuptools (PIP_NO_BUILD_ISOLATION=0 means "do not isolate")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")} | {
+        "HF_HUB_OFFLINE": "1", "VENV": str(venv), "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0"}
+
+    def freeze() -> set[str]:
+        listed = subprocess.run([python, "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"],
+                                env=env, check=True, capture_output=True, text=True).stdout
+        return set(listed.split())
+
+    before = freeze()
+    setup = subprocess.run(["bash", str(ROOT / "tools" / "setup_venv.sh"), "--project"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert freeze() - before == {"sd-webui-lora-train==0.1.0"} and before - freeze() == set()
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    config = (ROOT / "examples" / "tiny.yaml").read_text()
+    shutil.copytree(ROOT / "lora_train" / "sample_data", tmp_path / "images")
+    config = config.replace("../lora_train/sample_data", str(tmp_path / "images"))
+    (elsewhere / "x.yaml").write_text(config.replace("../output", str(tmp_path / "out")))
+    run_dir = tmp_path / "somewhere-else"
+    run_dir.mkdir()
+    where = subprocess.run([python, "-c", "import lora_train; print(lora_train.__file__)"], cwd=run_dir, env=env,
+                           capture_output=True, text=True, check=True)
+    assert Path(where.stdout.strip()) == ROOT / "lora_train" / "__init__.py"  # editable: this checkout runs
+    shown = subprocess.run([venv / "bin" / "lora-train", "--help"], cwd=run_dir, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: lora-train"), shown.stderr
+    trained = subprocess.run([python, "-m", "lora_train", "train", "--config", str(elsewhere / "x.yaml"), "--set",
+                              "max_train_steps=1"], cwd=run_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    assert "done: 1/1" in trained.stdout and (tmp_path / "out" / "tiny-shapes.safetensors").is_file()

@@ -7,6 +7,9 @@
 #   bash tools/setup_venv.sh --older    # .venv-older: the same freeze with the huggingface_hub of a mid-2024
 #                                       #   install (0.23.4) + install.py + diffusers 0.26.3 + WebUI-path tests
 #   bash tools/setup_venv.sh --current  # .venv-current: current releases (diffusers, peft, transformers 5) + tests
+#   bash tools/setup_venv.sh --project  # only the last step of every mode, on an existing VENV (default .venv):
+#                                       #   this repository installed editable, no dependency added or changed, so
+#                                       #   VENV/bin/lora-train and VENV/bin/python -m lora_train work from any folder
 # VENV=DIR puts it elsewhere; PYTHON=python3.11 picks the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,12 +21,24 @@ case "$MODE" in
   --test) DEFAULT=.venv; PIN=(); ADD=(-r requirements/cli.txt -r requirements/test.txt) ;;
   --older) DEFAULT=.venv-older; PIN=(--set huggingface_hub==0.23.4); ADD=(-r requirements/older.txt) ;;
   --current) DEFAULT=.venv-current ;;
-  *) echo "usage: bash tools/setup_venv.sh [--test|--older|--current]" >&2; exit 2 ;;
+  --project) DEFAULT=.venv ;;
+  *) echo "usage: bash tools/setup_venv.sh [--test|--older|--current|--project]" >&2; exit 2 ;;
 esac
 VENV="${VENV:-$DEFAULT}"
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+
+install_project() {
+  # editable (the checkout is the code that runs) and --no-deps (pip adds this one distribution, nothing else)
+  "${PIP[@]}" --no-deps -e .
+}
+
+if [ "$MODE" = "--project" ]; then
+  [ -x "$VENV/bin/python" ] || { echo "$VENV/bin/python not found: make the venv first" >&2; exit 2; }
+  install_project
+  exit 0
+fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install -q --disable-pip-version-check)
 # The CPU torch 2.13 imports only torchvision 0.16.2 without its deps (pip pairs it with a CUDA 0.28 that fails
 # at import). Test/CPU venvs only: the WebUI and users' GPUs have a matching torchvision.
 TORCHVISION=(--no-deps torchvision==0.16.2)
@@ -51,6 +66,7 @@ else
   if [ "$MODE" != "" ]; then "${PIP[@]}" --no-deps -r requirements/ldm-test.txt; fi
   "$PY" tools/host_freeze.py check "$FREEZE" "${PIN[@]}"
 fi
-# last step: nothing after it may pull torchvision again
+# nothing after this may pull torchvision again
 "${PIP[@]}" "${TORCHVISION[@]}"
+install_project
 "$PY" -c "import torch, diffusers, peft, open_clip; print('venv ready: torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
