@@ -157,3 +157,28 @@ def test_written_files_get_the_mode_the_umask_gives(tmp_path):
     os.umask(umask)
     path = files.atomic_write_text(tmp_path / "card.json", "{}")
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_diffusers_loads_a_locon_file_to_the_same_outputs(tiny, tmp_path):
+    """diffusers reads kohya's LoRA and LoCon (its converter has no LoHa, LoKr or dora_scale). Here, not in
+    test_network_types (which needs the WebUI's ldm), so the venvs whose diffusers loads kohya files run it."""
+    from safetensors.torch import save_file
+    from trained_networks import SPECS, trained_network
+
+    from lora_train.engine.network import lora
+
+    pristine = copy.deepcopy(tiny)
+    network = trained_network(tiny, SPECS["LoCon"])
+    want = probe(tiny)
+    save_file(lora.kohya_state_dict(network, torch.float32), str(tmp_path / "locon.safetensors"))
+    lora.remove(network)
+    require_kohya_loader()
+    pipe = StableDiffusionPipeline(
+        vae=pristine.vae, text_encoder=pristine.text_encoders[0], tokenizer=pristine.tokenizers[0],
+        unet=pristine.unet, scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.load_lora_weights(str(tmp_path), weight_name="locon.safetensors")
+    loaded = DiffusersBundle(pristine.arch, pipe.unet, pipe.vae, [pipe.text_encoder], pristine.tokenizers)
+    for got, expected in zip(probe(loaded), want, strict=True):
+        torch.testing.assert_close(got, expected, atol=5e-5, rtol=1e-4)

@@ -19,6 +19,7 @@ from conftest import make_config  # noqa: E402
 from test_export import probe  # noqa: E402
 from test_ldm_host import _FULL_SD1, _FULL_SDXL  # noqa: E402
 from test_resume import assert_same_weights  # noqa: E402
+from trained_networks import SPECS, trained_network  # noqa: E402
 
 from lora_train.engine.config.network_spec import NetworkSpec  # noqa: E402
 from lora_train.engine.config.settings import ConfigError  # noqa: E402
@@ -29,29 +30,6 @@ from lora_train.engine.train.optim import param_groups  # noqa: E402
 from lora_train.engine.train.progress import TrainCallbacks  # noqa: E402
 from lora_train.engine.train.trainer import train  # noqa: E402
 from lora_train.hosts.architectures import BY_FAMILY  # noqa: E402
-
-SPECS = {
-    "LoRA": NetworkSpec(),
-    "LoCon": NetworkSpec(conv_dim=4, conv_alpha=2),
-    "LoHa": NetworkSpec("lycoris.kohya", "loha", conv_dim=4, conv_alpha=2),
-    "LoKr": NetworkSpec("lycoris.kohya", "lokr", conv_dim=4, conv_alpha=2),
-    "LoKr factor 4": NetworkSpec("lycoris.kohya", "lokr", factor=4),
-    "DoRA": NetworkSpec("lycoris.kohya", "lora", conv_dim=4, conv_alpha=2, dora=True),
-}
-
-
-def _trained(bundle, spec: NetworkSpec, seed: int = 0) -> lora.LoraNetwork:
-    """Inject ``spec`` and give every adapter tensor random values, as if trained (zeros would prove nothing)."""
-    targets = bundle.lora_targets(True, conv=spec.conv_dim > 0)
-    network = lora.inject(targets, 4, 2.0, 0.0, spec)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key in network.layers:
-            for name, param in network.named_tensors(key).items():
-                noise = torch.randn(param.shape, generator=generator)
-                size = 0.05 if name.startswith("lora_") else 0.3  # LoHa/LoKr multiply two factors
-                param.copy_(param * (1 + 0.1 * noise) if name == "dora_scale" else size * noise)
-    return network
 
 
 def _modules(bundle, conv: bool) -> dict[str, torch.nn.Module]:
@@ -76,7 +54,7 @@ def _check_applied(name, model, request, real_webui: bool) -> None:
     spec = SPECS[name]
     pristine = copy.deepcopy(bundle)
     base = probe(pristine)
-    network = _trained(bundle, spec)
+    network = trained_network(bundle, spec)
     trained = probe(bundle)
     tensors = lora.kohya_state_dict(network, torch.float32)
     lora.remove(network)
@@ -87,18 +65,42 @@ def _check_applied(name, model, request, real_webui: bool) -> None:
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
 
 
-# what each type's file holds per module (besides alpha), for a linear layer at rank 4 on the tiny models
+# What each type's file holds per module (besides alpha) on the tiny model at rank 4 / conv_dim 4, under the
+# names kohya's networks/lora.py (lora_down/lora_up) and LyCORIS's modules/loha.py, lokr.py (hada_w*_a/b;
+# lokr_w1 full; lokr_w2 split as lokr_w2_a/b only where the rank is below half its larger side, which on the
+# tiny model holds for none of these two modules) give them.
+LINEAR_KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+CONV_KEY = "lora_unet_down_blocks_0_resnets_0_conv1"
 FILE_TENSORS = {
-    "LoRA": {"lora_down.weight", "lora_up.weight"},
+    "LoCon": {"lora_down.weight", "lora_up.weight"},
     "LoHa": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
+    "LoKr": {"lokr_w1", "lokr_w2"},
     "DoRA": {"lora_down.weight", "lora_up.weight", "dora_scale"},
+}
+CONV_TENSORS = {
+    "LoCon": {"lora_down.weight", "lora_up.weight"},
+    "LoHa": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
+    "LoKr": {"lokr_w1", "lokr_w2"},
 }
 KOHYA_CONFIGS = {
     "LoCon": {"conv_dim": 4, "conv_alpha": 2},
     "LoHa": {"network_module": "lycoris.kohya", "network_args": ["algo=loha", "conv_dim=4", "conv_alpha=2"]},
-    "LoKr": {"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "factor=4"]},
+    "LoKr": {"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "factor=4", "conv_dim=4"],
+             "lora_alpha": 8},
     "DoRA": {"network_module": "lycoris.kohya", "network_args": ["dora_wd=True"]},
 }
+# ss_network_args: kohya's train_network.py writes json.dumps of the network_args as "key": "value" strings;
+# ours also names LyCORIS's algo (its default "lora") and the values in effect: LoKr's 3x3 modules are trained
+# and stored at alpha = conv_dim (scale 1), so its conv_alpha says 4, and its alpha (ss_network_alpha) is the
+# rank, not lora_alpha 8.
+NETWORK_ARGS = {
+    "LoCon": {"conv_dim": "4", "conv_alpha": "2"},
+    "LoHa": {"algo": "loha", "conv_dim": "4", "conv_alpha": "2"},
+    "LoKr": {"algo": "lokr", "conv_dim": "4", "conv_alpha": "4", "factor": "4"},
+    "DoRA": {"algo": "lora", "dora_wd": "True"},
+}
+# (ss_network_alpha, the linear module's alpha tensor, the 3x3 module's alpha tensor or None)
+ALPHAS = {"LoCon": (4.0, 4.0, 2.0), "LoHa": (4.0, 4.0, 2.0), "LoKr": (4.0, 4.0, 4.0), "DoRA": (4.0, 4.0, None)}
 
 
 class Stop(TrainCallbacks):
@@ -118,14 +120,17 @@ def test_each_type_trains_resumes_exactly_and_continues_from_its_file(name, tiny
     straight = train(make_config(dataset_dir, tmp_path / "straight", max_train_steps=3, **settings),
                      copy.deepcopy(tiny))
     tensors, metadata = read_lora(straight.output)
-    cfg = from_dict(settings | {"train_data_dir": str(dataset_dir)})
-    assert metadata["ss_network_module"] == cfg.network_module
-    assert json.loads(metadata["ss_network_args"]) == cfg.network.metadata_args()
+    assert metadata["ss_network_module"] == settings.get("network_module", "networks.lora")
+    assert json.loads(metadata["ss_network_args"]) == NETWORK_ARGS[name]
     parts = webui_networks.split_modules(tensors)
-    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    assert set(parts[key]) - {"alpha"} == FILE_TENSORS.get(name, set(parts[key]) - {"alpha"})
-    conv_key = "lora_unet_down_blocks_0_resnets_0_conv1"
-    assert (conv_key in parts) == bool(cfg.network.conv_dim)
+    assert set(parts[LINEAR_KEY]) - {"alpha"} == FILE_TENSORS[name]
+    network_alpha, linear_alpha, conv_alpha = ALPHAS[name]
+    assert float(metadata["ss_network_alpha"]) == network_alpha and float(parts[LINEAR_KEY]["alpha"]) == linear_alpha
+    if conv_alpha is None:
+        assert CONV_KEY not in parts
+    else:
+        assert set(parts[CONV_KEY]) - {"alpha"} == CONV_TENSORS[name]
+        assert float(parts[CONV_KEY]["alpha"]) == conv_alpha
     assert all(torch.isfinite(t).all() for t in tensors.values())
 
     stopped = train(make_config(dataset_dir, tmp_path / "resumed", max_train_steps=3, **settings), tiny, Stop(2))
@@ -159,6 +164,10 @@ def test_a_file_of_another_type_is_refused_by_name(tiny, dataset_dir, tmp_path):
     ({"network_module": "lycoris.kohya", "network_args": ["algo=loha"], "lora_dropout": 0.1}, "lora_dropout",
      "dropout"),
     ({"loraplus_lr_ratio": 0}, "loraplus_lr_ratio", "greater than 0"),
+    ({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "conv_dim=4", "conv_alpha=2"]},
+     "network_args", "conv_alpha does not apply to algo=lokr"),
+    ({"network_module": "lycoris.kohya", "network_args": ["algo=lokr"], "conv_dim": 4, "conv_alpha": 2},
+     "conv_alpha", "scale 1"),
 ])
 def test_bad_network_settings_name_their_key(values, key, words):
     with pytest.raises(ConfigError, match=words) as caught:
@@ -176,7 +185,15 @@ def test_kohya_network_args_read_as_kohya_writes_them():
                      ).network.metadata_args() == {"algo": "lokr", "factor": "8"}
 
 
-@pytest.mark.parametrize("name", ["LoRA", "LoHa", "LoKr factor 4"])
+# The tensors LoRA+ speeds up, by file name. kohya's networks/lora.py (48d368fa, prepare_optimizer_params)
+# gives the ratio to every parameter whose name holds "lora_up". LyCORIS's kohya.py (f49d30d6) uses the same
+# "lora_up" test, so its LoHa/LoKr get no LoRA+ at all; ours gives it to their output-side factors, the ones
+# shaped [out, rank] as lora_up is (LyCORIS's modules/loha.py hada_w1_a/hada_w2_a, lokr.py lokr_w1_a/lokr_w2_a;
+# lokr_w1 is a full factor on the tiny model, so only lokr_w2_a).
+LORAPLUS_UP = {"LoRA": {"lora_up.weight"}, "LoHa": {"hada_w1_a", "hada_w2_a"}, "LoKr factor 4": {"lokr_w2_a"}}
+
+
+@pytest.mark.parametrize("name", list(LORAPLUS_UP))
 def test_loraplus_gives_the_up_factors_ratio_times_the_rate(name, tiny, dataset_dir, tmp_path):
     cfg = make_config(dataset_dir, tmp_path, learning_rate=1e-4, train_text_encoder=True, text_encoder_lr=5e-5,
                       loraplus_lr_ratio=16, loraplus_text_encoder_lr_ratio=4)
@@ -184,9 +201,15 @@ def test_loraplus_gives_the_up_factors_ratio_times_the_rate(name, tiny, dataset_
     try:
         groups = param_groups(cfg, network)
         assert [g["lr"] for g in groups] == pytest.approx([1e-4, 5e-5, 1.6e-3, 2e-4])
-        assert sum(len(g["params"]) for g in groups) == len(network.parameters())
-        ups = {id(p) for p in network.parameters(up=True)}
-        assert ups and all(id(p) in ups for g in groups[2:] for p in g["params"])
+        names = {id(param): (key, tensor) for key in network.layers
+                 for tensor, param in network.named_tensors(key).items()}
+        assert sorted(id(p) for g in groups for p in g["params"]) == sorted(names)  # each tensor in one group
+        for index, group in enumerate(groups):
+            prefix = ("lora_unet", "lora_te")[index % 2]
+            in_group = {names[id(p)] for p in group["params"]}
+            assert all(key.startswith(prefix) for key, _ in in_group)
+            tensors = {tensor for _, tensor in in_group}
+            assert (tensors == LORAPLUS_UP[name]) if index >= 2 else not tensors & LORAPLUS_UP[name]
     finally:
         lora.remove(network)
 
@@ -255,28 +278,3 @@ def test_the_tab_offers_the_network_type_and_its_arguments():
              "network_args": ui_fields._from_widget("network_args", "algo=lokr\n factor=8\n")}
     assert from_dict(typed).network == NetworkSpec("lycoris.kohya", "lokr", factor=8)
     assert ui_fields.to_widget("network_args", ["algo=loha", "conv_dim=8"]) == "algo=loha\nconv_dim=8"
-
-
-def test_diffusers_loads_a_locon_file_to_the_same_outputs(tiny, tmp_path):
-    """diffusers reads kohya's LoRA and LoCon (its converter has no LoHa, LoKr or dora_scale)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from diffusers_compat import require_kohya_loader
-    from safetensors.torch import save_file
-
-    from lora_train.hosts.diffusers import DiffusersBundle
-
-    pristine = copy.deepcopy(tiny)
-    network = _trained(tiny, SPECS["LoCon"])
-    trained = probe(tiny)
-    save_file(lora.kohya_state_dict(network, torch.float32), str(tmp_path / "locon.safetensors"))
-    lora.remove(network)
-    require_kohya_loader()
-    pipe = StableDiffusionPipeline(
-        vae=pristine.vae, text_encoder=pristine.text_encoders[0], tokenizer=pristine.tokenizers[0],
-        unet=pristine.unet, scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.load_lora_weights(str(tmp_path), weight_name="locon.safetensors")
-    loaded = DiffusersBundle(pristine.arch, pipe.unet, pipe.vae, [pipe.text_encoder], pristine.tokenizers)
-    for got, want in zip(probe(loaded), trained, strict=True):
-        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)

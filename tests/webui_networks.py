@@ -46,12 +46,18 @@ def updown(w: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
     scale = float(w["alpha"]) / dim if dim is not None and "alpha" in w else 1.0
     delta = delta.reshape(weight.shape) * scale
     if "dora_scale" in w:
-        merged = weight + delta
-        columns = merged.shape[1]
-        norm = merged.transpose(0, 1).reshape(columns, -1).norm(dim=1, keepdim=True)
-        norm = norm.reshape(columns, *[1] * (merged.dim() - 1)).transpose(0, 1)
-        delta = merged * (w["dora_scale"] / norm) - weight
+        delta = _dora(weight + delta, w["dora_scale"]) - weight
     return delta
+
+
+def _dora(merged: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's W' = m · V / ‖V‖_c with V = W + ΔW, written from the formula (not from any implementation): input
+    column j of V ([out, in] or [out, in, kh, kw]) is every V[i, j, ...]; each is scaled to length m[j]."""
+    scaled = torch.empty_like(merged)
+    for j in range(merged.shape[1]):
+        column = merged[:, j]
+        scaled[:, j] = column * (magnitude.flatten()[j] / column.pow(2).sum().sqrt())
+    return scaled
 
 
 def split_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

@@ -96,7 +96,7 @@ NETWORK_TYPES: dict[str, dict[str, Any]] = {
     "LoRA": {"network_module": "networks.lora", "network_args": [], "conv_dim": 0},
     "LoCon": {"network_module": "networks.lora", "network_args": [], "conv_dim": 8, "conv_alpha": 4.0},
     "LoHa": {"network_module": "lycoris.kohya", "network_args": ["algo=loha"], "conv_dim": 0},
-    "LoKr": {"network_module": "lycoris.kohya", "network_args": ["algo=lokr"], "conv_dim": 0},
+    "LoKr": {"network_module": "lycoris.kohya", "network_args": ["algo=lokr"], "conv_dim": 0, "conv_alpha": 1.0},
     "DoRA": {"network_module": "lycoris.kohya", "network_args": ["algo=lora", "dora_wd=True"], "conv_dim": 0},
 }
 NETWORK_KEYS = ("network_module", "network_args", "conv_dim", "conv_alpha")

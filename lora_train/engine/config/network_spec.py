@@ -18,6 +18,7 @@ Algo = Literal["lora", "loha", "lokr"]
 # LyCORIS spells LoRA-with-convolutions both ways; "lora" is its default.
 _ALGOS: dict[str, Algo] = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
 _ARGS = {"algo", "conv_dim", "conv_alpha", "factor", "dora_wd"}
+DEFAULT_CONV_ALPHA = 1.0
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class NetworkSpec:
     module: str = "networks.lora"
     algo: Algo = "lora"
     conv_dim: int = 0
-    conv_alpha: float = 1.0
+    conv_alpha: float = DEFAULT_CONV_ALPHA
     factor: int = -1
     dora: bool = False
 
@@ -46,12 +47,19 @@ class NetworkSpec:
         if self.module == "lycoris.kohya":
             args["algo"] = "locon" if self.algo == "lora" and self.conv_dim else self.algo
         if self.conv_dim:
-            args["conv_dim"], args["conv_alpha"] = str(self.conv_dim), _number(self.conv_alpha)
+            conv_alpha = self.file_alpha(self.conv_dim, self.conv_alpha)
+            args["conv_dim"], args["conv_alpha"] = str(self.conv_dim), _number(conv_alpha)
         if self.algo == "lokr":
             args["factor"] = str(self.factor)
         if self.dora:
             args["dora_wd"] = "True"
         return args
+
+
+    def file_alpha(self, rank: int, alpha: float) -> float:
+        """The alpha a module of ``rank`` is trained at and stored with: the asked one, except LoKr's, which is
+        the rank (peft 0.13.2's LoKr applies no alpha/rank scale, so scale 1 is what the file must say)."""
+        return float(rank) if self.algo == "lokr" else alpha
 
 
 def _number(value: float) -> str:
@@ -99,6 +107,13 @@ def spec_of(values: Mapping[str, Any]) -> NetworkSpec:
         raise ConfigError("network_args", f"conv_alpha={args['conv_alpha']!r} is not a number") from None
     if conv_dim < 0 or conv_alpha <= 0:
         raise ConfigError("conv_dim", "conv_dim must be >= 0 (0: no 3x3 convolutions) and conv_alpha > 0")
+    if algo == "lokr" and "conv_alpha" in args:
+        raise ConfigError("network_args", "conv_alpha does not apply to algo=lokr: its 3x3 convolutions train at "
+                                          "scale 1 (alpha = conv_dim); remove conv_alpha")
+    if algo == "lokr" and conv_dim and conv_alpha not in (DEFAULT_CONV_ALPHA, float(conv_dim)):
+        raise ConfigError("conv_alpha", f"{_number(conv_alpha)} does not apply to LoKr: its 3x3 convolutions train "
+                                        f"at scale 1 (alpha = conv_dim = {conv_dim}); set conv_alpha to "
+                                        f"{_number(DEFAULT_CONV_ALPHA)} or {conv_dim}")
     factor = _int("factor", args["factor"]) if "factor" in args else -1
     if "factor" in args and algo != "lokr":
         raise ConfigError("network_args", "factor only applies to algo=lokr")

@@ -121,7 +121,8 @@ class TrainConfig:
              "0: transformer layers only.")
     conv_alpha: float = setting(
         1.0, group="Model and network", label="Conv alpha (conv_alpha)",
-        help="Alpha of the 3x3 convolutions' layers (scale conv_alpha / conv_dim).")
+        help="Alpha of the 3x3 convolutions' layers (scale conv_alpha / conv_dim). LoKr trains them at scale 1 "
+             "(alpha = conv_dim, what its file and metadata say) and refuses another conv_alpha.")
     network_weights: str | None = setting(
         None, group="Model and network", label="Start from a LoRA",
         help="An existing kohya LoRA file to continue from (its rank and alpha are kept).")

@@ -67,7 +67,8 @@ def _peft_config(spec: NetworkSpec, rank: int, alpha: float, dropout: float, pat
     if spec.algo == "lokr":
         # peft 0.13.2's LoKr applies no alpha/r scale; alpha = r writes that scale 1 into the file's alpha, so
         # the WebUI (alpha / rank of the decomposed factor) computes what was trained
-        return LoKrConfig(r=rank, alpha=rank, decompose_factor=spec.factor, target_modules=paths)
+        return LoKrConfig(r=rank, alpha=spec.file_alpha(rank, alpha), decompose_factor=spec.factor,
+                          target_modules=paths)
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=paths)
 
 

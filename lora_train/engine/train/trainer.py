@@ -112,12 +112,16 @@ class Trainer:
             self.callbacks.on_log(f"{self.paths.name}: a run of that name already has files; nothing is replaced")
         flags = ModuleFlags.capture([bundle.unet, *bundle.text_encoders])
         file_weights = export.read_lora(cfg.network_weights)[0] if cfg.network_weights else None
-        rank, alpha = lora.network_dims(file_weights) if file_weights else (cfg.lora_rank, cfg.lora_alpha)
-        if file_weights is not None and (rank, alpha) != (cfg.lora_rank, cfg.lora_alpha):
+        spec = cfg.network
+        asked = (cfg.lora_rank, spec.file_alpha(cfg.lora_rank, cfg.lora_alpha))
+        if asked[1] != cfg.lora_alpha:
+            self.callbacks.on_log(f"lora_alpha: {spec.name} trains at scale 1 (alpha = rank = {cfg.lora_rank}); "
+                                  f"lora_alpha {cfg.lora_alpha:g} does not apply and the file says {asked[1]:g}")
+        rank, alpha = lora.network_dims(file_weights) if file_weights else asked
+        if file_weights is not None and (rank, alpha) != asked:
             self.callbacks.on_log(f"network_weights: continuing with the file's rank {rank} and alpha {alpha}")
         self.dims = (rank, alpha)
         has_te_weights = bool(file_weights) and any(k.startswith("lora_te") for k in file_weights)
-        spec = cfg.network
         # may refuse: nothing changed yet
         targets = bundle.lora_targets(cfg.train_text_encoder or has_te_weights, conv=spec.conv_dim > 0)
         network = None
