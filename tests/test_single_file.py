@@ -165,3 +165,30 @@ def test_ckpt_files_load_weights_only_and_refuse_pickled_objects(tmp_path):
     torch.save({"state_dict": {}, "callback": ValueError("not a tensor")}, unsafe)
     with pytest.raises(WeightsFileError, match="unsafe.ckpt: this file stores Python objects"):
         checkpoint_convert.read_state_dict(unsafe)
+
+
+def test_a_checkpoint_is_read_tensor_by_tensor_into_the_asked_dtype(tmp_path, monkeypatch):
+    """A fp16 file loaded for fp32 training: every weight is converted as it is read and owns its memory (none
+    is a view into the file's mapping, which would keep the whole file resident beside the model), and the
+    file's mapping is dropped every window of bytes read, never held for the whole load."""
+    from lora_train.engine.output import weights
+
+    model = M.tiny_sd1(webui=False).eval().half()
+    path = tmp_path / "tiny-fp16.safetensors"
+    save(model, path)
+    file_bytes = path.stat().st_size
+    opened: list[int] = []
+    real_open = weights.safe_open
+    monkeypatch.setattr(weights, "safe_open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    monkeypatch.setattr(weights, "STREAM_WINDOW", file_bytes // 8)
+    arch = architecture("sd1", M.SD1_UNET, [M.CLIP_CONFIG], ["<|endoftext|>"])
+    bundle = load_single_file(path, arch=arch, dtype=torch.float32)
+    assert len(opened) >= 4  # reopened after each eighth of the file read (not all of it is weights it needs)
+    modules = (bundle.unet, bundle.vae, *bundle.text_encoders)
+    params = [p for m in modules for p in m.parameters()]
+    assert all(p.dtype == torch.float32 for p in params)
+    assert all(p.untyped_storage().nbytes() == p.numel() * 4 for p in params)  # own memory, exactly its size
+    model = model.float()
+    with torch.no_grad():
+        context = model.cond_stage_model(CAPTIONS)
+    compare_unet(model.model.diffusion_model, bundle, context)

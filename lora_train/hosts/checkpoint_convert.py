@@ -8,7 +8,7 @@ key mapping itself is short and has not changed since SD2.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from lora_train.engine.model import Family
 from lora_train.engine.output import weight_kinds
-from lora_train.engine.output.weights import WeightsFileError, load_tensors
+from lora_train.engine.output.weights import StreamedTensors, WeightsFileError
 
 try:  # diffusers >= 0.28 moved the module
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
@@ -35,16 +35,15 @@ _RESBLOCK_RENAMES = (
 )
 
 
-def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], Family]:
-    """Tensors of a .safetensors or .ckpt file (``state_dict`` unwrapped, no pickled code run) and their family.
+def read_state_dict(path: Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                    ) -> tuple[MutableMapping[str, torch.Tensor], Family]:
+    """The tensors of a .safetensors or .ckpt file (``state_dict`` unwrapped, no pickled code run), read one by
+    one as they are asked for and converted to ``dtype`` on ``device`` (see StreamedTensors), and their family.
 
     Anything that is not an SD1/SD2/SDXL checkpoint raises one WeightsFileError naming the file.
     """
-    state = load_tensors(path)
-    if not isinstance(state, dict):
-        raise WeightsFileError(f"{path} holds a {type(state).__name__}, not named weights; use a checkpoint file")
-    shapes = {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
-    return state, weight_kinds.require_checkpoint(path, shapes, {})
+    state = StreamedTensors(path, dtype, device)
+    return state, weight_kinds.require_checkpoint(path, state.shapes, {})
 
 
 def yaml_says_v(path: Path) -> bool:
@@ -54,12 +53,12 @@ def yaml_says_v(path: Path) -> bool:
     return config.is_file() and re.search(pattern, config.read_text(), re.M) is not None
 
 
-def unet_state(state: dict[str, torch.Tensor], config: Any, path: Path) -> dict[str, torch.Tensor]:
-    return converted(path, "UNet", convert_ldm_unet_checkpoint, dict(state), config)
+def unet_state(state: Mapping[str, torch.Tensor], config: Any, path: Path) -> dict[str, torch.Tensor]:
+    return converted(path, "UNet", convert_ldm_unet_checkpoint, state, config)
 
 
-def vae_state(state: dict[str, torch.Tensor], config: Any, path: Path) -> dict[str, torch.Tensor]:
-    return converted(path, "VAE", convert_ldm_vae_checkpoint, dict(state), config)
+def vae_state(state: Mapping[str, torch.Tensor], config: Any, path: Path) -> dict[str, torch.Tensor]:
+    return converted(path, "VAE", convert_ldm_vae_checkpoint, state, config)
 
 
 def converted(path: Path, what: str, convert: Callable[..., dict[str, torch.Tensor]], *args: Any):
@@ -74,12 +73,13 @@ def converted(path: Path, what: str, convert: Callable[..., dict[str, torch.Tens
 
 
 def text_encoder_state(
-    state: dict[str, torch.Tensor], family: Family, index: int, layers: int
+    state: Mapping[str, torch.Tensor], family: Family, index: int, layers: int
 ) -> dict[str, torch.Tensor]:
-    """HF CLIP state dict for text encoder ``index`` of a family (OpenAI CLIP copied, OpenCLIP renamed)."""
+    """HF CLIP state dict for text encoder ``index`` of a family (OpenAI CLIP copied, OpenCLIP renamed); only
+    its own keys are read from ``state``."""
     if family == "sd1" or (family == "sdxl" and index == 0):
         prefix = _CLIP_PREFIXES[family]
-        out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        out = {k[len(prefix):]: state[k] for k in list(state) if k.startswith(prefix)}
         if out and not any(k.startswith("text_model.") for k in out):  # very old checkpoints
             out = {"text_model." + k: v for k, v in out.items()}
         out.pop("text_model.embeddings.position_ids", None)
@@ -87,7 +87,7 @@ def text_encoder_state(
     return _open_clip_to_hf(state, _OPEN_CLIP_PREFIXES[family], layers)
 
 
-def _open_clip_to_hf(state: dict[str, torch.Tensor], prefix: str, layers: int) -> dict[str, torch.Tensor]:
+def _open_clip_to_hf(state: Mapping[str, torch.Tensor], prefix: str, layers: int) -> dict[str, torch.Tensor]:
     out = {
         "text_model.embeddings.token_embedding.weight": state[prefix + "token_embedding.weight"],
         "text_model.embeddings.position_embedding.weight": state[prefix + "positional_embedding"],
@@ -97,10 +97,11 @@ def _open_clip_to_hf(state: dict[str, torch.Tensor], prefix: str, layers: int) -
     if prefix + "text_projection" in state:
         out["text_projection.weight"] = state[prefix + "text_projection"].T.contiguous()
     block = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.(.+)$")
-    for key, value in state.items():
+    for key in list(state):
         m = block.match(key)
         if not m or int(m.group(1)) >= layers:  # SD2 drops the last block: it uses the penultimate layer
             continue
+        value = state[key]
         base = f"text_model.encoder.layers.{m.group(1)}."
         rest = m.group(2)
         if rest.startswith("attn.in_proj_"):

@@ -146,11 +146,16 @@ def build_random(arch: Architecture, seed: int = 0, name: str = "") -> Diffusers
 
 
 def load_single_file(
-    path: str | Path, v_parameterization: bool | None = None, arch: Architecture | None = None, clip_skip: int = 1
+    path: str | Path, v_parameterization: bool | None = None, arch: Architecture | None = None, clip_skip: int = 1,
+    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
 ) -> DiffusersBundle:
-    """An A1111-style single-file checkpoint (.safetensors or .ckpt) of SD1.x, SD2.x or SDXL."""
+    """An A1111-style single-file checkpoint (.safetensors or .ckpt) of SD1.x, SD2.x or SDXL.
+
+    Each tensor is read, converted to ``dtype`` on ``device`` (default: as stored, on the CPU) and assigned in
+    turn, so loading needs the model's memory plus about one tensor, not model + file.
+    """
     path = Path(path)
-    state, family = checkpoint_convert.read_state_dict(path)
+    state, family = checkpoint_convert.read_state_dict(path, dtype, device)
     arch = arch or BY_FAMILY[family]
     if arch.family != family:
         raise WeightsFileError(f"{path}: weights are {family} but the architecture given is {arch.family}")
@@ -167,6 +172,7 @@ def load_single_file(
         converted = checkpoint_convert.converted(path, what, checkpoint_convert.text_encoder_state, state, family,
                                                  index, encoder.config.num_hidden_layers)
         checkpoint_convert.load_into(encoder, converted, path, what)
+    state.close()
     tokenizers = [build_clip_tokenizer(pad) for pad in arch.pad_tokens]
     parameterization = _parameterization(v_parameterization, checkpoint_convert.yaml_says_v(path))
     return DiffusersBundle(arch, unet, vae, encoders, tokenizers, parameterization, path.name, clip_skip)
@@ -224,9 +230,11 @@ def _parameterization(user: bool | None, from_model: bool) -> Parameterization:
 
 
 def load_bundle(
-    base_model: str, v_parameterization: bool | None = None, clip_skip: int = 1, seed: int = 0
+    base_model: str, v_parameterization: bool | None = None, clip_skip: int = 1, seed: int = 0,
+    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
 ) -> DiffusersBundle:
-    """Resolve ``base_model`` (``tiny``, ``tiny-sdxl``, a folder or a checkpoint file) to a bundle."""
+    """Resolve ``base_model`` (``tiny``, ``tiny-sdxl``, a folder or a checkpoint file) to a bundle; a checkpoint
+    file is read straight into ``dtype`` on ``device`` (the others are moved by the caller)."""
     if base_model in BUILTIN:
         bundle = build_random(BUILTIN[base_model], seed=seed, name=base_model)
         bundle.parameterization = _parameterization(v_parameterization, False)
@@ -236,7 +244,7 @@ def load_bundle(
     if path.is_dir():
         return load_folder(path, v_parameterization, clip_skip)
     if path.is_file():
-        return load_single_file(path, v_parameterization, clip_skip=clip_skip)
+        return load_single_file(path, v_parameterization, clip_skip=clip_skip, device=device, dtype=dtype)
     raise FileNotFoundError(
         f"base_model {base_model!r}: no such file or folder; give a .safetensors/.ckpt checkpoint, a diffusers "
         f"folder, or one of the built-in models: {', '.join(BUILTIN)}"
@@ -246,5 +254,6 @@ def load_bundle(
 def load_model(cfg: TrainConfig) -> DiffusersBundle:
     """The bundle for ``cfg.base_model`` on the configured device: what ``train`` and the ``ui`` server train."""
     device = pick_device(cfg.device)
-    bundle = load_bundle(cfg.base_model, cfg.v_parameterization, cfg.clip_skip)
-    return bundle.to(device, frozen_dtype(cfg.mixed_precision, device))
+    dtype = frozen_dtype(cfg.mixed_precision, device)
+    bundle = load_bundle(cfg.base_model, cfg.v_parameterization, cfg.clip_skip, device=device, dtype=dtype)
+    return bundle.to(device, dtype)
