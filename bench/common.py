@@ -34,7 +34,7 @@ from torch import nn  # noqa: E402
 from torch.utils import flop_counter  # noqa: E402
 
 from lora_train.engine.config.settings import TrainConfig  # noqa: E402
-from lora_train.engine.train.progress import TrainCallbacks  # noqa: E402
+from lora_train.engine.train.progress import StepInfo, TrainCallbacks  # noqa: E402
 from lora_train.engine.train.trainer import Trainer  # noqa: E402
 from lora_train.hosts.architectures import SD1, TINY, Architecture  # noqa: E402
 
@@ -90,40 +90,102 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 # ----------------------------------------------------------------------------------------- our trainer
-class StepClock(TrainCallbacks):
-    """Time stamps at the top of loop iterations ``warmup`` and ``warmup + steps``.
+class MeasurementError(RuntimeError):
+    """The benchmark measured something else than it says (a window without exactly N optimizer steps, or a
+    ratio no real difference could give): a broken measurement, not a result."""
 
-    ``should_stop`` is the first thing each iteration of Trainer._loop calls, so the window between the two
-    stamps is exactly ``steps`` whole iterations: batch pick, cached-latent and text lookups, noise, forward,
-    backward, clip, optimizer, scheduler and the periodic loss report. Setup, latent caching and export fall
-    outside it.
+
+@dataclass
+class Stamp:
+    """One instant on two clocks: wall time, and CPU time of this process (all its threads), which a machine
+    shared with other jobs inflates far less."""
+
+    wall: float
+    cpu: float
+
+    @staticmethod
+    def now(device: torch.device) -> Stamp:
+        synchronize(device)
+        return Stamp(time.perf_counter(), time.process_time())
+
+
+@dataclass
+class Timing:
+    """Seconds per optimizer step over a window, on both clocks."""
+
+    wall: float
+    cpu: float
+
+    @staticmethod
+    def between(start: Stamp, end: Stamp, steps: int) -> Timing:
+        return Timing((end.wall - start.wall) / steps, (end.cpu - start.cpu) / steps)
+
+
+class WindowHooks:
+    """What runs at the two ends of a timed window (a profiler, a memory-peak reset); nothing by default."""
+
+    def at_window_start(self) -> None:
+        """Called right after the first stamp."""
+
+    def at_window_end(self) -> None:
+        """Called right before the second stamp."""
+
+
+class StepClock(TrainCallbacks, WindowHooks):
+    """Stamps after optimizer steps ``warmup`` and ``warmup + steps``, taken in ``on_step``.
+
+    ``on_step`` runs once per optimizer step, after the optimizer and scheduler stepped and the loss was read
+    (when due), so the window between the stamps holds optimizer steps ``warmup+1 .. warmup+steps``: batch
+    pick, cached-latent and text lookups, noise, forward, backward, clip, optimizer, scheduler, the periodic
+    loss read. ``should_stop`` cannot count steps: latent caching also calls it once per image. The clock
+    records the step numbers it saw inside the window and ``timing`` refuses a window that does not hold
+    exactly ``steps`` of them (MeasurementError).
     """
 
     def __init__(self, warmup: int, steps: int, device: torch.device):
+        if warmup < 1 or steps < 1:
+            raise ValueError("the window starts after optimizer step `warmup`: warmup and steps must be >= 1")
         self.marks = (warmup, warmup + steps)
+        self.steps = steps
         self.device = device
-        self.calls = 0
-        self.stamps: list[float] = []
+        self.stamps: list[Stamp] = []
+        self.window_steps: list[int] = []
 
-    def should_stop(self) -> bool:
-        if self.calls in self.marks:
-            synchronize(self.device)
-            self.stamps.append(time.perf_counter())
-        self.calls += 1
-        return False
+    def on_step(self, info: StepInfo) -> None:
+        if len(self.stamps) == 1:
+            self.window_steps.append(info.step)
+        if info.step in self.marks:
+            if info.step == self.marks[1]:
+                self.at_window_end()
+            self.stamps.append(Stamp.now(self.device))
+            if info.step == self.marks[0]:
+                self.at_window_start()
+
+    @property
+    def timing(self) -> Timing:
+        expected = list(range(self.marks[0] + 1, self.marks[1] + 1))
+        if len(self.stamps) != 2 or self.window_steps != expected:
+            raise MeasurementError(f"the timed window held optimizer steps {self.window_steps} (stamps: "
+                                   f"{len(self.stamps)}), not exactly {self.steps} ({expected[0]}..{expected[-1]})")
+        return Timing.between(self.stamps[0], self.stamps[1], self.steps)
 
     @property
     def seconds(self) -> float:
-        return self.stamps[1] - self.stamps[0]
+        """Wall seconds of the whole window."""
+        return self.timing.wall * self.steps
 
 
-def run_ours(cfg: TrainConfig, bundle, warmup: int, steps: int) -> tuple[float, Trainer]:
-    """Seconds per step of our Trainer over ``steps`` steps after ``warmup``; returns the Trainer for its caches."""
+def run_ours(cfg: TrainConfig, bundle, warmup: int, steps: int, hooks: WindowHooks | None = None,
+             ) -> tuple[Timing, Trainer]:
+    """Time per step of our Trainer over ``steps`` optimizer steps after ``warmup``; returns the Trainer for its
+    caches. ``hooks`` run at the window's ends."""
     cfg = dataclasses.replace(cfg, max_train_steps=warmup + steps + 1)
     clock = StepClock(warmup, steps, bundle.device)
+    if hooks is not None:
+        clock.at_window_start, clock.at_window_end = hooks.at_window_start, hooks.at_window_end
     trainer = Trainer(cfg, bundle, clock)
     trainer.run()
-    return clock.seconds / steps, trainer
+    return clock.timing, trainer
 
 
 # ----------------------------------------------------------------------------------------- reference
@@ -199,8 +261,9 @@ class ReferenceLoop:
         start = (step * self.batch_size) % len(self.items)
         return [self.items[(start + i) % len(self.items)] for i in range(self.batch_size)]
 
-    def run(self, warmup: int, steps: int) -> float:
-        """Seconds per step over ``steps`` steps after ``warmup`` (fresh LoRA and optimizer each call)."""
+    def run(self, warmup: int, steps: int, hooks: WindowHooks | None = None) -> Timing:
+        """Time per step over optimizer steps ``warmup+1 .. warmup+steps`` (fresh LoRA and optimizer each
+        call), stamped at the same points as StepClock stamps ours; ``hooks`` run at the window's ends."""
         unet = self.unet
         params = inject_lora(unet, self.rank, self.alpha)
         optimizer = self._make_optimizer(params)
@@ -212,12 +275,15 @@ class ReferenceLoop:
         if self.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train(self.gradient_checkpointing)
-        stamps = []
+        stamps: list[Stamp] = []
         try:
-            for step in range(warmup + steps + 1):
+            for step in range(warmup + steps + 1):  # ``step`` optimizer steps are done here
+                if step == warmup + steps and hooks:
+                    hooks.at_window_end()
                 if step in (warmup, warmup + steps):
-                    synchronize(self.device)
-                    stamps.append(time.perf_counter())
+                    stamps.append(Stamp.now(self.device))
+                if step == warmup and hooks:
+                    hooks.at_window_start()
                 if step == warmup + steps:
                     break
                 batch = self._batch(step)
@@ -247,27 +313,107 @@ class ReferenceLoop:
                 unet.disable_gradient_checkpointing()
             unet.eval()
             remove_lora(unet)
-        return (stamps[1] - stamps[0]) / steps
+        return Timing.between(stamps[0], stamps[1], steps)
+
+
+# ----------------------------------------------------------------------------------------- profile
+class WindowProfile(WindowHooks):
+    """cProfile over a timed window only, on this process's CPU time (a shared machine's waits left out),
+    summed into where a step's time goes: the UNet's forward, the backward pass, the gradient clip, AdamW's
+    step and everything else."""
+
+    BUCKETS = {  # label: (file name ends, function name) of the outermost call of each part
+        "UNet forward": (("unet_2d_condition.py", "forward"),),
+        "backward": (("autograd/__init__.py", "backward"),),
+        "clip_grad_norm_": (("clip_grad.py", "clip_grad_norm_"),),
+        "AdamW step": (("adam.py", "step"), ("adamw.py", "step")),  # AdamW is Adam's subclass in torch >= 2.5
+    }
+
+    def __init__(self) -> None:
+        import cProfile
+
+        self.profiler = cProfile.Profile(time.process_time)
+
+    def at_window_start(self) -> None:
+        self.profiler.enable()
+
+    def at_window_end(self) -> None:
+        self.profiler.disable()
+
+    def buckets(self, steps: int) -> dict[str, float]:
+        """CPU ms per step in each bucket (cumulative time of the outermost matching call), and the rest."""
+        import pstats
+
+        stats = pstats.Stats(self.profiler).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+        total = sum(entry[2] for entry in stats.values())
+        result: dict[str, float] = {}
+        for label, places in self.BUCKETS.items():
+            result[label] = sum(entry[3] for (file, _, func), entry in stats.items()
+                                if any(file.replace("\\", "/").endswith(end) and func == name for end, name in places))
+        result["everything else"] = total - sum(result.values())
+        return {label: 1000 * seconds / steps for label, seconds in result.items()}
+
+    def functions(self, path_part: str, steps: int) -> list[tuple[str, float, float]]:
+        """(file:line(function), own ms per step, cumulative ms per step) of every profiled function whose file
+        path contains ``path_part``, most cumulative time first."""
+        import pstats
+
+        stats = pstats.Stats(self.profiler).stats
+        rows = [(f"{file.split(path_part, 1)[1]}:{line}({func})", 1000 * entry[2] / steps, 1000 * entry[3] / steps)
+                for (file, line, func), entry in stats.items() if path_part in file.replace("\\", "/")]
+        return sorted(rows, key=lambda row: -row[2])
+
+    def top(self, count: int) -> str:
+        """The functions with the most own time (file:line), for what 'everything else' is."""
+        import io
+        import pstats
+
+        stream = io.StringIO()
+        pstats.Stats(self.profiler, stream=stream).sort_stats("tottime").print_stats(count)
+        return stream.getvalue()
 
 
 # ----------------------------------------------------------------------------------------- A/B timing
+# Below this, ours/reference is not a result: the same UNet work with the same tensors cannot take 10 % less
+# time in a loop that does more around it; the window or the stamps are wrong (what the old should_stop
+# clock did: it timed latent caching).
+IMPLAUSIBLE_RATIO = 0.9
+
+
 @dataclass
 class Comparison:
-    ours: list[float]
-    reference: list[float]
+    ours: list[Timing]
+    reference: list[Timing]
 
-    @property
-    def ratio(self) -> float:
-        """Median of the per-pair ratios: each pair ran back to back, so slow drift cancels."""
-        return statistics.median(o / r for o, r in zip(self.ours, self.reference, strict=True))
+    def ratios(self, clock: str = "wall") -> list[float]:
+        """Per-pair ratios ours/reference; each pair ran back to back, so slow drift cancels."""
+        return [getattr(o, clock) / getattr(r, clock) for o, r in zip(self.ours, self.reference, strict=True)]
+
+    def ratio(self, clock: str = "wall") -> float:
+        """Median of the per-pair ratios."""
+        return statistics.median(self.ratios(clock))
+
+    def spread(self, clock: str = "wall") -> str:
+        """Median with the min-max and the middle half (quartiles) of the per-pair ratios."""
+        values = sorted(self.ratios(clock))
+        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        return (f"{statistics.median(values):.3f} (min-max {values[0]:.3f}-{values[-1]:.3f}, "
+                f"quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, n={len(values)})")
+
+    def check(self, clock: str = "wall") -> None:
+        """A median ratio below IMPLAUSIBLE_RATIO is a measurement error: raise, do not report it."""
+        if self.ratio(clock) < IMPLAUSIBLE_RATIO:
+            raise MeasurementError(
+                f"ours/reference on the {clock} clock = {self.ratio(clock):.3f} < {IMPLAUSIBLE_RATIO}: our loop "
+                "does the reference's work and more, so this is a broken measurement, not a speed-up")
 
     @staticmethod
-    def describe(values: list[float]) -> str:
-        ms = [v * 1000 for v in values]
+    def describe(values: list[Timing], clock: str = "wall") -> str:
+        ms = [getattr(v, clock) * 1000 for v in values]
         return f"{statistics.median(ms):8.1f} ({min(ms):.1f}-{max(ms):.1f})"
 
 
-def alternate(ours: Callable[[], float], reference: Callable[[], float], repeats: int) -> Comparison:
+def alternate(ours: Callable[[], Timing], reference: Callable[[], Timing], repeats: int) -> Comparison:
     """A/B, B/A, A/B, ...: each repeat runs both, starting with the other one than last time."""
     result = Comparison([], [])
     for repeat in range(repeats):
@@ -277,9 +423,10 @@ def alternate(ours: Callable[[], float], reference: Callable[[], float], repeats
         else:
             result.reference.append(reference())
             result.ours.append(ours())
-        print(f"  repeat {repeat + 1}/{repeats}: ours {1000 * result.ours[-1]:.1f} ms/step, reference "
-              f"{1000 * result.reference[-1]:.1f} ms/step, ratio {result.ours[-1] / result.reference[-1]:.3f}",
-              flush=True)
+        o, r = result.ours[-1], result.reference[-1]
+        print(f"  repeat {repeat + 1}/{repeats}: ours {1000 * o.wall:.1f} ms/step (cpu {1000 * o.cpu:.1f}), "
+              f"reference {1000 * r.wall:.1f} (cpu {1000 * r.cpu:.1f}), ratio {o.wall / r.wall:.3f} "
+              f"(cpu {o.cpu / r.cpu:.3f})", flush=True)
     return result
 
 

@@ -82,15 +82,18 @@ class Timers:
 
 
 class LoopClock(progress.TrainCallbacks):
-    """The loop's first iteration starts at the first should_stop(); its last ends when the final export starts."""
+    """The loop starts at ``on_start`` (after latent caching, right before the first iteration) and counts its
+    optimizer steps in ``on_step``; ``should_stop`` cannot mark the loop: latent caching calls it per image."""
 
     def __init__(self) -> None:
         self.first: float | None = None
+        self.steps = 0
 
-    def should_stop(self) -> bool:
-        if self.first is None:
-            self.first = time.perf_counter()
-        return False
+    def on_start(self, total_steps: int, start_step: int) -> None:
+        self.first = time.perf_counter()
+
+    def on_step(self, info: progress.StepInfo) -> None:
+        self.steps += 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,7 +148,9 @@ def main(argv: list[str] | None = None) -> float:
             start = time.perf_counter()
             result = trainer.train(cfg, bundle, clock)
             total = time.perf_counter() - start
-    assert result.output is not None and clock.first is not None
+    if result.output is None or clock.first is None or clock.steps != result.steps:
+        raise common.MeasurementError(f"the loop clock saw {clock.steps} optimizer steps of {result.steps} (or no "
+                                      "start / no output): the breakdown would time something else")
     loop = export_start[-1] - clock.first
     text_in_loop = timers.seconds["text encoding (cache fill)"]
     steps = loop - text_in_loop

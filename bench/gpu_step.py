@@ -90,15 +90,13 @@ def count_flops(model: str, batch: int, device: str) -> int:
 class VramClock(common.StepClock):
     """StepClock that also resets CUDA's peak counter at the window start and reads it at the window end."""
 
-    def should_stop(self) -> bool:
-        if self.calls == self.marks[0]:
-            torch.cuda.synchronize()
-            self.window_start_bytes = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        if self.calls == self.marks[1]:
-            torch.cuda.synchronize()
-            self.peak_bytes = torch.cuda.max_memory_allocated()
-        return super().should_stop()
+    def at_window_start(self) -> None:
+        self.window_start_bytes = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+
+    def at_window_end(self) -> None:
+        torch.cuda.synchronize()
+        self.peak_bytes = torch.cuda.max_memory_allocated()
 
 
 @dataclasses.dataclass
@@ -113,7 +111,7 @@ def run_ours(cfg, bundle, warmup: int, steps: int) -> tuple[Run, Trainer]:
     clock = VramClock(warmup, steps, bundle.device)
     trainer = Trainer(cfg, bundle, clock)
     trainer.run()
-    return Run(clock.seconds / steps, clock.peak_bytes, clock.window_start_bytes), trainer
+    return Run(clock.timing.wall, clock.peak_bytes, clock.window_start_bytes), trainer
 
 
 def run_reference(reference: common.ReferenceLoop, warmup: int, steps: int) -> Run:
@@ -122,7 +120,7 @@ def run_reference(reference: common.ReferenceLoop, warmup: int, steps: int) -> R
     torch.cuda.synchronize()
     start_bytes = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    seconds = reference.run(warmup, steps)
+    seconds = reference.run(warmup, steps).wall
     torch.cuda.synchronize()
     return Run(seconds, torch.cuda.max_memory_allocated(), start_bytes)
 
@@ -160,8 +158,12 @@ def compare(label: str, cfg, bundle, reference_kwargs: dict, flops: int | None, 
     ours, ref = best(ours_runs), best(ref_runs)
     ratios = sorted(o.seconds_per_step / r.seconds_per_step for o, r in zip(ours_runs, ref_runs, strict=True))
     ratio = ratios[len(ratios) // 2]
+    if ratio < common.IMPLAUSIBLE_RATIO:
+        raise common.MeasurementError(f"{label}: ours/reference = {ratio:.3f} < {common.IMPLAUSIBLE_RATIO} "
+                                      f"(per repeat {ratios}): a broken measurement, not a speed-up")
     row = {"config": label, "ours_its": 1 / ours.seconds_per_step, "ref_its": 1 / ref.seconds_per_step,
-           "ratio": ratio, "ours_peak": ours.peak_bytes / GB, "ref_peak": ref.peak_bytes / GB,
+           "ratio": ratio, "ratio_range": (ratios[0], ratios[-1]), "ours_peak": ours.peak_bytes / GB,
+           "ref_peak": ref.peak_bytes / GB,
            "weights": ours.window_start_bytes / GB, "mfu_ours": None, "mfu_ref": None,
            "tflop": flops / 1e12 if flops else None}
     if flops and peak:
@@ -174,11 +176,12 @@ def print_rows(rows: list[dict]) -> None:
     def pct(value: float | None) -> str:
         return f"{100 * value:5.1f}%" if value is not None else "    -"
 
-    print(f"{'config':<34} | {'ours it/s':>9} | {'ref it/s':>8} | {'time ratio':>10} | {'ours peak GB':>12} | "
-          f"{'ref peak GB':>11} | {'TFLOP/step':>10} | {'MFU ours':>8} | {'MFU ref':>7}")
+    print(f"{'config':<34} | {'ours it/s':>9} | {'ref it/s':>8} | {'time ratio (min-max)':>20} | "
+          f"{'ours peak GB':>12} | {'ref peak GB':>11} | {'TFLOP/step':>10} | {'MFU ours':>8} | {'MFU ref':>7}")
     for r in rows:
         tflop = f"{r['tflop']:.2f}" if r["tflop"] else "-"
-        print(f"{r['config']:<34} | {r['ours_its']:9.2f} | {r['ref_its']:8.2f} | {r['ratio']:10.3f} | "
+        spread = f"{r['ratio']:.3f} ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f})"
+        print(f"{r['config']:<34} | {r['ours_its']:9.2f} | {r['ref_its']:8.2f} | {spread:>20} | "
               f"{r['ours_peak']:12.2f} | {r['ref_peak']:11.2f} | {tflop:>10} | {pct(r['mfu_ours']):>8} | "
               f"{pct(r['mfu_ref']):>7}")
 
