@@ -227,7 +227,10 @@ def add(requirements: list[str], constraints: Path, before: dict[str, str], fold
     if missing and (error := pip_install([*missing, "-c", str(constraints)], ", ".join(missing))):
         return f"pip could not add {', '.join(missing)} (needed by {wanted}) without changing installed " \
             f"packages: {error}"
-    error = pip_install(["--no-deps", *map(str, wheels), "-c", str(constraints)], wanted)
+    # by name from the folder, not by file: a wheel installed by path is recorded as a URL install (`pip freeze`
+    # would show "peft @ file:///tmp/...")
+    error = pip_install(["--no-deps", "--no-index", "--find-links", str(folder), *requirements, "-c",
+                         str(constraints)], wanted)
     return f"pip could not add {wanted}: {error}" if error else None
 
 

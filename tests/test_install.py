@@ -91,10 +91,20 @@ class FakeVenv:
 
     @property
     def no_deps_installs(self) -> list[list[str]]:
-        """The wheel file names of each ``pip install --no-deps``."""
+        """The requirements of each ``pip install --no-deps`` (taken from the fetched wheels' folder)."""
         calls = [shlex.split(command) for command, _ in self.pip_calls]
-        return [[Path(a).name for a in args[2:args.index("-c")]] for args in calls if args[:2] == ["install",
-                                                                                                   "--no-deps"]]
+        return [self._named(args) for args in calls if args[:2] == ["install", "--no-deps"]]
+
+    @staticmethod
+    def _named(args: list[str]) -> list[str]:
+        """The requirements of a ``pip install`` command line (its options and their values left out)."""
+        named, skip = [], False
+        for arg in args[1:args.index("-c")]:
+            if skip or arg.startswith("-"):
+                skip = arg in ("--find-links", "-d")
+                continue
+            named.append(arg)
+        return named
 
     def run_pip(self, command: str, desc: str = "") -> None:
         args = shlex.split(command)
@@ -109,8 +119,11 @@ class FakeVenv:
             return
         assert args[0] == "install", command
         if "--no-deps" in args:
-            for wheel in args[2:args.index("-c")]:
-                name, version = Path(wheel).name.split("-")[:2]
+            assert "--no-index" in args and "--find-links" in args, command  # by name, from the fetched wheels
+            folder = Path(args[args.index("--find-links") + 1])
+            for requirement in self._named(args):
+                (wheel,) = folder.glob(f"{Requirement(requirement).name.replace('-', '_')}-*.whl")
+                name, version = wheel.name.split("-")[:2]
                 self.installed[name.replace("_", "-").lower()] = version
             return
         wanted = args[1:args.index("-c")]
@@ -131,7 +144,7 @@ def test_installs_only_peft_with_every_installed_package_pinned(monkeypatch, cap
     (download, _), (command, constraints) = venv.pip_calls
     assert download.startswith('download "--no-deps" "--only-binary=:all:" "-d" ') and '"peft==0.13.2"' in download
     # everything peft needs is there at versions it accepts: its wheel alone, no resolver
-    assert venv.resolver_calls == [] and venv.no_deps_installs == [["peft-0.13.2-py3-none-any.whl"]]
+    assert venv.resolver_calls == [] and venv.no_deps_installs == [["peft==0.13.2"]]
     assert "tensorboard" not in command and "diffusers" not in command and "bitsandbytes" not in command
     pins = [Requirement(line) for line in constraints.split()]
     # every installed package, and only those, pinned to exactly its installed version
@@ -203,7 +216,7 @@ def test_only_what_is_really_missing_goes_through_the_resolver(monkeypatch, caps
     venv = FakeVenv(monkeypatch, {**without, "torch": "2.14.1", "setuptools": "69.5.1"}, adds={"psutil": "7.0.0"},
                     pip_output=INCONSISTENT, refuses=("torch", "peft==0.13.2"))
     assert venv.install.main([]) == 0
-    assert venv.resolver_calls == [["psutil"]] and venv.no_deps_installs == [["peft-0.13.2-py3-none-any.whl"]]
+    assert venv.resolver_calls == [["psutil"]] and venv.no_deps_installs == [["peft==0.13.2"]]
     assert capsys.readouterr().out == \
         "[sd-webui-lora-train] installed peft==0.13.2, psutil==7.0.0; nothing else changed\n"
 
@@ -303,7 +316,8 @@ def test_the_tab_loads_in_this_venv_without_diffusers() -> None:
 
 
 def _freeze(python: Path) -> set[str]:
-    out = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"],
+    """``pip freeze`` (which, unlike ``pip list``, shows a package installed from a file as ``name @ file://``)."""
+    out = subprocess.run([str(python), "-m", "pip", "freeze", "--all", "--disable-pip-version-check"],
                          capture_output=True, text=True, check=True).stdout
     return {line.strip().lower() for line in out.splitlines() if line.strip()}
 
