@@ -31,12 +31,6 @@ def browser(tmp_path: Path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
-    gradio = pytest.importorskip("gradio")
-    if int(gradio.__version__.split(".")[0]) >= 4:
-        # Known issue: on gradio 6 a value typed into an Advanced field right before Train is, about one run in
-        # six, not the value the job gets. The WebUI's gradio 3.41 (this test, and the real-WebUI acceptance run)
-        # is not affected; test_ui.py still builds the tab on gradio 6.
-        pytest.skip("the browser test runs on the WebUI's gradio 3.41 (see the known gradio 6 issue above)")
     ARTIFACTS.mkdir(exist_ok=True)
     with serve(tmp_path) as server, sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
