@@ -16,7 +16,7 @@ def test_clip_skip_uses_the_penultimate_layer_through_the_final_norm(tiny):
         last = tiny.encode_text(tokens).context
         tiny.clip_skip = 2
         skipped = tiny.encode_text(tokens).context
-        hidden = encoder(tokens[0], output_hidden_states=True).hidden_states[-2]
+        hidden = encoder(tokens.ids[0], output_hidden_states=True).hidden_states[-2]
         final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
     torch.testing.assert_close(skipped, final_norm(hidden))
     assert not torch.allclose(last, skipped)

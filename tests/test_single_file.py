@@ -14,7 +14,7 @@ pytest.importorskip("pytorch_lightning", reason="needs pytorch_lightning<2 (requ
 import ldm_models as M  # noqa: E402
 import torch  # noqa: E402
 from diffusers_compat import create_unet_diffusers_config, create_vae_diffusers_config  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from lora_train.engine.output import weight_kinds  # noqa: E402
 from lora_train.engine.output.weights import WeightsFileError  # noqa: E402
@@ -151,6 +151,13 @@ def test_sdxl_checkpoint(tmp_path):
         y = torch.cat([out_g["pooled"], embedders[2](sizes), embedders[3](torch.zeros(2, 2)), embedders[4](sizes)], 1)
     size_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
     compare_unet(engine.model.diffusion_model, bundle, context, y=y, size_ids=size_ids, pooled=out_g["pooled"])
+    # NoobAI-style v-pred SDXL files carry empty "v_pred" and "ztsnr" tensors: v-prediction, zero terminal SNR
+    marked = tmp_path / "tiny-sdxl-vpred.safetensors"
+    save_file({**load_file(str(path)), "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}, str(marked))
+    vpred = load_single_file(marked, arch=arch)
+    assert (bundle.parameterization, bundle.zero_terminal_snr) == ("eps", False)
+    assert (vpred.parameterization, vpred.zero_terminal_snr) == ("v", True)
+    assert load_single_file(marked, v_parameterization=False, arch=arch).parameterization == "eps"
 
 
 def test_ckpt_files_load_weights_only_and_refuse_pickled_objects(tmp_path):

@@ -4,11 +4,14 @@ live LDM object for the tab). Keeping it this small is what lets both hosts shar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
 from torch import nn
+
+from lora_train.engine.data.prompt_chunks import PromptTokens
 
 Family = Literal["sd1", "sd2", "sdxl"]
 Parameterization = Literal["eps", "v"]
@@ -33,11 +36,16 @@ class Conditioning:
 
 @dataclass
 class LoraTarget:
-    """One module to wrap with LoRA: where it lives and what kohya calls it in a file."""
+    """One module to wrap with LoRA: where it lives and what kohya calls it in a file.
+
+    ``prepare`` (shared by the targets it makes) creates the module first and returns how to take it away
+    again, e.g. OpenCLIP's q/k/v views (``network/fused_attention``); it runs at injection, its undo at removal.
+    """
 
     root: nn.Module
     path: str
     kohya_key: str
+    prepare: Callable[[], Callable[[], None]] | None = field(default=None, compare=False, repr=False)
 
 
 class ModelBundle(Protocol):
@@ -52,11 +60,12 @@ class ModelBundle(Protocol):
     dtype: torch.dtype
     model_name: str
 
-    def tokenize(self, captions: list[str]) -> list[torch.Tensor]:
-        """Token ids per text encoder, each [batch, 77]."""
+    def tokenize(self, captions: list[str], max_chunks: int = 1, weighted: bool = False) -> PromptTokens:
+        """Token ids per text encoder, each [batch, chunks * 77]: the WebUI's 75-token chunks, at most
+        ``max_chunks``; emphasis multipliers only when ``weighted``."""
 
-    def encode_text(self, tokens: list[torch.Tensor]) -> Conditioning:
-        """Run the text encoder(s); gradients flow when their LoRA is trained."""
+    def encode_text(self, tokens: PromptTokens) -> Conditioning:
+        """Run the text encoder(s) chunk by chunk; gradients flow when their LoRA is trained."""
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1], [B, 3, H, W] → latents already multiplied by the VAE scale factor."""

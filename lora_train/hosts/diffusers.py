@@ -16,6 +16,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lora_train.engine.config.settings import TrainConfig
+from lora_train.engine.data.prompt_chunks import PromptTokens, TokenRules, encode_chunks, hf_rules, tokenize_captions
 from lora_train.engine.devices import frozen_dtype, pick_device
 from lora_train.engine.model import Conditioning, Family, LoraTarget, Parameterization
 from lora_train.engine.network import kohya_names
@@ -58,8 +59,10 @@ class DiffusersBundle:
         self.parameterization = parameterization
         self.model_name = model_name
         self.clip_skip = clip_skip
+        self._rules: list[TokenRules] | None = None
         self.alphas_cumprod = sd_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
         self.scaling_factor = float(vae.config.scaling_factor)
+        self.zero_terminal_snr = False  # what the model declares (a checkpoint's ztsnr key); the config decides
 
     @property
     def device(self) -> torch.device:
@@ -75,25 +78,35 @@ class DiffusersBundle:
             module.to(device=device, dtype=dtype)
         return self
 
-    def tokenize(self, captions: list[str]) -> list[torch.Tensor]:
-        return [
-            tok(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
-            .input_ids.to(self.device)
-            for tok in self.tokenizers
-        ]
+    def tokenize(self, captions: list[str], max_chunks: int = 1, weighted: bool = False) -> PromptTokens:
+        """Token ids per text encoder in the WebUI's 75-token chunks (see ``prompt_chunks``)."""
+        if self._rules is None:
+            self._rules = [hf_rules(tok) for tok in self.tokenizers]
+        tokens = tokenize_captions(captions, self._rules, max_chunks, weighted=weighted)
+        return PromptTokens([ids.to(self.device) for ids in tokens.ids], tokens.multipliers)
 
-    def encode_text(self, tokens: list[torch.Tensor]) -> Conditioning:
+    def encode_text(self, tokens: PromptTokens) -> Conditioning:
         if self.family == "sdxl":
-            first = self.text_encoders[0](tokens[0], output_hidden_states=True)
-            second = self.text_encoders[1](tokens[1], output_hidden_states=True)
-            context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-            return Conditioning(context=context, pooled=second.text_embeds)
+            first, _ = encode_chunks(tokens.ids[0], tokens.multipliers[0], self._encode_sdxl_first)
+            second, pooled = encode_chunks(tokens.ids[1], tokens.multipliers[1], self._encode_sdxl_second)
+            return Conditioning(context=torch.cat([first, second], dim=-1), pooled=pooled)
+        context, _ = encode_chunks(tokens.ids[0], tokens.multipliers[0], self._encode_single)
+        return Conditioning(context=context)
+
+    def _encode_single(self, ids: torch.Tensor) -> tuple[torch.Tensor, None]:
         encoder = self.text_encoders[0]
         if self.clip_skip == 1:
-            return Conditioning(context=encoder(tokens[0]).last_hidden_state)
-        hidden = encoder(tokens[0], output_hidden_states=True).hidden_states[-self.clip_skip]
+            return encoder(ids).last_hidden_state, None
+        hidden = encoder(ids, output_hidden_states=True).hidden_states[-self.clip_skip]
         final_norm = getattr(encoder, "text_model", encoder).final_layer_norm  # transformers 5: no text_model
-        return Conditioning(context=final_norm(hidden))
+        return final_norm(hidden), None
+
+    def _encode_sdxl_first(self, ids: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.text_encoders[0](ids, output_hidden_states=True).hidden_states[-2], None
+
+    def _encode_sdxl_second(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.text_encoders[1](ids, output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         # The distribution's mean, not a sample: cached latents then do not depend on an RNG draw.
@@ -172,10 +185,15 @@ def load_single_file(
         converted = checkpoint_convert.converted(path, what, checkpoint_convert.text_encoder_state, state, family,
                                                  index, encoder.config.num_hidden_layers)
         checkpoint_convert.load_into(encoder, converted, path, what)
+    # NoobAI-style v-pred SDXL files mark themselves with empty ``v_pred`` and ``ztsnr`` tensors (what reForge and
+    # ComfyUI read); A1111 wants a .yaml beside the file
+    marked_v, marked_ztsnr = "v_pred" in state, "ztsnr" in state
     state.close()
     tokenizers = [build_clip_tokenizer(pad) for pad in arch.pad_tokens]
-    parameterization = _parameterization(v_parameterization, checkpoint_convert.yaml_says_v(path))
-    return DiffusersBundle(arch, unet, vae, encoders, tokenizers, parameterization, path.name, clip_skip)
+    parameterization = _parameterization(v_parameterization, checkpoint_convert.yaml_says_v(path) or marked_v)
+    bundle = DiffusersBundle(arch, unet, vae, encoders, tokenizers, parameterization, path.name, clip_skip)
+    bundle.zero_terminal_snr = marked_ztsnr
+    return bundle
 
 
 def load_folder(path: str | Path, v_parameterization: bool | None = None, clip_skip: int = 1) -> DiffusersBundle:
@@ -255,5 +273,5 @@ def load_model(cfg: TrainConfig) -> DiffusersBundle:
     """The bundle for ``cfg.base_model`` on the configured device: what ``train`` and the ``ui`` server train."""
     device = pick_device(cfg.device)
     dtype = frozen_dtype(cfg.mixed_precision, device)
-    bundle = load_bundle(cfg.base_model, cfg.v_parameterization, cfg.clip_skip, device=device, dtype=dtype)
+    bundle = load_bundle(cfg.base_model, cfg.v_parameterization, cfg.clip_skip or 1, device=device, dtype=dtype)
     return bundle.to(device, dtype)

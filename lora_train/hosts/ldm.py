@@ -31,19 +31,13 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from lora_train.engine.data.prompt_chunks import PromptTokens, TokenRules, encode_chunks, hf_rules, tokenize_captions
 from lora_train.engine.model import Conditioning, Family, LoraTarget, Parameterization
-from lora_train.engine.network import kohya_names
+from lora_train.engine.network import fused_attention, kohya_names
 from lora_train.hosts.ldm_embedders import detect_family, inner, is_hf_clip, is_open_clip
 from lora_train.hosts.vae_fallback import encode_finite
 
-MAX_LENGTH = 77
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
-TEXT_ENCODER_NOTE = (
-    "train_text_encoder is not supported on the WebUI's loaded {family} model: its OpenCLIP text encoder fuses "
-    "q/k/v into one in_proj weight, which kohya-format LoRA files address as separate q/k/v modules. Set "
-    "train_text_encoder to false to train the UNet only, or train from the checkpoint file with the CLI "
-    "(diffusers host), which trains all text encoders."
-)
 
 
 class LdmBundle:
@@ -58,6 +52,8 @@ class LdmBundle:
         clip_skip: int = 1,
         model_name: str | None = None,
         parameterization: Parameterization | None = None,
+        sdxl_clip_l_skip: bool = False,
+        zero_terminal_snr: bool = False,
     ):
         self.sd_model = sd_model
         self.family: Family = detect_family(sd_model)
@@ -70,6 +66,9 @@ class LdmBundle:
         self.vae: nn.Module = sd_model.first_stage_model
         self.scale_factor = float(sd_model.scale_factor)
         self.clip_skip = clip_skip
+        self.sdxl_clip_l_skip = sdxl_clip_l_skip
+        self.zero_terminal_snr = zero_terminal_snr  # the WebUI samples with it ("Noise schedule for sampling")
+        self._rules: list[TokenRules] | None = None
         self.parameterization: Parameterization = parameterization or self._parameterization()
         schedule = getattr(sd_model, "alphas_cumprod_original", None)
         if schedule is None:
@@ -91,11 +90,6 @@ class LdmBundle:
         self.text_encoders: list[nn.Module] = [
             e.transformer if is_hf_clip(e) else e.model for e in self.text_embedders
         ]
-        # Text-encoder LoRA needs separate q/k/v Linears: HF CLIP has them, OpenCLIP fuses them.
-        self.supports_text_encoder_lora = all(is_hf_clip(e) for e in self.text_embedders)
-        self.text_encoder_note = (
-            None if self.supports_text_encoder_lora else TEXT_ENCODER_NOTE.format(family=self.family.upper())
-        )
         self._blocks = [
             (module, "checkpoint" if hasattr(module, "checkpoint") else "use_checkpoint")
             for module in self.unet.modules()
@@ -142,30 +136,34 @@ class LdmBundle:
         return next(self.unet.parameters()).dtype
 
     # -- text ---------------------------------------------------------------------------------------------------
-    def tokenize(self, captions: list[str]) -> list[torch.Tensor]:
-        """Token ids per text encoder with the host's own tokenizers (HF for CLIP, open_clip for OpenCLIP)."""
-        tokens = []
-        for embedder, encoder in zip(self.text_embedders, self.text_encoders, strict=True):
-            device = next(encoder.parameters()).device
-            if is_hf_clip(embedder):
-                ids = embedder.tokenizer(
-                    captions, truncation=True, max_length=getattr(embedder, "max_length", MAX_LENGTH),
-                    padding="max_length", return_tensors="pt",
-                ).input_ids
-            else:
-                import open_clip  # the WebUI always has it when an OpenCLIP model is loaded
+    def token_rules(self) -> list[TokenRules]:
+        """Each text encoder's tokenizer and special ids as the WebUI's own embedder wrappers use them: HF CLIP
+        pads with its end token, OpenCLIP with 0 (``sd_hijack_clip`` / ``sd_hijack_open_clip``)."""
+        if self._rules is None:
+            rules = []
+            for embedder in self.text_embedders:
+                if is_hf_clip(embedder):
+                    rules.append(hf_rules(embedder.tokenizer, pad=embedder.tokenizer.eos_token_id))
+                else:
+                    from open_clip.tokenizer import _tokenizer  # the WebUI has it when an OpenCLIP model is loaded
 
-                ids = open_clip.tokenize(captions)
-            tokens.append(ids.to(device))
-        return tokens
+                    vocab = _tokenizer.encoder
+                    rules.append(TokenRules(_tokenizer.encode, vocab["<start_of_text>"], vocab["<end_of_text>"], 0,
+                                            vocab.get(",</w>")))
+            self._rules = rules
+        return self._rules
 
-    def encode_text(self, tokens: list[torch.Tensor]) -> Conditioning:
+    def tokenize(self, captions: list[str], max_chunks: int = 1, weighted: bool = False) -> PromptTokens:
+        """Token ids per text encoder in the WebUI's 75-token chunks (see ``prompt_chunks``)."""
+        tokens = tokenize_captions(captions, self.token_rules(), max_chunks, weighted=weighted)
+        devices = [next(encoder.parameters()).device for encoder in self.text_encoders]
+        return PromptTokens([ids.to(d) for ids, d in zip(tokens.ids, devices, strict=True)], tokens.multipliers)
+
+    def encode_text(self, tokens: PromptTokens) -> Conditioning:
         contexts, pooled = [], []
-        for embedder, ids in zip(self.text_embedders, tokens, strict=True):
-            if is_hf_clip(embedder):
-                context, pool = self._encode_hf(embedder, ids)
-            else:
-                context, pool = self._encode_open_clip(embedder, ids)
+        for embedder, ids, weights in zip(self.text_embedders, tokens.ids, tokens.multipliers, strict=True):
+            encode = functools.partial(self._encode_hf if is_hf_clip(embedder) else self._encode_open_clip, embedder)
+            context, pool = encode_chunks(ids, weights, encode)
             contexts.append(context)
             if pool is not None:
                 pooled.append(pool)
@@ -176,9 +174,12 @@ class LdmBundle:
     def _encode_hf(self, embedder: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         layer = getattr(embedder, "layer", "last")
         skip = self.clip_skip if self.family == "sd1" else 1
-        out = embedder.transformer(input_ids=ids, output_hidden_states=layer == "hidden" or skip > 1)
+        sdxl_skip = self.family == "sdxl" and self.sdxl_clip_l_skip
+        out = embedder.transformer(input_ids=ids, output_hidden_states=layer == "hidden" or skip > 1 or sdxl_skip)
         if skip > 1:  # A1111's "Clip skip": an earlier layer through the final layer norm
             context = embedder.transformer.text_model.final_layer_norm(out.hidden_states[-skip])
+        elif sdxl_skip:  # A1111's "Clip skip SDXL": CLIP-L's layer -clip_skip, without the final norm
+            context = out.hidden_states[-self.clip_skip]
         elif layer == "last":
             context = out.last_hidden_state
         elif layer == "pooled":
@@ -278,21 +279,42 @@ class LdmBundle:
                     setattr(module, name, value)
 
     def lora_targets(self, text_encoder: bool, conv: bool = False) -> list[LoraTarget]:
-        """kohya's default targets in the UNet's transformers (and SD1's CLIP layers when asked); ``conv`` adds
-        the ResBlocks and down/upsamplers (LoCon).
-
-        Raises ValueError naming train_text_encoder when text-encoder LoRA is asked for an OpenCLIP model
-        (SD2, SDXL): a silently UNet-only run would not be what the user asked for.
-        """
-        if text_encoder and not self.supports_text_encoder_lora:
-            raise ValueError(self.text_encoder_note)
-        return kohya_names.find_targets(
-            self.unet, self.text_encoders, self.family, "ldm", self.layers_per_block, text_encoder, conv
+        """kohya's default targets in the UNet's transformers and, when asked, every text encoder's layers; ``conv``
+        adds the ResBlocks and down/upsamplers (LoCon). OpenCLIP's fused q/k/v become kohya's three modules
+        (``fused_attention``), so SD2 files have 138 text modules and SDXL files 72 + 192, as kohya's."""
+        hf_encoders = [e.transformer for e in self.text_embedders if is_hf_clip(e)]
+        targets = kohya_names.find_targets(
+            self.unet, hf_encoders, self.family, "ldm", self.layers_per_block, text_encoder, conv
         )
+        if text_encoder:
+            for index, embedder in enumerate(self.text_embedders):
+                if not is_hf_clip(embedder):
+                    targets += _open_clip_targets(embedder, self.family, index)
+        return targets
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recorded only; ``predict`` applies it around each UNet call (text encoders are not checkpointed)."""
         self.gradient_checkpointing = enabled
+
+
+def _open_clip_targets(embedder: nn.Module, family: Family, index: int) -> list[LoraTarget]:
+    """kohya's q/k/v/out and mlp fc1/fc2 modules of each OpenCLIP layer the embedder runs: SD2's ldm embedder
+    stops before the last ``layer_idx`` blocks (kohya's SD2 text encoder has 23 layers), SDXL's sgm embedder
+    runs all (the last feeds the pooled vector)."""
+    encoder = embedder.model
+    blocks = encoder.transformer.resblocks
+    used = len(blocks) if getattr(embedder, "legacy", True) is False else len(blocks) - int(embedder.layer_idx)
+    targets = []
+    for number, block in enumerate(blocks[:used]):
+        prepare = functools.partial(fused_attention.split, block.attn)
+        for part in (*fused_attention.PARTS, "out_proj"):
+            path = f"transformer.resblocks.{number}.attn.{part}"
+            key = kohya_names.text_encoder_key(path, family, index)
+            targets.append(LoraTarget(encoder, path, key, prepare if part != "out_proj" else None))
+        for part in ("c_fc", "c_proj"):
+            path = f"transformer.resblocks.{number}.mlp.{part}"
+            targets.append(LoraTarget(encoder, path, kohya_names.text_encoder_key(path, family, index)))
+    return targets
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lora_train.engine.config.settings import ConfigError, TrainConfig
+from lora_train.engine.config.settings import TrainConfig
 from lora_train.engine.model import ModelBundle
 from lora_train.engine.train.samples import SampleFn
 from lora_train.hosts.ldm import LdmBundle
@@ -116,13 +116,32 @@ class WebUIHost(TrainHost):
         if problem:
             raise HostError(problem)
         parameterization = None if cfg.v_parameterization is None else ("v" if cfg.v_parameterization else "eps")
+        clip_skip, sdxl_clip_l_skip = self.clip_skip(cfg)
         try:
-            bundle = LdmBundle(model, clip_skip=cfg.clip_skip, parameterization=parameterization)
+            bundle = LdmBundle(model, clip_skip=clip_skip, parameterization=parameterization,
+                               sdxl_clip_l_skip=sdxl_clip_l_skip, zero_terminal_snr=self.zero_terminal_snr())
         except ValueError as exc:
             raise HostError(f"The loaded checkpoint cannot be trained here: {exc}") from None
-        if cfg.train_text_encoder and not bundle.supports_text_encoder_lora:
-            raise ConfigError("train_text_encoder", bundle.text_encoder_note or "not supported on this model")
         return bundle
+
+    def clip_skip(self, cfg: TrainConfig) -> tuple[int, bool]:
+        """The clip skip to train with (the config's, else the WebUI's "Clip skip" it generates with) and whether
+        SDXL's CLIP-L follows it (the WebUI's "Clip skip SDXL")."""
+        opts = getattr(self.shared, "opts", None)
+        host = int(getattr(opts, "CLIP_stop_at_last_layers", 1) or 1)
+        return (cfg.clip_skip if cfg.clip_skip is not None else host), bool(getattr(opts, "sdxl_clip_l_skip", False))
+
+    def zero_terminal_snr(self) -> bool:
+        """Whether the WebUI samples with "Noise schedule for sampling: Zero Terminal SNR"."""
+        return getattr(getattr(self.shared, "opts", None), "sd_noise_schedule", "Default") == "Zero Terminal SNR"
+
+    def generation_notes(self) -> dict[str, str]:
+        clip_skip, sdxl = self.clip_skip(TrainConfig())
+        note = f"unset: the WebUI's Clip skip, now {clip_skip}"
+        if self.family() == "sdxl":
+            note += " (SDXL CLIP-L: " + ("follows it" if sdxl else "its own layer; \"Clip skip SDXL\" is off") + ")"
+        schedule = "Zero Terminal SNR" if self.zero_terminal_snr() else "Default"
+        return {"clip_skip": note, "zero_terminal_snr": f"unset: the WebUI's noise schedule, now {schedule}"}
 
     def check(self, cfg: TrainConfig) -> None:
         self._bundle(cfg)
@@ -138,6 +157,13 @@ class WebUIHost(TrainHost):
             _unload_captioner()
             bundle = self._bundle(cfg)  # the model may have changed while we waited for the lock
             job.add_log(f"training on the loaded {bundle.family.upper()} checkpoint {bundle.model_name}")
+            if cfg.clip_skip is None:
+                cfg.clip_skip = bundle.clip_skip  # what the LoRA's ss_clip_skip records
+                job.add_log(f"clip_skip {bundle.clip_skip}: the WebUI's Clip skip setting")
+            if cfg.zero_terminal_snr is None:
+                cfg.zero_terminal_snr = bundle.zero_terminal_snr  # ss_zero_terminal_snr records it
+                if bundle.zero_terminal_snr:
+                    job.add_log("zero_terminal_snr: the WebUI samples with Zero Terminal SNR, so training does too")
             if cfg.mixed_precision == "no" and bundle.dtype in (torch.float16, torch.bfloat16):
                 # fp32 LoRA over half-precision host weights needs autocast to match their dtype
                 cfg.mixed_precision = "bf16" if bundle.dtype == torch.bfloat16 else "fp16"

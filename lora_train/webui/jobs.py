@@ -55,6 +55,10 @@ class TrainHost:
         """The loaded model's family ("sd1", "sd2", "sdxl") for presets, or None when unknown."""
         return None
 
+    def generation_notes(self) -> dict[str, str]:
+        """Per config key, what an unset value means on this host right now (shown in the tab by the field)."""
+        return {}
+
     def device_type(self) -> str:
         """The torch device type training would run on ("cuda", "cpu", ...); presets depend on it."""
         from lora_train.engine.devices import pick_device

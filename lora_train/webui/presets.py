@@ -1,7 +1,7 @@
 """Starting points for the three usual kinds of LoRA, per model family.
 
 Values follow common community practice for kohya-style LoRAs: characters need a mid rank and some text-encoder
-help (SD1 only: the WebUI's SD2/SDXL text encoders are OpenCLIP, which kohya-format text LoRA cannot address);
+help on SD1/SD2 (SDXL characters usually train the UNet only, as kohya users do);
 styles want a higher rank and more steps; SDXL trains at 1024 with bf16, gradient checkpointing and cached
 latents so it fits a 12-16 GB card. Everything here is plain data the user can override in Advanced.
 
@@ -76,9 +76,6 @@ def preset_values(name: str, family: Family | str | None, device: str = "cuda") 
     defaults = TrainConfig().to_dict()
     values = {key: defaults[key] for key in preset_keys()}
     values.update({**_COMMON, **_FAMILY[family], **_KIND[(name, group)]})
-    if family == "sd2":
-        values["train_text_encoder"] = False
-        values["text_encoder_lr"] = None
     if device != "cuda":
         values["mixed_precision"] = "no"
     return values

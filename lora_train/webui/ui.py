@@ -61,7 +61,8 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
                     widgets["trigger_word"] = widget("trigger_word", start.get("trigger_word"))
                     preset = make(gr.Dropdown, label="Preset", choices=list(PRESET_NAMES), info=PRESET_HELP,
                                   value=settings.default_preset, elem_id="lora_train_preset")
-                family_note = make(gr.Markdown, value=_family_text(family), elem_id="lora_train_family")
+                family_note = make(gr.Markdown, value=_family_text(family, host.generation_notes()),
+                                   elem_id="lora_train_family")
             with gr.Column(scale=2):
                 with gr.Row():
                     train_button = make(gr.Button, value="Train", variant="primary", elem_id="lora_train_train")
@@ -91,7 +92,7 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
                 log = make(gr.Textbox, label="Log", lines=8, max_lines=8, interactive=False, elem_id="lora_train_log")
 
         with gr.Accordion("Advanced (every config field)", open=False, elem_id="lora_train_advanced"):
-            widgets.update(config_panel(start, host.in_webui))
+            widgets.update(config_panel(start, host.in_webui, host.generation_notes()))
             with gr.Row():
                 config_file = make(gr.File, label="Load config (YAML)", file_types=[".yaml", ".yml"],
                                    elem_id="lora_train_config_in")
@@ -107,7 +108,7 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
         def apply_preset(name: str):
             values = host.preset(name)
             return [gr.update(value=to_widget(key, values[key])) for key in preset_names] + \
-                [_family_text(host.family())]
+                [_family_text(host.family(), host.generation_notes())]
 
         preset.change(apply_preset, [preset], [widgets[k] for k in preset_names] + [family_note])
 
@@ -159,7 +160,10 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
     return demo
 
 
-def _family_text(family: str | None) -> str:
-    if family is None:
-        return "Model: not known yet (presets use SD1 values)."
-    return f"Model family: **{family.upper()}** (presets tuned for it)."
+def _family_text(family: str | None, notes: dict[str, str] | None = None) -> str:
+    """The loaded model's family, and what unset keys follow on this host (e.g. the WebUI's Clip skip)."""
+    text = ("Model: not known yet (presets use SD1 values)." if family is None
+            else f"Model family: **{family.upper()}** (presets tuned for it).")
+    for key, note in (notes or {}).items():
+        text += f" `{key}` {note}."
+    return text

@@ -117,9 +117,11 @@ def network_type_updates(name: str) -> list[Any]:
     return [to_widget(key, chosen[key]) if key in chosen else gr.update() for key in NETWORK_KEYS]
 
 
-def config_panel(start: dict[str, Any], in_webui: bool) -> dict[str, Any]:
+def config_panel(start: dict[str, Any], in_webui: bool, notes: dict[str, str] | None = None) -> dict[str, Any]:
     """The Advanced fields (all but MAIN_FIELDS) under their groups' headings, four to a row; above the network
-    keys, a network-type choice that fills them in."""
+    keys, a network-type choice that fills them in. ``notes`` (the host's ``generation_notes``) replace an
+    unset field's placeholder: what it means on this host now (e.g. the WebUI's own Clip skip)."""
+    notes = notes or {}
     widgets: dict[str, Any] = {}
     network_type = None
     for group in GROUPS:
@@ -134,7 +136,8 @@ def config_panel(start: dict[str, Any], in_webui: bool) -> dict[str, Any]:
         for chunk in range(0, len(names), 4):
             with gr.Row():
                 for name in names[chunk:chunk + 4]:
-                    widgets[name] = widget(name, start.get(name), in_webui)
+                    extra = {"placeholder": notes[name]} if name in notes else {}
+                    widgets[name] = widget(name, start.get(name), in_webui, **extra)
     if network_type is not None:
         network_type.change(network_type_updates, [network_type], [widgets[key] for key in NETWORK_KEYS])
     return widgets

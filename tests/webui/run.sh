@@ -53,6 +53,8 @@ export PORT
 source "$WORKDIR/env.sh"
 OUT="${ACCEPT_OUT:-$WORKDIR/accept-out}"
 EXT_DIR="$WEBUI_DIR/extensions/sd-webui-lora-train"
+# test-only: the conditioning probe (tests/webui/test_conditioning.py), removed again when the run ends
+PROBE_DIR="$WEBUI_DIR/extensions/lora-train-conditioning-probe"
 PYTHON="$ROOT/.venv/bin/python"
 [[ -x "$PYTHON" ]] || PYTHON=python3
 mkdir -p "$OUT"
@@ -62,7 +64,7 @@ since() { awk -v a="$1" -v b="$(stamp)" 'BEGIN { printf "%.1f", b - a }'; }
 
 echo "== stop any WebUI of this harness, remove the previous install"
 bash "$HARNESS/stop.sh" "$WORKDIR"
-rm -rf "$EXT_DIR"
+rm -rf "$EXT_DIR" "$PROBE_DIR"
 
 if [[ -n "$(git -C "$REPO" status --porcelain --untracked-files=no)" ]]; then
   echo "note: $REPO has uncommitted changes; Install from URL clones the committed HEAD only"
@@ -81,6 +83,7 @@ else
   bash "$HARNESS/install_extension.sh" "$WORKDIR" "$REPO" sd-webui-lora-train
 fi
 echo "INSTALL_SECONDS=$(since "$t")"
+cp -r "$ROOT/tests/webui/conditioning_probe" "$PROBE_DIR"
 
 echo "== restart the WebUI ($HOST)"
 if [[ "$DEV" == 1 ]]; then
@@ -88,7 +91,7 @@ if [[ "$DEV" == 1 ]]; then
 else
   HARNESS="$HARNESS" bash "${BOOT[@]}" "$WORKDIR" | tee "$OUT/boot.txt"
 fi
-cleanup() { [[ "$KEEP" == 1 ]] || bash "$HARNESS/stop.sh" "$WORKDIR"; }
+cleanup() { [[ "$KEEP" == 1 ]] || bash "$HARNESS/stop.sh" "$WORKDIR"; rm -rf "$PROBE_DIR"; }
 trap cleanup EXIT
 
 "$VENV_DIR/bin/python" -m pip freeze > "$OUT/freeze-after.txt"

@@ -118,8 +118,12 @@ def validate(values: Mapping[str, Any]) -> None:
     if cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0:
         raise ConfigError("min_snr_gamma", f"{cfg.min_snr_gamma!r} must be greater than 0 (5 is typical)")
     _check_noise_and_loss(cfg)
-    if cfg.clip_skip not in (1, 2):
-        raise ConfigError("clip_skip", f"{cfg.clip_skip!r} must be 1 or 2")
+    if cfg.v_pred_like_loss is not None and cfg.v_pred_like_loss < 0:
+        raise ConfigError("v_pred_like_loss", f"{cfg.v_pred_like_loss!r} must not be negative (0.1 is usual)")
+    if cfg.max_token_length not in (75, 150, 225):
+        raise ConfigError("max_token_length", f"{cfg.max_token_length!r} must be 75, 150 or 225 (tokens per caption)")
+    if cfg.clip_skip is not None and not 1 <= cfg.clip_skip <= 12:
+        raise ConfigError("clip_skip", f"{cfg.clip_skip!r} must be 1-12 (as the WebUI's Clip skip), or unset")
     try:
         height, width = parse_resolution(cfg.resolution)
     except ValueError:

@@ -79,6 +79,15 @@ class TrainConfig:
     caption_dropout_rate: float = setting(
         0.0, group="Data", label="Caption dropout",
         help="Probability (0-1) of training a step with an empty caption.")
+    max_token_length: int = setting(
+        75, group="Data", label="Caption length (tokens)",
+        help="75, 150 or 225: captions are read in the WebUI's 75-token chunks (each with its own start and end "
+             "token, as generation encodes a long prompt), up to this many tokens; the rest is cut off.")
+    weighted_captions: bool = setting(
+        False, group="Data", label="Weighted captions",
+        help="Apply the WebUI's emphasis in captions (`(word:1.2)`, `(word)`, `[word]`) as weights on the text "
+             "features, as kohya's weighted_captions and the WebUI's \"Original\" emphasis do. Off, emphasis is "
+             "stripped to its text. Escaped brackets (`\\(`) are always read as literal brackets.")
     cache_latents: bool = setting(
         True, group="Data", label="Cache latents",
         help="Encode every image once with the VAE (faster steps; no random crops).")
@@ -91,9 +100,26 @@ class TrainConfig:
              "the checkpoint it has loaded.")
     v_parameterization: bool | None = setting(
         None, group="Model and network", label="v-prediction", unset="auto (from the model's config)",
-        help="v-prediction loss (SD2 768-v models).")
-    clip_skip: int = setting(
-        1, group="Model and network", label="CLIP skip", help="2 uses the penultimate CLIP layer (SD1 anime models).")
+        help="v-prediction loss (SD2 768-v, v-pred SDXL). Auto: the WebUI's loaded model's parameterization; in "
+             "the CLI a `.yaml` beside the checkpoint, its `v_pred` key, or a diffusers folder's scheduler.")
+    zero_terminal_snr: bool | None = setting(
+        None, group="Model and network", label="Zero terminal SNR",
+        unset="the WebUI's \"Noise schedule for sampling\" (or a checkpoint's `ztsnr` key); off in the CLI",
+        help="Train on the noise schedule rescaled to zero terminal SNR (Lin et al. 2023), as the WebUI samples "
+             "with \"Zero Terminal SNR\"; for v-prediction models trained that way (NoobAI v-pred).")
+    scale_v_pred_loss_like_noise_pred: bool = setting(
+        False, group="Optimisation", label="Scale v-pred loss like noise-pred",
+        help="kohya's option for v-prediction: weight each step's loss by SNR/(SNR+1), as an epsilon loss weighs it.")
+    v_pred_like_loss: float | None = setting(
+        None, group="Optimisation", label="v-pred-like loss", unset="none (off)",
+        help="kohya's option: add this share of a v-prediction-like loss (loss x (SNR+1)/SNR) to an epsilon "
+             "model's loss; 0.1 is a usual value.")
+    clip_skip: int | None = setting(
+        None, group="Model and network", label="CLIP skip",
+        unset="the WebUI's own Clip skip setting (what it generates with); 1 in the CLI",
+        help="Which CLIP layer conditions the UNet, 1-12 as in the WebUI: 1 the last, 2 the penultimate (SD1 anime "
+             "models). SD2's and SDXL's OpenCLIP ignore it as the WebUI does; SDXL's CLIP-L follows it when the "
+             "WebUI's \"Clip skip SDXL\" is on. Written to the LoRA as `ss_clip_skip`.")
     lora_rank: int = setting(
         8, group="Model and network", label="Rank (network_dim)",
         help="LoRA dimension: capacity and file size. 8-32 is usual (characters 16, styles 32).")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_train.engine.config.settings import TrainConfig
 from lora_train.engine.data import dataset as data
+from lora_train.engine.data.prompt_chunks import max_chunks
 from lora_train.engine.files import atomic_write
 from lora_train.engine.model import Conditioning, ModelBundle
 from lora_train.engine.train.distributed import SOLO, Team
@@ -141,11 +142,17 @@ class LatentCache:
 
 
 class TextCache:
-    """Text conditioning per caption; bypassed when the text encoders train or captions change per step."""
+    """Text conditioning per caption; bypassed when the text encoders train or captions change per step.
+
+    A batch's captions may need different numbers of 75-token chunks; cached ones are padded with the encoded
+    empty chunk, as the WebUI pads the shorter prompts of a batch (``prompt_chunks.tokenize_captions``).
+    """
 
     def __init__(self, cfg: TrainConfig, bundle: ModelBundle):
         self.bundle = bundle
         self.enabled = not (cfg.train_text_encoder or cfg.shuffle_caption or cfg.caption_dropout_rate)
+        self.max_chunks = max_chunks(cfg.max_token_length)
+        self.weighted = cfg.weighted_captions
         self.cache: dict[str, Conditioning] = {}
 
     def fill(self, captions: list[str], team: Team) -> None:
@@ -162,16 +169,20 @@ class TextCache:
             pooled = cond.pooled.to(self.bundle.device) if cond.pooled is not None else None
             self.cache[caption] = Conditioning(cond.context.to(self.bundle.device), pooled)
 
+    def _encode(self, captions: list[str]) -> Conditioning:
+        return self.bundle.encode_text(self.bundle.tokenize(captions, self.max_chunks, self.weighted))
+
     def encode(self, captions: list[str]) -> Conditioning:
         if not self.enabled:
-            return self.bundle.encode_text(self.bundle.tokenize(captions))
-        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
-        if missing:
-            with torch.no_grad():
-                cond = self.bundle.encode_text(self.bundle.tokenize(missing))
-            for i, caption in enumerate(missing):
-                pooled = cond.pooled[i : i + 1] if cond.pooled is not None else None
-                self.cache[caption] = Conditioning(cond.context[i : i + 1], pooled)
+            return self._encode(captions)
+        missing = [c for c in dict.fromkeys([*captions, ""]) if c not in self.cache]
+        with torch.no_grad():
+            for caption in missing:  # one at a time: each keeps its own number of chunks
+                self.cache[caption] = self._encode([caption])
         parts = [self.cache[c] for c in captions]
+        length = max(p.context.shape[1] for p in parts)
+        empty = self.cache[""].context
+        contexts = [torch.cat([p.context, *[empty] * ((length - p.context.shape[1]) // empty.shape[1])], dim=1)
+                    for p in parts]
         pooled = torch.cat([p.pooled for p in parts]) if parts[0].pooled is not None else None
-        return Conditioning(torch.cat([p.context for p in parts]), pooled)
+        return Conditioning(torch.cat(contexts), pooled)

@@ -22,6 +22,9 @@ UNET_TARGET_SUFFIXES = (
     "ff.net.0.proj", "ff.net.2",
 )
 _TE_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])$")
+# OpenCLIP's text transformer (SD2, SDXL's bigG in the WebUI), with q/k/v split (network/fused_attention)
+_OPEN_CLIP_LAYER = re.compile(r"^transformer\.resblocks\.(\d+)\.(attn\.(?:q|k|v|out)_proj|mlp\.c_fc|mlp\.c_proj)$")
+_OPEN_CLIP_TO_HF = {"attn": "self_attn", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 
 # LoCon's extra targets (kohya's conv_dim: every Linear/Conv2d of ResnetBlock2D, Downsample2D, Upsample2D).
 _RESNET_TO_LDM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
@@ -122,10 +125,15 @@ def text_encoder_key(path: str, family: Family, index: int) -> str | None:
     modules kohya does not target.
     """
     m = _TE_LAYER.search(path)
-    if not m:
+    if m:
+        layer, role = m.groups()
+    elif m := _OPEN_CLIP_LAYER.match(path):
+        layer, role = m.group(1), m.group(2)
+        role = _OPEN_CLIP_TO_HF.get(role) or role.replace("attn.", "self_attn.")
+    else:
         return None
     prefix = f"lora_te{index + 1}" if family == "sdxl" else "lora_te"
-    return f"{prefix}_text_model_encoder_layers_{m.group(1)}_{m.group(2).replace('.', '_')}"
+    return f"{prefix}_text_model_encoder_layers_{layer}_{role.replace('.', '_')}"
 
 
 def find_targets(

@@ -8,7 +8,7 @@ the tensors under the names kohya/LyCORIS files use, and a removal that leaves t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +35,7 @@ class LoraNetwork:
     layers: dict[str, BaseTunerLayer]
     roots: list[nn.Module]
     dora: dict[str, DoraLayer] = field(default_factory=dict)
+    undo: list[Callable[[], None]] = field(default_factory=list)  # the targets' prepare steps, taken back
 
     def named_tensors(self, key: str) -> dict[str, nn.Parameter]:
         """One module's trainable tensors under their file names (``lora_down.weight``, ``hada_w1_a``, ...)."""
@@ -82,11 +83,14 @@ def inject(targets: list[LoraTarget], rank: int, alpha: float, dropout: float,
            spec: NetworkSpec = PLAIN_LORA) -> LoraNetwork:
     """Wrap every target with the spec's layer, starting at no change (LoRA: up zeros; LoHa: w2_a zeros; LoKr:
     w1 zeros; DoRA: magnitudes = the host's norms). 3x3 convolutions get ``conv_dim``/``conv_alpha``."""
-    groups: dict[tuple[int, bool], tuple[nn.Module, list[str]]] = {}
-    for target in targets:
-        groups.setdefault((id(target.root), is_conv3x3(target)), (target.root, []))[1].append(target.path)
-    network = LoraNetwork(layers={}, roots=list({id(root): root for root, _ in groups.values()}.values()))
+    network = LoraNetwork(layers={}, roots=list({id(t.root): t.root for t in targets}.values()))
     try:
+        prepares = {id(t.prepare): t.prepare for t in targets if t.prepare is not None}
+        for prepare in prepares.values():
+            network.undo.append(prepare())
+        groups: dict[tuple[int, bool], tuple[nn.Module, list[str]]] = {}
+        for target in targets:
+            groups.setdefault((id(target.root), is_conv3x3(target)), (target.root, []))[1].append(target.path)
         for (_, conv), (root, paths) in groups.items():
             dims = (spec.conv_dim, spec.conv_alpha) if conv else (rank, alpha)
             inject_adapter_in_model(_peft_config(spec, *dims, dropout, paths), root, adapter_name=ADAPTER)
@@ -124,6 +128,8 @@ def remove(network: LoraNetwork) -> None:
                 setattr(parent, child, module.get_base_layer())
         if "peft_config" in root.__dict__:
             del root.__dict__["peft_config"]
+    while network.undo:
+        network.undo.pop()()
 
 
 def _alpha(layer: BaseTunerLayer) -> float:

@@ -111,13 +111,16 @@ def training_metadata(
         "ss_v2": family == "sd2",
         "ss_v_parameterization": parameterization == "v",
         "ss_base_model_version": BASE_MODEL_VERSION[family],
-        "ss_clip_skip": cfg.clip_skip if cfg.clip_skip > 1 else None,
-        "ss_max_token_length": None,
+        "ss_clip_skip": cfg.clip_skip,  # the WebUI host fills in its own setting when unset
+        "ss_max_token_length": cfg.max_token_length if cfg.max_token_length != 75 else None,
         "ss_cache_latents": cfg.cache_latents,
         "ss_seed": cfg.seed,
         "ss_noise_offset": cfg.noise_offset or None,
         "ss_min_snr_gamma": cfg.min_snr_gamma,
         **noise_and_loss_metadata(cfg),
+        "ss_zero_terminal_snr": bool(cfg.zero_terminal_snr),  # the WebUI host fills in its own setting when unset
+        "ss_scale_v_pred_loss_like_noise_pred": cfg.scale_v_pred_loss_like_noise_pred,
+        "ss_v_pred_like_loss": cfg.v_pred_like_loss,
         "ss_optimizer": cfg.optimizer + (f"({cfg.optimizer_args})" if cfg.optimizer_args else ""),
         "ss_max_grad_norm": cfg.max_grad_norm,
         "ss_caption_dropout_rate": cfg.caption_dropout_rate,

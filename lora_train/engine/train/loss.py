@@ -13,6 +13,7 @@ from lora_train.engine.config.settings import TrainConfig
 from lora_train.engine.model import Conditioning, ModelBundle, Parameterization
 from lora_train.engine.train import loss_terms as terms
 from lora_train.engine.train import noise as noises
+from lora_train.engine.train.schedules import v_prediction_scalings
 
 
 def add_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor):
@@ -85,6 +86,7 @@ def diffusion_loss(cfg: TrainConfig, bundle: ModelBundle, latents: torch.Tensor,
         loss = loss * sample_weights
     if cfg.min_snr_gamma:
         loss = loss * min_snr_weights(timesteps, alphas, cfg.min_snr_gamma, bundle.parameterization)
+    loss = v_prediction_scalings(cfg, loss, timesteps, alphas)  # kohya's order: after min-SNR
     if cfg.debiased_estimation_loss:
         loss = loss * terms.debiased_weights(timesteps, alphas, bundle.parameterization)
     return loss.mean()

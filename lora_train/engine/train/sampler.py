@@ -13,6 +13,8 @@ from PIL import Image
 
 from lora_train.engine.model import Conditioning, ModelBundle
 
+PREVIEW_CHUNKS = 3  # sample prompts up to 225 tokens, chunked and emphasised as the WebUI does by default
+
 
 def _scheduler(bundle: ModelBundle) -> DDIMScheduler:
     alphas_cumprod = bundle.alphas_cumprod.double().cpu()
@@ -39,7 +41,7 @@ def sample_images(
     device = bundle.device
     images = []
     for index, prompt in enumerate(prompts):
-        cond = bundle.encode_text(bundle.tokenize([negative, prompt]))
+        cond = bundle.encode_text(bundle.tokenize([negative, prompt], max_chunks=PREVIEW_CHUNKS, weighted=True))
         if cond.pooled is not None:
             cond = Conditioning(cond.context, cond.pooled, _size_ids(2, height, width, device))
         generator = torch.Generator("cpu").manual_seed(seed + index)

@@ -40,6 +40,7 @@ from lora_train.engine.train.optim import (
 )
 from lora_train.engine.train.progress import NonFiniteError, StepInfo, TrainCallbacks, TrainResult
 from lora_train.engine.train.samples import SampleFn, sample, tensorboard_writer
+from lora_train.engine.train.schedules import training_alphas
 
 
 class Trainer:
@@ -67,7 +68,7 @@ class Trainer:
         self.latents = LatentCache(cfg, bundle, self.dataset, self.paths.work_dir)
         self.text = TextCache(cfg, bundle)
         self.masks = MaskCache(self.dataset, self.device) if uses_masks(cfg) else None
-        self.alphas = bundle.alphas_cumprod.to(self.device)
+        self.alphas = training_alphas(cfg, bundle, self.device)
         self.has_reg = any(item.is_reg for item in self.dataset.items)
 
     def _micro_batches(self, start_micro: int) -> Iterator[tuple[int, list[int]]]:
