@@ -85,11 +85,14 @@ def _networks():
 
 
 def _model_management():
-    """Forge's model manager on reForge / Forge Classic (None on A1111, which has no ``ldm_patched``)."""
+    """Forge's model manager: ``ldm_patched`` on reForge / Forge Classic, ``backend`` on Forge 2 / Neo (else None)."""
     try:
         from ldm_patched.modules import model_management
     except ImportError:
-        return None
+        try:
+            from backend import memory_management as model_management
+        except ImportError:
+            return None
     return model_management
 
 

@@ -105,12 +105,7 @@ class LdmBundle:
         return value
 
     def _model_name(self) -> str:
-        info = getattr(self.sd_model, "sd_checkpoint_info", None)
-        for attr in ("name_for_extra", "model_name", "name"):
-            if info is not None and getattr(info, attr, None):
-                return str(getattr(info, attr))
-        checkpoint = getattr(self.sd_model, "sd_model_checkpoint", None)
-        return Path(checkpoint).stem if checkpoint else f"webui-{self.family}"
+        return checkpoint_name(self.sd_model, self.family)
 
     def _check_sdxl_embedders(self) -> None:
         text_seen, size_seen = 0, False
@@ -315,6 +310,16 @@ def _open_clip_targets(embedder: nn.Module, family: Family, index: int) -> list[
             path = f"transformer.resblocks.{number}.mlp.{part}"
             targets.append(LoraTarget(encoder, path, kohya_names.text_encoder_key(path, family, index)))
     return targets
+
+
+def checkpoint_name(sd_model: Any, family: str) -> str:
+    """The loaded checkpoint's name as the WebUI shows it (``sd_checkpoint_info``; every WebUI sets it)."""
+    info = getattr(sd_model, "sd_checkpoint_info", None)
+    for attr in ("name_for_extra", "model_name", "name"):
+        if info is not None and getattr(info, attr, None):
+            return str(getattr(info, attr))
+    checkpoint = getattr(sd_model, "sd_model_checkpoint", None)
+    return Path(checkpoint).stem if checkpoint else f"webui-{family}"
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -20,8 +20,6 @@ import torch
 from lora_train.engine.config.settings import TrainConfig
 from lora_train.engine.model import ModelBundle
 from lora_train.engine.train.samples import SampleFn
-from lora_train.hosts.ldm import LdmBundle
-from lora_train.hosts.ldm_embedders import detect_family
 from lora_train.webui.builtin_lora import list_lora
 from lora_train.webui.host_detect import LoadedModel, detect_host
 from lora_train.webui.host_snapshot import HostSnapshot
@@ -94,13 +92,17 @@ class WebUIHost(TrainHost):
         if model is None:
             return None
         try:
-            return detect_family(model)
-        except ValueError:
+            return detect_host(model, self.model_management).family(model)
+        except (ValueError, HostError):
             return None
 
     def device_type(self) -> str:
         model = getattr(self.shared, "sd_model", None)
-        parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+        try:
+            weights = detect_host(model, self.model_management).weights(model) if model is not None else None
+        except HostError:
+            weights = None
+        parameter = next(weights.parameters(), None) if isinstance(weights, torch.nn.Module) else None
         return parameter.device.type if parameter is not None else super().device_type()
 
     def _loaded(self) -> tuple[Any, LoadedModel]:
@@ -110,18 +112,18 @@ class WebUIHost(TrainHost):
             raise HostError(NO_MODEL)
         return model, detect_host(model, self.model_management)
 
-    def _bundle(self, cfg: TrainConfig) -> LdmBundle:
-        model, _ = self._loaded()
-        problem = _untrainable_storage(self.shared, model)
-        if problem:
-            raise HostError(problem)
+    def _bundle(self, cfg: TrainConfig) -> ModelBundle:
+        model, host = self._loaded()
         parameterization = None if cfg.v_parameterization is None else ("v" if cfg.v_parameterization else "eps")
         clip_skip, sdxl_clip_l_skip = self.clip_skip(cfg)
         try:
-            bundle = LdmBundle(model, clip_skip=clip_skip, parameterization=parameterization,
-                               sdxl_clip_l_skip=sdxl_clip_l_skip, zero_terminal_snr=self.zero_terminal_snr())
+            bundle = host.bundle(model, clip_skip=clip_skip, parameterization=parameterization,
+                                 sdxl_clip_l_skip=sdxl_clip_l_skip, zero_terminal_snr=self.zero_terminal_snr())
         except ValueError as exc:
             raise HostError(f"The loaded checkpoint cannot be trained here: {exc}") from None
+        problem = _untrainable_storage(self.shared, host.weights(model))
+        if problem:
+            raise HostError(problem)
         return bundle
 
     def clip_skip(self, cfg: TrainConfig) -> tuple[int, bool]:
@@ -170,7 +172,7 @@ class WebUIHost(TrainHost):
                 job.add_log(f"mixed_precision set to {cfg.mixed_precision} to match the loaded weights")
             full = self.full_host_check()
             started = time.perf_counter()
-            snapshot = HostSnapshot.take(self.shared.sd_model, full=full)
+            snapshot = HostSnapshot.take(host.weights(model), full=full)
             kind = "full hash" if full else "quick check"
             job.add_log(f"host snapshot ({kind}) in {time.perf_counter() - started:.1f} s")
             sample_fn = self.make_sample_fn(cfg, job.add_log) if self.make_sample_fn else None

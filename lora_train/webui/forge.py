@@ -23,6 +23,7 @@ from torch import nn
 
 from lora_train.webui.forge_patches import out_of_place_transformer_blocks
 from lora_train.webui.jobs import HostError
+from lora_train.webui.ldm_host import LdmHost
 
 NO_MEMORY_MANAGER = ("This Forge WebUI's model manager (ldm_patched.modules.model_management) could not be imported, "
                      "so a <lora:…> merged by the last generation cannot be undone. Restart the WebUI and train "
@@ -37,7 +38,7 @@ def is_ldm_patched(sd_model: Any) -> bool:
     return hasattr(sd_model, "forge_objects") and type(unet).__module__.startswith("ldm_patched.")
 
 
-class ForgeModel:
+class ForgeModel(LdmHost):
     """The loaded model of reForge / Forge Classic: undo the prompt LoRA, make the blocks trainable for the run."""
 
     name = "Forge (ldm_patched: reForge, Forge Classic)"
@@ -51,25 +52,16 @@ class ForgeModel:
         Mirrors extensions-builtin/Lora/networks.py ``load_networks([])`` and forge_loader's initial
         ``current_lora_hash = str([])``, so the next ``<lora:…>`` generation applies its LoRA again.
         """
-        loaded = getattr(networks, "loaded_networks", None) if networks is not None else None
-        if isinstance(loaded, list):
-            loaded.clear()
-        objects, original = sd_model.forge_objects, sd_model.forge_objects_original
-        swapped = objects.unet is not original.unet or objects.clip is not original.clip
         # a merge is in the weights (generations run under inference mode); a swapped patcher alone is not one:
         # always-on scripts (FreeU, RescaleCFG, ...) clone the UNet's patcher in every generation
         merged = _has_inference_weights(sd_model)
-        objects.unet, objects.clip = original.unet, original.clip
-        sd_model.current_lora_hash = str([])
-        sd_model.forge_objects_after_applying_lora = objects.shallow_copy()
+        swapped = put_back_original_patchers(sd_model, networks)
         manager = self.model_management()
         if manager is None:
             if swapped or merged:
                 raise HostError(NO_MEMORY_MANAGER)
             return
-        # the text encoder and VAE too: training runs them, and Forge keeps what is not loaded on its offload device
-        extra = [getattr(getattr(objects, part, None), "patcher", None) for part in ("clip", "vae")]
-        manager.load_models_gpu([objects.unet] + [patcher for patcher in extra if patcher is not None])
+        manager.load_models_gpu(patchers_to_load(sd_model.forge_objects))
         if _has_inference_weights(sd_model):
             raise HostError(STILL_MERGED)
         if merged:
@@ -84,6 +76,31 @@ class ForgeModel:
             if report.skipped:
                 log(f"left alone (another extension overrides them): {', '.join(report.skipped)}")
             yield
+
+
+def put_back_original_patchers(sd_model: Any, networks: Any | None) -> bool:
+    """What a generation without ``<lora:…>`` does to Forge's objects (every Forge: reForge, Classic, Forge 2, Neo):
+    the original UNet/CLIP patchers back in ``forge_objects``, the Lora extension's list and hash emptied.
+
+    Loading them afterwards (``patchers_to_load``) makes Forge's memory manager unpatch what a LoRA clone patched.
+    Returns whether a LoRA clone was in place.
+    """
+    loaded = getattr(networks, "loaded_networks", None) if networks is not None else None
+    if isinstance(loaded, list):
+        loaded.clear()
+    objects, original = sd_model.forge_objects, sd_model.forge_objects_original
+    swapped = objects.unet is not original.unet or objects.clip is not original.clip
+    objects.unet, objects.clip = original.unet, original.clip
+    sd_model.current_lora_hash = str([])
+    sd_model.forge_objects_after_applying_lora = objects.shallow_copy()
+    return swapped
+
+
+def patchers_to_load(objects: Any) -> list[Any]:
+    """The UNet's patcher, and the text encoder's and VAE's: training runs them all, and Forge keeps what is not
+    loaded on its offload device."""
+    extra = [getattr(getattr(objects, part, None), "patcher", None) for part in ("clip", "vae")]
+    return [objects.unet] + [patcher for patcher in extra if patcher is not None]
 
 
 def _has_inference_weights(model: nn.Module) -> bool:

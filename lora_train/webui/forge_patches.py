@@ -116,3 +116,43 @@ def out_of_place_transformer_blocks(model: nn.Module) -> Iterator[PatchReport]:
         for module, method in reversed(patched):
             if getattr(vars(module).get(method), "__lora_train_out_of_place__", False):
                 delattr(module, method)
+
+
+#: (module path, class qualname) of Forge's own Linear layers: an ``nn.Module`` with ``weight``/``bias``/
+#: ``in_features``/``out_features`` and ``F.linear`` in its forward, but not an ``nn.Linear``, so neither kohya's
+#: target rule nor peft would wrap it (backend/operations.py ``ForgeOperations.Linear``, Forge 2 and Neo).
+FORGE_LINEARS: tuple[tuple[str, str], ...] = (("backend.operations", "ForgeOperations.Linear"),)
+_AS_LINEAR: dict[type, type] = {}
+
+
+def is_forge_linear(module: nn.Module) -> bool:
+    cls = type(module)
+    return (cls.__module__, cls.__qualname__) in FORGE_LINEARS and not isinstance(module, nn.Linear)
+
+
+def _linear_class(cls: type) -> type:
+    """``cls`` with ``nn.Linear`` as a second base: Forge's forward and attributes, ``isinstance(m, nn.Linear)``."""
+    if cls not in _AS_LINEAR:
+        _AS_LINEAR[cls] = type(cls.__name__, (cls, nn.Linear), {"__module__": cls.__module__,
+                                                               "__lora_train_as_linear__": True})
+    return _AS_LINEAR[cls]
+
+
+@contextmanager
+def forge_linears_as_nn_linear(roots: list[nn.Module]) -> Iterator[int]:
+    """For the duration of the ``with``: every Forge Linear under ``roots`` is an instance of a subclass that also
+    derives from ``nn.Linear`` (its ``__class__`` swapped), so peft wraps it like any Linear. Its own ``forward``,
+    weights and attributes are untouched; the original class is back on exit, also after an exception.
+    Yields how many modules were swapped."""
+    swapped: list[tuple[nn.Module, type]] = []
+    try:
+        for root in roots:
+            for module in root.modules():
+                if is_forge_linear(module):
+                    original = type(module)
+                    module.__class__ = _linear_class(original)
+                    swapped.append((module, original))
+        yield len(swapped)
+    finally:
+        for module, original in swapped:
+            module.__class__ = original

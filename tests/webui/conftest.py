@@ -4,7 +4,7 @@ The checks skip unless ``LORA_TRAIN_WEBUI_URL`` names a running WebUI and ``LORA
 (``tests/webui/run.sh`` sets both). Optional: ``LORA_TRAIN_WEBUI_LOG`` (default ``<dir>/../webui.log``, where the
 harness writes it), ``LORA_TRAIN_WEBUI_OUT`` (screenshots, images, timings; default ``<dir>/../accept-out``) and
 ``LORA_TRAIN_WEBUI_KEEP=1`` to keep the LoRAs the run trained in models/Lora, ``LORA_TRAIN_WEBUI_HOST`` (a1111,
-reforge, forge-classic, or forge: Forge 2, where only the refusal is checked).
+reforge, forge-classic, or forge: lllyasviel's Forge 2).
 """
 
 from __future__ import annotations
@@ -29,22 +29,15 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-# on a host the extension refuses (Forge 2 / Neo) only these run: it loads, it refuses, its log is clean
-REFUSED_HOST_CHECKS = {"test_loaded.py", "test_unsupported_host.py", "test_webui_log.py"}
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every check here ``webui`` and skip them all when no WebUI is named (CI has none)."""
     missing = [var for var in (URL_VAR, DIR_VAR) if not os.environ.get(var)]
     skip = pytest.mark.skip(reason=f"needs a running WebUI: set {' and '.join(missing)} (see tests/webui/run.sh)")
-    refused = os.environ.get("LORA_TRAIN_WEBUI_HOST") == "forge"
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.webui)
             if missing:
                 item.add_marker(skip)
-            elif refused and Path(str(item.fspath)).name not in REFUSED_HOST_CHECKS:
-                item.add_marker(pytest.mark.skip(reason="Forge 2 is refused: only the refusal is checked"))
 
 
 @pytest.fixture(scope="session")

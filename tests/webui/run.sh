@@ -14,7 +14,7 @@
 #   --repo PATH     the repository to install (default: this one; its committed HEAD is what gets cloned)
 #   --host NAME     which WebUI: a1111 (default; WORKDIR <repo>/../harness), reforge or forge-classic (WORKDIR
 #                   <repo>/../forge-hosts/NAME, booted by tests/forge/boot_host.sh with the flags they need on CPU);
-#                   forge (lllyasviel Forge 2, refused: only the refusal, the tab and the log are checked)
+#                   forge (lllyasviel Forge 2, trained on its backend objects; it loads the model at first use)
 #   --workdir DIR   the harness' WORKDIR (default: see --host)
 # Env: HARNESS (default <repo>/../shared/webui-harness), PORT (default 7861), ACCEPT_OUT (default WORKDIR/accept-out).
 # Output (screenshots, images, freezes, timings, log errors): ACCEPT_OUT. Exit code: pytest's.
@@ -47,6 +47,7 @@ WORKDIR="$(cd "${WORKDIR:-$DEFAULT_WORKDIR}" && pwd)"
 HARNESS="$(cd "${HARNESS:-$ROOT/../shared/webui-harness}" && pwd)"
 BOOT=("$HARNESS/boot.sh")
 [[ "$HOST" == a1111 ]] || BOOT=("$ROOT/tests/forge/boot_host.sh")
+[[ "$HOST" != forge ]] || export WAIT_MODEL=${WAIT_MODEL:-0}  # Forge 2 prints no "Model loaded" at startup
 PORT=${PORT:-7861}
 export PORT
 # shellcheck disable=SC1091

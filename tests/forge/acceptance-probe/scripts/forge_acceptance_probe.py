@@ -1,4 +1,5 @@
-"""acceptance-probe for reForge / Forge Classic: the harness probe's routes and answers, Forge's way. Trains nothing.
+"""acceptance-probe for reForge / Forge Classic / Forge 2: the harness probe's routes and answers, Forge's way.
+Trains nothing.
 
 The harness probe (../shared/webui-harness/probe-ext) reads A1111's Lora extension: in-place merges with
 ``network_weights_backup`` and ``net.modules``. Forge's Lora extension patches through ModelPatchers instead, so:
@@ -6,6 +7,9 @@ The harness probe (../shared/webui-harness/probe-ext) reads A1111's Lora extensi
 GET /probe/v1/model-hash   sha256 of ``shared.sd_model.state_dict()`` (same recipe as the harness probe);
                            ``base_sha256`` puts the loaded patchers' ``backup`` (the originals of weights a
                            ``<lora:…>`` generation replaced, UNet and text encoder) in place of the live weights.
+                           Forge 2 / Neo: its engine is no nn.Module: the state of the UNet (KModel), text encoders
+                           and VAE, prefixed ``unet.`` / ``clip.`` / ``vae.``; the originals are in each model's
+                           ``lora_loader.backup``.
 GET /probe/v1/info         loaded checkpoint, parameters, dtype/device, merged weights (len of the patcher backup).
 GET /probe/v1/lora-networks  per loaded network, ``matched_modules``: the weights Forge's loader patches for the
                            LoRA now applied (``forge_objects_after_applying_lora`` UNet + CLIP patches).
@@ -34,13 +38,15 @@ def _originals():
     """
     try:
         from ldm_patched.modules import model_management
-    except ImportError:  # Forge 2 (refused by the extension; the probe still answers)
+    except ImportError:  # Forge 2 / Neo
         from backend import memory_management as model_management
 
     over = {}
     for loaded in model_management.current_loaded_models:
         patcher = loaded.model
-        for key, value in (getattr(patcher, "backup", None) or {}).items():
+        loader = getattr(patcher.model, "lora_loader", None)  # Forge 2 / Neo keep the originals there
+        backup = getattr(patcher, "backup", None) or getattr(loader, "backup", None)
+        for key, value in (backup or {}).items():
             live = functools.reduce(getattr, key.split("."), patcher.model)
             over[live.data_ptr()] = _backup_weight(value)
     return over
@@ -56,11 +62,24 @@ def _update(digest, key, tensor):
         digest.update(memoryview(tensor.view(torch.uint8).numpy()))
 
 
+def _modules(model):
+    """(prefix, module) holding the weights: the model itself, or Forge 2's UNet, text encoders and VAE."""
+    if isinstance(model, torch.nn.Module):
+        return [("", model)]
+    objects = model.forge_objects
+    return [("unet.", objects.unet.model), ("clip.", objects.clip.cond_stage_model),
+            ("vae.", objects.vae.first_stage_model)]
+
+
+def _state(model):
+    return {prefix + key: value for prefix, module in _modules(model) for key, value in module.state_dict().items()}
+
+
 def model_hash():
     with queue_lock:
         start = time.time()
         model = shared.sd_model
-        state = model.state_dict()
+        state = _state(model)
         over = _originals()
         live, base = hashlib.sha256(), hashlib.sha256()
         for key in sorted(state):
@@ -74,9 +93,10 @@ def model_hash():
 
 def model_info():
     model = shared.sd_model
-    first = next(model.parameters())
+    params = [p for _, module in _modules(model) for p in module.parameters()]
+    first = params[0]
     return {"checkpoint": getattr(getattr(model, "sd_checkpoint_info", None), "title", None),
-            "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(first.dtype),
+            "parameters": sum(p.numel() for p in params), "dtype": str(first.dtype),
             "device": str(first.device), "lora_active_modules": len(_originals())}
 
 
@@ -84,11 +104,18 @@ def lora_networks():
     model = shared.sd_model
     applied = getattr(model, "forge_objects_after_applying_lora", None) or model.forge_objects
     clip = getattr(applied.clip, "patcher", None)
-    patched = len(getattr(applied.unet, "patches", None) or {}) + len(getattr(clip, "patches", None) or {})
+    patched = _patched(applied.unet) + _patched(clip)
     networks = sys.modules.get("networks")
     loaded = list(getattr(networks, "loaded_networks", None) or [])
     # Forge applies every loaded network's patches to one patcher: the count is theirs together
     return {"loaded": [{"name": getattr(net, "name", None), "matched_modules": patched} for net in loaded]}
+
+
+def _patched(patcher):
+    """Weights a patcher patches: ``patches`` {key: …} (ldm_patched) or Forge 2's ``lora_patches`` {lora: {key: …}}."""
+    if getattr(patcher, "lora_patches", None):
+        return len({key for patches in patcher.lora_patches.values() for key in patches})
+    return len(getattr(patcher, "patches", None) or {})
 
 
 def on_app_started(_demo, app: FastAPI):
