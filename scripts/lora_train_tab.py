@@ -96,6 +96,14 @@ def _model_management():
     return model_management
 
 
+def _reload_model():
+    """Forge 2 / Neo load the checkpoint the dropdown names only when something generates (``forge_model_reload``,
+    a no-op when it is loaded); None on the WebUIs that load it at once."""
+    from modules import sd_models
+
+    return getattr(sd_models, "forge_model_reload", None)
+
+
 def _sampler(cfg, log):
     from modules import processing
 
@@ -108,7 +116,8 @@ def _full_host_check() -> bool:
 
 # "Reload UI" runs this file again; the runner (and a job it is running) lives on in the engine package
 RUNNER = persistent_runner(shared, lambda: JobRunner(
-    WebUIHost(shared, call_queue.queue_lock, _networks, _sampler, _full_host_check, _model_management), policy))
+    WebUIHost(shared, call_queue.queue_lock, _networks, _sampler, _full_host_check, _model_management,
+              _reload_model()), policy))
 
 
 def _install_package(name: str) -> str | None:

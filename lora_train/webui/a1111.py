@@ -62,7 +62,8 @@ def holding(lock: Any, on_wait: Callable[[], None]) -> Iterator[None]:
 class WebUIHost(TrainHost):
     """Adapter over ``modules.shared`` (``sd_model``, ``state``), the queue lock and the Lora extension.
 
-    ``model_management`` gives Forge's ``ldm_patched.modules.model_management`` on the Forge family (None on A1111).
+    ``model_management`` gives Forge's model manager on the Forge family (None on A1111); ``reload_model`` is Forge 2's
+    ``sd_models.forge_model_reload``, which loads the checkpoint the dropdown names as each generation does first.
     """
 
     in_webui = True
@@ -75,6 +76,7 @@ class WebUIHost(TrainHost):
         sample_fn: Callable[[TrainConfig, Callable[[str], None]], SampleFn | None] | None = None,
         full_host_check: Callable[[], bool] = lambda: False,
         model_management: Callable[[], Any | None] = lambda: None,
+        reload_model: Callable[[], Any] | None = None,
     ):
         self.shared = shared
         self.queue_lock = queue_lock
@@ -82,6 +84,7 @@ class WebUIHost(TrainHost):
         self.make_sample_fn = sample_fn
         self.full_host_check = full_host_check
         self.model_management = model_management
+        self.reload_model = reload_model
 
     @property
     def state(self) -> Any:
@@ -145,7 +148,23 @@ class WebUIHost(TrainHost):
         schedule = "Zero Terminal SNR" if self.zero_terminal_snr() else "Default"
         return {"clip_skip": note, "zero_terminal_snr": f"unset: the WebUI's noise schedule, now {schedule}"}
 
+    def _load_selected(self, blocking: bool) -> None:
+        """Forge 2 loads a checkpoint at the first generation: load it as a generation would, so that training
+        trains the checkpoint the dropdown names. Not ``blocking``: only when no generation holds the GPU."""
+        if self.reload_model is None:
+            return
+        if blocking:
+            self.reload_model()
+        elif self.queue_lock.acquire(blocking=False):
+            try:
+                self.reload_model()
+            finally:
+                self.queue_lock.release()
+
     def check(self, cfg: TrainConfig) -> None:
+        self._load_selected(blocking=False)
+        if self.reload_model is not None and not hasattr(getattr(self.shared, "sd_model", None), "forge_objects"):
+            return  # not loaded yet because a generation holds the GPU: the session loads and checks it
         self._bundle(cfg)
 
     @contextmanager
@@ -154,6 +173,7 @@ class WebUIHost(TrainHost):
             job.add_log("waiting for the WebUI to finish its current generation")
 
         with self.exclusive(JOB_NAME, waiting):
+            self._load_selected(blocking=True)
             model, host = self._loaded()
             host.undo_prompt_lora(model, self.networks(), job.add_log)
             _unload_captioner()

@@ -75,10 +75,20 @@ def _state(model):
     return {prefix + key: value for prefix, module in _modules(model) for key, value in module.state_dict().items()}
 
 
+def _loaded_model():
+    """Forge 2 loads the checkpoint at the first generation; load it as a generation would (a no-op elsewhere)."""
+    from modules import sd_models
+
+    reload = getattr(sd_models, "forge_model_reload", None)
+    if reload is not None:
+        reload()
+    return shared.sd_model
+
+
 def model_hash():
     with queue_lock:
         start = time.time()
-        model = shared.sd_model
+        model = _loaded_model()
         state = _state(model)
         over = _originals()
         live, base = hashlib.sha256(), hashlib.sha256()
