@@ -85,20 +85,28 @@ def _loaded_model():
     return shared.sd_model
 
 
-def model_hash():
+def model_hash(per_key: bool = False):
+    """``per_key=true`` adds each tensor's base digest (to find what changed when the hash does)."""
     with queue_lock:
         start = time.time()
         model = _loaded_model()
         state = _state(model)
         over = _originals()
         live, base = hashlib.sha256(), hashlib.sha256()
+        keys = {}
         for key in sorted(state):
             _update(live, key, state[key])
             original = over.get(state[key].data_ptr())
-            _update(base, key, state[key] if original is None else original.to(dtype=state[key].dtype))
+            tensor = state[key] if original is None else original.to(dtype=state[key].dtype)
+            _update(base, key, tensor)
+            if per_key:
+                keys[key] = hashlib.sha256()
+                _update(keys[key], key, tensor)
+                keys[key] = keys[key].hexdigest()[:16]
         return {"sha256": live.hexdigest(), "base_sha256": base.hexdigest(), "lora_active_modules": len(over),
                 "tensors": len(state), "seconds": round(time.time() - start, 2),
-                "checkpoint": getattr(getattr(model, "sd_checkpoint_info", None), "title", None)}
+                "checkpoint": getattr(getattr(model, "sd_checkpoint_info", None), "title", None),
+                **({"keys": keys} if per_key else {})}
 
 
 def model_info():
