@@ -27,6 +27,7 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+
 class BasicTransformerBlock(LdmBlock):
     """backend/nn/unet.py's block: residuals added in place."""
 
@@ -63,7 +64,7 @@ ForgeOperations.__module__ = ForgeOperations.Linear.__module__ = "backend.operat
 
 
 def _forge_linears(model: nn.Module) -> None:
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 forge = ForgeOperations.Linear(child.in_features, child.out_features)
@@ -110,6 +111,8 @@ class ClassicTextProcessingEngine:
         return batch, max(len(ids) for ids in batch)
 
     def encode_with_transformers(self, tokens: torch.Tensor) -> torch.Tensor:
+        embeddings = self.text_encoder.transformer.text_model.embeddings  # Forge's: fp32 embeddings from here on
+        embeddings.position_embedding = embeddings.position_embedding.to(dtype=torch.float32)
         outputs = self.text_encoder.transformer(tokens, output_hidden_states=True)
         z = outputs.hidden_states[-max(self.clip_skip, self.minimal_clip_skip)]
         return self.text_encoder.transformer.text_model.final_layer_norm(z) if self.final_layer_norm else z
@@ -256,6 +259,7 @@ class StableDiffusion:
         clip.transformer = ldm.cond_stage_model.transformer
         embeddings = clip.transformer.text_model.embeddings
         embeddings.token_embedding = CLIPEmbeddingForTextualInversion(embeddings.token_embedding)
+        embeddings.position_embedding.half()  # stored in fp16 until the first text encoding
         _forge_linears(unet)
         _forge_linears(clip)
         kmodel = KModel(unet, Prediction(ldm.alphas_cumprod))
@@ -272,6 +276,10 @@ class StableDiffusion:
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
         self.current_lora_hash = str([])
         self.sd_checkpoint_info = SimpleNamespace(name_for_extra="forge2-tiny")
+
+    @torch.inference_mode()
+    def get_learned_conditioning(self, prompt: list[str]) -> torch.Tensor:
+        return self.text_processing_engine(prompt)
 
     def modules(self) -> list[nn.Module]:
         objects = self.forge_objects
@@ -293,7 +301,7 @@ def forge_load(engine: StableDiffusion) -> StableDiffusion:
     with torch.inference_mode():
         for root in engine.modules():
             for module in root.modules():
-                for name, tensor in list(module._parameters.items()):
+                for tensor in list(module._parameters.values()):
                     if tensor is not None and not tensor.is_inference():
                         shared = [m for m in root.modules() if any(t is tensor for t in m._parameters.values())]
                         new = nn.Parameter(tensor.detach().clone())

@@ -91,7 +91,8 @@ def test_trains_right_after_a_lora_generation_and_leaves_forge_as_it_was(tmp_pat
     assert not any(t.is_inference() for t in _tensors(engine))
     after = _weights(engine)
     assert after.keys() == checkpoint.keys() and all(torch.equal(after[k], checkpoint[k]) for k in checkpoint)
-    assert all(type(m) is F.ForgeOperations.Linear for m in engine.modules()[0].modules() if "Linear" in type(m).__name__)
+    linears = [m for m in engine.modules()[0].modules() if "Linear" in type(m).__name__]
+    assert linears and all(type(m) is F.ForgeOperations.Linear for m in linears)
     assert torch.equal(F.plain_generation(engine, manager), plain)
 
 
@@ -189,3 +190,15 @@ def test_without_ordinary_tensors_forges_weights_cannot_train(tmp_path, dataset_
                                                               "max_train_steps": 1})
     assert job.done_event.wait(120)
     assert job.state == "failed" and "Inference tensors" in (job.error or ""), job.error
+
+
+def test_trains_before_any_generation(tmp_path, dataset_dir) -> None:
+    """Forge loads lazily and its first text encoding changes the CLIP embeddings' dtype: training first must not
+    be what changes them (the host check would fail), and the next generation sees the same weights."""
+    engine, manager = F.forge_load(F.StableDiffusion()), F.MemoryManagement()
+    job = _runner(_host(engine, manager), tmp_path).submit({**SMALL, "train_data_dir": str(dataset_dir),
+                                                              "max_train_steps": 1})
+    assert job.done_event.wait(120)
+    assert job.state == "done", (job.error, job.log[-10:])
+    fresh = F.forge_load(F.StableDiffusion())
+    assert torch.equal(F.plain_generation(engine, manager), F.plain_generation(fresh, F.MemoryManagement()))

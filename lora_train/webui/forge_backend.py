@@ -7,7 +7,8 @@ ModelPatchers in ``forge_objects``; ``hosts.forge_backend.ForgeBackendBundle`` r
    loaded by Forge's memory manager, whose LoRA loader then restores the weights it kept), which also loads UNet,
    text encoder and VAE onto the training device;
 2. refuses weights Forge keeps quantised (NF4/FP4/FP8/GGUF) or streams from CPU memory, naming the option to
-   change;
+   change, and encodes an empty prompt with the engine's own ``get_learned_conditioning``, whose first call changes
+   the text encoder's embeddings to fp32, as any first generation does;
 3. turns every inference tensor of those three models into an ordinary tensor in place (``forge_weights``): Forge
    loads and merges under ``torch.inference_mode()``, and autograd cannot save inference tensors for backward.
 
@@ -111,6 +112,9 @@ class ForgeBackendModel:
         if swapped:
             log("undid the <lora:…> merge of the last generation (Forge's patchers put back and reloaded)")
         self._check_storage(sd_model)
+        # Forge's first text encoding turns the CLIP embeddings to fp32 (classic_engine.encode_with_transformers):
+        # let it happen now, as a generation would, not inside the run the snapshot guards
+        sd_model.get_learned_conditioning([""])
         started = time.perf_counter()
         replaced = make_ordinary_in_place(self.weights(sd_model).children())
         if replaced:

@@ -54,8 +54,8 @@ def run(webui: WebUI, dataset, run_id: str) -> Run:
     name = f"{run_id}-api"
     entries_before = webui.lora_entries()
     listed_before = set(webui.lora_names())
-    hash_before = webui.base_hash()
     image_before = webui.txt2img(PROMPT, "api-A-before-training")
+    hash_before = webui.base_hash()  # after a generation: Forge 2's first one turns its CLIP embeddings to fp32
     body = train_body(dataset, name, STEPS, sample_prompts=["acceptok"], sample_every_n_steps=STEPS, sample_steps=2)
     start = time.monotonic()
     reply = webui.submit(body)

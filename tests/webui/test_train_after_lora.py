@@ -16,8 +16,8 @@ TEST_LORA = "acceptance_test_lora"  # the harness' LoRA (tests/forge/setup_host.
 
 def test_job_right_after_a_lora_generation_trains_and_changes_nothing(webui: WebUI, dataset, run_id: str) -> None:
     assert (webui.lora_dir / f"{TEST_LORA}.safetensors").exists(), f"the harness' {TEST_LORA} is missing"
-    hash_before = webui.base_hash()
     plain = webui.txt2img(PROMPT, "after-lora-A-plain")
+    hash_before = webui.base_hash()  # after a generation: Forge 2's first one turns its CLIP embeddings to fp32
     merged = webui.txt2img(f"{PROMPT} <lora:{TEST_LORA}:1>", "after-lora-B-with-test-lora")
     assert np.abs(merged - plain).max() > 0, "the test LoRA did not change the image"
     reply = webui.submit(train_body(dataset, f"{run_id}-after-lora", 2))
