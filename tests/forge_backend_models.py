@@ -1,7 +1,9 @@
-"""A tiny SD1.5 model as lllyasviel's Forge 2 (and Neo) hold it: ``backend/`` shapes at dfdcbab6, no Forge import.
+"""Tiny SD1.5 and SDXL models as lllyasviel's Forge 2 (and Neo) hold them: ``backend/`` shapes at dfdcbab6, no
+Forge import.
 
 - The engine is an object of a class named ``StableDiffusion`` in module ``backend.diffusion_engine.sd15`` (no
-  nn.Module) with ``forge_objects`` / ``forge_objects_original`` / ``forge_objects_after_applying_lora``,
+  nn.Module; SDXL: ``StableDiffusionXL`` with two text engines and the size ``embedder``) with ``forge_objects`` /
+  ``forge_objects_original`` / ``forge_objects_after_applying_lora``,
   ``current_lora_hash``, ``text_processing_engine`` and ``sd_checkpoint_info``.
 - ``forge_objects.unet`` is a ModelPatcher over a KModel (``diffusion_model``, ``predictor`` with
   ``alphas_cumprod`` and ``prediction_type``, ``storage_dtype``): the UNet is ldm's UNetModel (the same LDM names as
@@ -22,10 +24,15 @@ from types import SimpleNamespace
 
 import ldm_models as M
 import torch
+from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.attention import BasicTransformerBlock as LdmBlock
+from ldm.modules.diffusionmodules.util import make_beta_schedule, timestep_embedding
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from lora_train.hosts.clip_tokenizer import build_clip_tokenizer
 
 
 class BasicTransformerBlock(LdmBlock):
@@ -92,11 +99,14 @@ class PromptChunk:
 class ClassicTextProcessingEngine:
     """What the bundle uses of backend/text_processing/classic_engine.py: 75-token chunks, process_tokens, __call__."""
 
-    def __init__(self, text_encoder: nn.Module, tokenizer, clip_skip: int = 1):
+    def __init__(self, text_encoder: nn.Module, tokenizer, clip_skip: int = 1, minimal_clip_skip: int = 1,
+                 final_layer_norm: bool = True, return_pooled: bool = False, text_projection: bool = False,
+                 key: str = "clip_l"):
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.embeddings = SimpleNamespace(fixes=None)
-        self.clip_skip, self.minimal_clip_skip = clip_skip, 1
-        self.final_layer_norm, self.return_pooled = True, False
+        self.clip_skip, self.minimal_clip_skip = clip_skip, minimal_clip_skip
+        self.final_layer_norm, self.return_pooled = final_layer_norm, return_pooled
+        self.text_projection, self.embedding_key = text_projection, key
         self.id_start, self.id_end, self.id_pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
 
     def empty_chunk(self) -> PromptChunk:
@@ -115,7 +125,14 @@ class ClassicTextProcessingEngine:
         embeddings.position_embedding = embeddings.position_embedding.to(dtype=torch.float32)
         outputs = self.text_encoder.transformer(tokens, output_hidden_states=True)
         z = outputs.hidden_states[-max(self.clip_skip, self.minimal_clip_skip)]
-        return self.text_encoder.transformer.text_model.final_layer_norm(z) if self.final_layer_norm else z
+        if self.final_layer_norm:
+            z = self.text_encoder.transformer.text_model.final_layer_norm(z)
+        if self.return_pooled:
+            pooled = outputs.pooler_output
+            if self.text_projection and self.embedding_key != "clip_l":
+                pooled = self.text_encoder.transformer.text_projection(pooled)
+            z.pooled = pooled
+        return z
 
     def process_tokens(self, rows: list[list[int]], multipliers: list[list[float]]) -> torch.Tensor:
         tokens = torch.asarray(rows)
@@ -123,9 +140,13 @@ class ClassicTextProcessingEngine:
             for i, row in enumerate(rows):
                 tokens[i, row.index(self.id_end) + 1 :] = self.id_pad
         z = self.encode_with_transformers(tokens)
+        pooled = getattr(z, "pooled", None)
         original_mean = z.mean()  # emphasis "Original"
         z = z * torch.asarray(multipliers).to(z)[..., None]
-        return z * (original_mean / z.mean())
+        z = z * (original_mean / z.mean())
+        if pooled is not None:
+            z.pooled = pooled
+        return z
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         batch, _ = self.process_texts(texts)
@@ -134,7 +155,7 @@ class ClassicTextProcessingEngine:
         for i in range(count):
             chunks = [c[i] if i < len(c) else self.empty_chunk() for c in batch]
             zs.append(self.process_tokens([c.tokens for c in chunks], [c.multipliers for c in chunks]))
-        return torch.hstack(zs)
+        return (torch.hstack(zs), zs[0].pooled) if self.return_pooled else torch.hstack(zs)
 
 
 class IntegratedAutoencoderKL(nn.Module):
@@ -241,52 +262,125 @@ class ForgeObjects(SimpleNamespace):
         return ForgeObjects(**vars(self))
 
 
-class StableDiffusion:
-    """backend/diffusion_engine/sd15.py's engine (not an nn.Module)."""
+def _backend_unet(unet: nn.Module) -> nn.Module:
+    for module in unet.modules():
+        if type(module) is LdmBlock:
+            module.__class__ = BasicTransformerBlock
+        for flag in ("checkpoint", "use_checkpoint"):
+            if isinstance(getattr(module, flag, None), bool):
+                setattr(module, flag, False)  # backend's checkpoint() raises when on
+    _forge_linears(unet)
+    return unet
 
-    is_sd1, is_sdxl, is_inpaint = True, False, False
 
-    def __init__(self, seed: int = 0) -> None:
-        ldm = M.tiny_sd1(seed, webui=False)
-        unet = ldm.model.diffusion_model
-        for module in unet.modules():
-            if type(module) is LdmBlock:
-                module.__class__ = BasicTransformerBlock
-            for flag in ("checkpoint", "use_checkpoint"):
-                if isinstance(getattr(module, flag, None), bool):
-                    setattr(module, flag, False)  # backend's checkpoint() raises when on
-        clip = nn.Module()
-        clip.transformer = ldm.cond_stage_model.transformer
-        embeddings = clip.transformer.text_model.embeddings
-        embeddings.token_embedding = CLIPEmbeddingForTextualInversion(embeddings.token_embedding)
-        embeddings.position_embedding.half()  # stored in fp16 until the first text encoding
-        _forge_linears(unet)
-        _forge_linears(clip)
-        kmodel = KModel(unet, Prediction(ldm.alphas_cumprod))
-        text_encoders = nn.ModuleDict({"clip_l": clip})
-        vae = IntegratedAutoencoderKL(ldm.first_stage_model)
-        self.text_processing_engine = ClassicTextProcessingEngine(clip, ldm.cond_stage_model.tokenizer)
+def _integrated_clip(transformer: nn.Module, projection: bool = False) -> nn.Module:
+    """backend/nn/clip.py IntegratedCLIP (``.transformer``, SDXL's G with a ``text_projection`` Linear), with the
+    textual-inversion wrapper and fp16 embeddings the engine turns to fp32 at its first encoding."""
+    clip = nn.Module()
+    clip.transformer = transformer
+    if projection:
+        hidden = transformer.config.hidden_size
+        transformer.text_projection = nn.Linear(hidden, hidden, bias=False)
+    embeddings = transformer.text_model.embeddings
+    embeddings.token_embedding = CLIPEmbeddingForTextualInversion(embeddings.token_embedding)
+    embeddings.position_embedding.half()
+    _forge_linears(clip)
+    return clip
+
+
+class _Engine:
+    """What every backend engine has: forge_objects over KModel, JointTextEncoder and VAE, the LoRA hash."""
+
+    is_sd1 = is_sdxl = is_inpaint = False
+
+    def _assemble(self, unet: nn.Module, alphas_cumprod: torch.Tensor, text_encoders: dict, ldm_vae: nn.Module,
+                  scaling_factor: float) -> None:
+        kmodel = KModel(_backend_unet(unet), Prediction(alphas_cumprod))
+        joint = nn.ModuleDict(text_encoders)
+        vae = IntegratedAutoencoderKL(ldm_vae, scaling_factor)
         self.forge_objects = ForgeObjects(
             unet=ModelPatcher(kmodel),
-            clip=SimpleNamespace(cond_stage_model=text_encoders, patcher=ModelPatcher(text_encoders)),
+            clip=SimpleNamespace(cond_stage_model=joint, patcher=ModelPatcher(joint)),
             vae=SimpleNamespace(first_stage_model=vae, patcher=ModelPatcher(vae)),
             clipvision=None,
         )
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
         self.current_lora_hash = str([])
-        self.sd_checkpoint_info = SimpleNamespace(name_for_extra="forge2-tiny")
-
-    @torch.inference_mode()
-    def get_learned_conditioning(self, prompt: list[str]) -> torch.Tensor:
-        return self.text_processing_engine(prompt)
+        self.sd_checkpoint_info = SimpleNamespace(name_for_extra=f"forge2-tiny-{type(self).__name__}")
 
     def modules(self) -> list[nn.Module]:
         objects = self.forge_objects
         return [objects.unet.model, objects.clip.cond_stage_model, objects.vae.first_stage_model]
 
 
+class StableDiffusion(_Engine):
+    """backend/diffusion_engine/sd15.py's engine (not an nn.Module)."""
+
+    is_sd1 = True
+
+    def __init__(self, seed: int = 0) -> None:
+        ldm = M.tiny_sd1(seed, webui=False)
+        clip = _integrated_clip(ldm.cond_stage_model.transformer)
+        self._assemble(ldm.model.diffusion_model, ldm.alphas_cumprod, {"clip_l": clip}, ldm.first_stage_model,
+                       ldm.scale_factor)
+        self.text_processing_engine = ClassicTextProcessingEngine(clip, ldm.cond_stage_model.tokenizer)
+
+    @torch.inference_mode()
+    def get_learned_conditioning(self, prompt: list[str]) -> torch.Tensor:
+        return self.text_processing_engine(prompt)
+
+
+
 StableDiffusion.__module__ = "backend.diffusion_engine.sd15"
+
+
+class Timestep(nn.Module):
+    """backend/nn/unet.py Timestep: the sinusoidal embedding of each number."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return timestep_embedding(t, self.dim)
+
+
+class StableDiffusionXL(_Engine):
+    """backend/diffusion_engine/sdxl.py: CLIP-L (penultimate layer, no final norm) and G (the same, plus the pooled
+    output through ``text_projection``), the size vector from ``Timestep`` in get_learned_conditioning's order."""
+
+    is_sdxl = True
+
+    def __init__(self, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        unet = M.SDXLUNetModel(**M.SDXL_UNET)
+        vae = AutoencoderKL(ddconfig=M.VAE_DDCONFIG, lossconfig={"target": "torch.nn.Identity"}, embed_dim=4).eval()
+        clip_l = _integrated_clip(CLIPTextModel(CLIPTextConfig(**M.CLIP_CONFIG)))
+        clip_g = _integrated_clip(CLIPTextModel(CLIPTextConfig(**M.CLIP_CONFIG)), projection=True)
+        M._randomize(unet, seed)
+        betas = make_beta_schedule("linear", 1000, linear_start=0.00085, linear_end=0.012)
+        alphas = torch.tensor((1 - betas).cumprod(axis=0), dtype=torch.float32)
+        self._assemble(unet, alphas, {"clip_l": clip_l, "clip_g": clip_g}, vae, 0.13025)
+        tokenizer = build_clip_tokenizer()
+        common = dict(clip_skip=2, minimal_clip_skip=2, final_layer_norm=False)
+        self.text_processing_engine_l = ClassicTextProcessingEngine(clip_l, tokenizer, **common)
+        self.text_processing_engine_g = ClassicTextProcessingEngine(clip_g, tokenizer, return_pooled=True,
+                                                                    text_projection=True, key="clip_g", **common)
+        self.embedder = Timestep(M.SIZE_DIM)
+
+    @torch.inference_mode()
+    def get_learned_conditioning(self, prompt: list[str]) -> dict[str, torch.Tensor]:
+        cond_l = self.text_processing_engine_l(prompt)
+        cond_g, clip_pooled = self.text_processing_engine_g(prompt)
+        width = getattr(prompt, "width", 1024) or 1024
+        height = getattr(prompt, "height", 1024) or 1024
+        out = [self.embedder(torch.Tensor([v])) for v in (height, width, 0, 0, height, width)]
+        flat = torch.flatten(torch.cat(out)).unsqueeze(dim=0).repeat(clip_pooled.shape[0], 1).to(clip_pooled)
+        return dict(crossattn=torch.cat([cond_l, cond_g], dim=2), vector=torch.cat([clip_pooled, flat], dim=1))
+
+
+StableDiffusionXL.__module__ = "backend.diffusion_engine.sdxl"
 
 
 class Flux(StableDiffusion):

@@ -202,3 +202,31 @@ def test_trains_before_any_generation(tmp_path, dataset_dir) -> None:
     assert job.state == "done", (job.error, job.log[-10:])
     fresh = F.forge_load(F.StableDiffusion())
     assert torch.equal(F.plain_generation(engine, manager), F.plain_generation(fresh, F.MemoryManagement()))
+
+
+def test_sdxl_conditioning_is_the_engines_own() -> None:
+    """SDXL: CLIP-L and G contexts side by side and the vector (pooled G, then the six size embeddings) as
+    ``get_learned_conditioning`` builds them for a 1024² generation."""
+    engine = F.forge_load(F.StableDiffusionXL())
+    bundle = ForgeBackendBundle(engine)
+    with torch.inference_mode():
+        expected = engine.get_learned_conditioning(["a photo of a cat"])
+        cond = bundle.encode_text(bundle.tokenize(["a photo of a cat"]))
+        cond.size_ids = torch.tensor([[1024, 1024, 0, 0, 1024, 1024]])
+        assert torch.equal(cond.context, expected["crossattn"])
+        assert torch.equal(bundle.vector(cond, torch.zeros(1, 4, 128, 128)), expected["vector"])
+
+
+def test_sdxl_trains_unet_and_both_text_encoders_under_forges_key_names(tmp_path, dataset_dir) -> None:
+    engine, manager = F.forge_load(F.StableDiffusionXL()), F.MemoryManagement()
+    host = _host(engine, manager)
+    assert host.family() == "sdxl"
+    job = _runner(host, tmp_path).submit({**SMALL, "train_data_dir": str(dataset_dir), "output_name": "forge2-xl",
+                                          "max_train_steps": 2, "train_text_encoder": True})
+    assert job.done_event.wait(120)
+    assert job.state == "done", (job.error, job.log[-10:])
+    keys = {k.rsplit(".", 2)[0] for k in load_file(str(job.output))}
+    assert any(k.startswith("lora_unet_input_blocks_") for k in keys)  # SDXL: the original block names
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_") for k in keys)
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_") for k in keys)
+    assert not any(t.is_inference() for t in _tensors(engine))
