@@ -18,6 +18,8 @@ CHOICES = ("BLIP (WebUI)", "DeepBooru (WebUI)", "WD14 tagger", "CoCa")
 OURS = CHOICES[2:]
 # Forge Classic removed the WebUI's interrogators (modules.deepbooru, shared.interrogator): only ours there.
 HOSTS_WITHOUT_INTERROGATORS = {"forge-classic"}
+# the status Markdown: gradio 3 puts its "prose" class on the element itself, gradio 4 (Forge 2) on a child
+STATUS = "#lora_train_status.prose, #lora_train_status .prose"
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
@@ -52,14 +54,14 @@ def test_every_captioner_is_offered_and_offline_ones_say_what_they_need(page: An
     expected = list(OURS if webui.host in HOSTS_WITHOUT_INTERROGATORS else CHOICES)
     assert offered(page, "lora_train_captioner") == expected
     before = folder_digest(dataset)
-    status = page.locator("#lora_train_status.prose").first  # the Markdown itself, not gradio's block around it
+    status = page.locator(STATUS).first  # the Markdown itself, not gradio's block around it
     preview_box = page.locator("#lora_train_caption_preview_text textarea").first
     for name in expected:
         choose(page, "lora_train_captioner", name)
         shown = (status.inner_text(), preview_box.input_value())
         page.locator("#lora_train_caption_preview").click()
         page.wait_for_function(  # a new text, and gradio's "queue/0.0s" overlay gone
-            "([status, preview]) => (document.querySelector('#lora_train_status.prose').innerText !== status || "
+            f"([status, preview]) => (document.querySelector({STATUS!r}).innerText !== status || "
             "document.querySelector('#lora_train_caption_preview_text textarea').value !== preview) && "
             "[...document.querySelectorAll('#lora_train_status .wrap')].every(w => w.classList.contains('hide'))",
             arg=list(shown), timeout=JOB_TIMEOUT_S * 1000)
