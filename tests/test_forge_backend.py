@@ -230,3 +230,23 @@ def test_sdxl_trains_unet_and_both_text_encoders_under_forges_key_names(tmp_path
     assert any(k.startswith("lora_te1_text_model_encoder_layers_") for k in keys)
     assert any(k.startswith("lora_te2_text_model_encoder_layers_") for k in keys)
     assert not any(t.is_inference() for t in _tensors(engine))
+
+
+def test_in_place_lora_patching_under_inference_mode_keeps_them_ordinary(tmp_path, dataset_dir) -> None:
+    """Neo's ComfyUI patcher (``weight_inplace_update``) merges into the weight itself under inference mode, from a
+    backup copied there, and copies the backup back: the ordinary tensors take both and still train afterwards."""
+    engine, manager = F.forge_load(F.StableDiffusion()), F.MemoryManagement()
+    plain = F.plain_generation(engine, manager)
+    make_ordinary_in_place(engine.modules())
+    weight = engine.forge_objects.unet.model.diffusion_model.out[2].weight
+    with torch.inference_mode():
+        backup = weight.to("cpu", copy=True)
+        weight.copy_(weight + 0.5)
+    assert not torch.equal(F.plain_generation(engine, manager), plain)
+    with torch.inference_mode():
+        weight.copy_(backup)
+    assert not weight.is_inference() and torch.equal(F.plain_generation(engine, manager), plain)
+    job = _runner(_host(engine, manager), tmp_path).submit({**SMALL, "train_data_dir": str(dataset_dir),
+                                                              "max_train_steps": 1})
+    assert job.done_event.wait(120)
+    assert job.state == "done", (job.error, job.log[-10:])
