@@ -29,9 +29,12 @@ def fp8(webui: WebUI) -> Iterator[None]:
     assert reply.status == 200, reply.body
     try:
         yield
-    finally:
-        webui.post("/sdapi/v1/options", {"forge_unet_storage_dtype": dtype, "forge_inference_memory": memory})
+    finally:  # each memory change makes Forge re-read the loading parameters (a page load may have reset memory)
+        for body in ({"forge_unet_storage_dtype": dtype, "forge_inference_memory": memory + 2},
+                     {"forge_inference_memory": memory}):
+            assert webui.post("/sdapi/v1/options", body).status == 200
         webui.txt2img("a photo of a cat", "forge-refusal-restored")  # Forge loads the checkpoint as before
+        assert "float8" not in webui.get("/probe/v1/info").body["dtype"], "Diffusion in Low Bits is still FP8"
 
 
 def test_api_refuses_an_fp8_unet_with_409_naming_the_option(fp8: None, webui: WebUI, dataset: Path,
