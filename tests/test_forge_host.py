@@ -1,4 +1,5 @@
-"""The WebUI adapter on Forge-family models (reForge, Forge Classic) and its refusal of Forge 2 / Neo.
+"""The WebUI adapter on Forge-family models in A1111's shape (reForge, Forge Classic), and the refusal of a Forge
+model it cannot place (Forge 2 / Neo's backend engine: tests/test_forge_backend.py).
 
 No Forge here: the stand-ins follow the shapes the real hosts have (tests/forge/NOTES.md). A tiny real LDM model
 whose UNet is an ``ldm_patched`` class with Forge Classic's in-place transformer blocks, ``forge_objects`` /
@@ -124,18 +125,16 @@ def forge_model() -> torch.nn.Module:
     return model
 
 
-class StableDiffusion:
-    """Forge 2 / Neo (backend/diffusion_engine/sd15.py at lllyasviel dfdcbab6): no nn.Module, no ldm ``.model``."""
+class UnknownForge:
+    """A model with Forge's ``forge_objects`` but neither an ldm_patched UNet nor Forge 2's backend engine."""
 
     def __init__(self) -> None:
         self.forge_objects = ForgeObjects(unet=None, clip=None, vae=None, clipvision=None)
         self.forge_objects_original = self.forge_objects.shallow_copy()
-        self.current_lora_hash = str([])
-        self.first_stage_model = self.cond_stage_model = None  # fix_for_webui_backward_compatibility()
-        self.is_sd1 = True
+        self.cond_stage_model = None
 
 
-StableDiffusion.__module__ = "backend.diffusion_engine.sd15"
+UnknownForge.__module__ = "some_fork.engine"
 
 
 def lora_generation(model: torch.nn.Module, manager: ModelManagement) -> None:
@@ -172,18 +171,17 @@ def test_detects_each_host_by_its_model_object() -> None:
     a1111 = M.tiny_sd1()
     assert isinstance(detect_host(a1111), A1111Model)
     assert detect_host(forge_model()).name.startswith("Forge")
-    forge2 = StableDiffusion()
     with pytest.raises(HostError) as refused:
-        detect_host(forge2)
-    assert "backend.diffusion_engine.sd15.StableDiffusion" in str(refused.value)
-    assert "AUTOMATIC1111 1.10, reForge and Forge Classic" in str(refused.value)
+        detect_host(UnknownForge())
+    assert "some_fork.engine.UnknownForge" in str(refused.value)
+    assert "AUTOMATIC1111 1.10, reForge, Forge Classic and Forge 2 / Neo" in str(refused.value)
 
 
-def test_forge2_is_refused_at_submit_naming_the_hosts_that_work(tmp_path, dataset_dir) -> None:
-    host = _host(StableDiffusion())
+def test_an_unknown_forge_model_is_refused_at_submit_naming_the_hosts_that_work(tmp_path, dataset_dir) -> None:
+    host = _host(UnknownForge())
     assert host.family() is None
     runner = _runner(host, tmp_path)
-    with pytest.raises(HostError, match="reForge and Forge Classic"):
+    with pytest.raises(HostError, match="reForge, Forge Classic and Forge 2 / Neo"):
         runner.submit({**SMALL, "train_data_dir": str(dataset_dir), "max_train_steps": 1})
     assert runner.jobs == {}
 
