@@ -99,8 +99,10 @@ def _model_management():
 def _reload_model():
     """Forge 2 / Neo load the checkpoint the dropdown names only when something generates (``forge_model_reload``,
     a no-op when it is loaded); None on the WebUIs that load it at once."""
-    from modules import sd_models
-
+    try:
+        from modules import sd_models
+    except ImportError:
+        return None
     return getattr(sd_models, "forge_model_reload", None)
 
 
