@@ -117,6 +117,9 @@ class WebUIHost(TrainHost):
 
     def _bundle(self, cfg: TrainConfig) -> ModelBundle:
         model, host = self._loaded()
+        problem = host.storage_problem(model) or _untrainable_storage(self.shared, host.weights(model))
+        if problem:
+            raise HostError(problem)
         parameterization = None if cfg.v_parameterization is None else ("v" if cfg.v_parameterization else "eps")
         clip_skip, sdxl_clip_l_skip = self.clip_skip(cfg)
         try:
@@ -124,9 +127,6 @@ class WebUIHost(TrainHost):
                                  sdxl_clip_l_skip=sdxl_clip_l_skip, zero_terminal_snr=self.zero_terminal_snr())
         except ValueError as exc:
             raise HostError(f"The loaded checkpoint cannot be trained here: {exc}") from None
-        problem = _untrainable_storage(self.shared, host.weights(model))
-        if problem:
-            raise HostError(problem)
         return bundle
 
     def clip_skip(self, cfg: TrainConfig) -> tuple[int, bool]:

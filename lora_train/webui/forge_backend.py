@@ -72,6 +72,18 @@ class ForgeBackendModel:
         # sdxl_clip_l_skip: Forge 2's engine applies its one clip skip to both SDXL encoders, as it generates
         return ForgeBackendBundle(sd_model, clip_skip=clip_skip, parameterization=parameterization)
 
+    def storage_problem(self, sd_model: Any) -> str | None:
+        """Forge's own sentence for weights kept quantised or streamed from CPU memory (None for an engine we do
+        not train: ``bundle`` names the families that work)."""
+        try:
+            self.family(sd_model)
+            self._check_storage(sd_model)
+        except ValueError:
+            return None
+        except HostError as exc:
+            return str(exc)
+        return None
+
     def _check_storage(self, sd_model: Any) -> None:
         objects = sd_model.forge_objects
         unet = objects.unet.model

@@ -51,6 +51,9 @@ class LoadedModel(Protocol):
     def weights(self, sd_model: Any) -> nn.Module:
         """The module holding every weight training reads: what the host snapshot proves unchanged."""
 
+    def storage_problem(self, sd_model: Any) -> str | None:
+        """This host's own sentence for weights stored where or how training cannot use them, or None."""
+
 
 class A1111Model(LdmHost):
     """AUTOMATIC1111: its Lora extension merges in place with backups, and its blocks train as they are."""

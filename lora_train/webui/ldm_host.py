@@ -25,6 +25,10 @@ class LdmHost:
         """SD1, SD2 or SDXL (ValueError for anything else)."""
         return detect_family(sd_model)
 
+    def storage_problem(self, sd_model: Any) -> str | None:
+        """None: the WebUI's own storage checks (--lowvram, FP8 weight) apply to these models as they are."""
+        return None
+
     def weights(self, sd_model: Any) -> nn.Module:
         """The module holding every weight training reads: what the host snapshot proves unchanged."""
         return sd_model
