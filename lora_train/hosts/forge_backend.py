@@ -74,6 +74,7 @@ class ForgeBackendBundle:
             raise ValueError("the loaded model is an inpainting model; load a regular checkpoint to train a LoRA")
         self.vae: nn.Module = objects.vae.first_stage_model
         self.clip_skip = clip_skip
+        self.zero_terminal_snr = False  # the checkpoint's own schedule (the bundle refuses the A1111 option)
         predictor = self.kmodel.predictor
         if parameterization is None:
             kind = getattr(predictor, "prediction_type", "epsilon")
