@@ -146,15 +146,16 @@ def test_a_weight_registered_twice_becomes_one_ordinary_tensor_in_both_places() 
 
 def test_bundle_conditioning_is_the_engines_own(tmp_path) -> None:
     """The trainer's text conditioning equals what the engine builds for generation (``get_learned_conditioning``),
-    including a caption longer than one 75-token chunk."""
+    including a caption longer than one 75-token chunk (max_token_length 225: three chunks)."""
     engine = F.forge_load(F.StableDiffusion())
     bundle = ForgeBackendBundle(engine)
     captions = ["a photo of a cat", ", ".join(["a long caption"] * 40)]
     with torch.inference_mode():
         for caption in captions:
-            ours = bundle.encode_text(bundle.tokenize([caption])).context
+            ours = bundle.encode_text(bundle.tokenize([caption], max_chunks=3)).context
             assert torch.equal(ours, engine.text_processing_engine([caption]))
-    assert bundle.tokenize(captions[1:])[0].shape[1] > 77
+    assert bundle.tokenize(captions[1:], max_chunks=3).ids[0].shape[1] > 77
+    assert bundle.tokenize(captions[1:]).ids[0].shape[1] == 77  # max_token_length 75: one chunk
 
 
 def test_other_engines_are_refused_naming_the_families_that_work(tmp_path, dataset_dir) -> None:

@@ -30,6 +30,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from lora_train.engine.data.prompt_chunks import PromptTokens
 from lora_train.engine.model import Conditioning, Family, LoraTarget, Parameterization
 from lora_train.engine.network import kohya_names
 from lora_train.hosts.ldm import checkpoint_name
@@ -104,21 +105,25 @@ class ForgeBackendBundle:
         return next(self.unet.parameters()).dtype
 
     # -- text ---------------------------------------------------------------------------------------------------
-    def tokenize(self, captions: list[str]) -> list[torch.Tensor]:
-        """Token ids per text encoder as the engine chunks a prompt: [batch, 77 * chunks], start/end/padding in."""
-        tokens = []
+    def tokenize(self, captions: list[str], max_chunks: int = 1, weighted: bool = False) -> PromptTokens:
+        """Token ids per text encoder as the engine chunks a prompt (its own parser: emphasis read, brackets
+        unescaped): [batch, 77 * chunks], at most ``max_chunks``; the engine's multipliers only when ``weighted``."""
+        ids, multipliers = [], []
         for engine in self.engines:
             batch_chunks, _ = engine.process_texts(captions)
-            count = max(len(chunks) for chunks in batch_chunks)
-            padded = [chunks + [engine.empty_chunk() for _ in range(count - len(chunks))] for chunks in batch_chunks]
-            rows = [[token for chunk in chunks for token in chunk.tokens] for chunks in padded]
-            tokens.append(torch.tensor(rows, dtype=torch.long))
-        return tokens
+            kept = [chunks[:max_chunks] for chunks in batch_chunks]
+            count = max(len(chunks) for chunks in kept)
+            padded = [chunks + [engine.empty_chunk() for _ in range(count - len(chunks))] for chunks in kept]
+            ids.append(torch.tensor([[tok for chunk in chunks for tok in chunk.tokens] for chunks in padded]))
+            weights = [[w if weighted else 1.0 for chunk in chunks for w in chunk.multipliers] for chunks in padded]
+            multipliers.append(torch.tensor(weights, dtype=torch.float32))
+        return PromptTokens(ids, multipliers)
 
-    def encode_text(self, tokens: list[torch.Tensor]) -> Conditioning:
+    def encode_text(self, tokens: PromptTokens) -> Conditioning:
         contexts, pooled = [], None
-        for engine, ids in zip(self.engines, tokens, strict=True):
-            chunks = [self._encode_chunk(engine, ids[:, i : i + CHUNK]) for i in range(0, ids.shape[1], CHUNK)]
+        for engine, ids, weights in zip(self.engines, tokens.ids, tokens.multipliers, strict=True):
+            chunks = [self._encode_chunk(engine, ids[:, i : i + CHUNK], weights[:, i : i + CHUNK])
+                      for i in range(0, ids.shape[1], CHUNK)]
             contexts.append(torch.hstack(chunks))
             if getattr(engine, "return_pooled", False):
                 pooled = getattr(chunks[0], "pooled", None)  # the first chunk's, as the engine returns it
@@ -126,14 +131,14 @@ class ForgeBackendBundle:
             return Conditioning(context=contexts[0])
         return Conditioning(context=torch.cat(contexts, dim=-1), pooled=pooled)
 
-    def _encode_chunk(self, engine: Any, ids: torch.Tensor) -> torch.Tensor:
+    def _encode_chunk(self, engine: Any, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         rows = ids.tolist()
         saved = engine.clip_skip
         if self.family == "sd1":  # SDXL's engines always use the penultimate layer (minimal_clip_skip 2)
             engine.clip_skip = self.clip_skip
         engine.embeddings.fixes = None  # no textual inversion vectors to splice in
         try:
-            return engine.process_tokens(rows, [[1.0] * len(row) for row in rows])
+            return engine.process_tokens(rows, weights.tolist())
         finally:
             engine.clip_skip = saved
 
