@@ -87,3 +87,18 @@ def test_unset_zero_terminal_snr_follows_the_webuis_noise_schedule():
     assert training_alphas(TrainConfig(), default._bundle(TrainConfig()), torch.device("cpu"))[-1] > 1e-3
     off = TrainConfig(zero_terminal_snr=False)
     assert training_alphas(off, host._bundle(off), torch.device("cpu"))[-1] > 1e-3
+
+
+def test_a_checkpoint_the_webui_cannot_load_does_not_take_the_tab_down():
+    """A1111 loads the checkpoint on first access of ``shared.sd_model``; seen failing on CPU for an fp16 SD2-v
+    file (its own v-prediction probe mixes dtypes). The tab's family/device questions must still answer."""
+
+    class Shared:
+        opts = SimpleNamespace()
+
+        @property
+        def sd_model(self):
+            raise RuntimeError("Input type (float) and bias type (c10::Half) should be the same")
+
+    host = WebUIHost(Shared(), queue_lock=None)
+    assert host.family() is None and host.device_type() in ("cpu", "cuda", "mps", "xpu")

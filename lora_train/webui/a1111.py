@@ -90,8 +90,16 @@ class WebUIHost(TrainHost):
     def state(self) -> Any:
         return self.shared.state
 
+    def _model_or_none(self) -> Any:
+        """``shared.sd_model``, or None when there is none or loading it fails: the WebUI loads the checkpoint on
+        first access, and a checkpoint it cannot load must not take the tab down with it (the job says why)."""
+        try:
+            return getattr(self.shared, "sd_model", None)
+        except Exception:  # noqa: BLE001 - whatever the WebUI's loader raises, the tab still builds
+            return None
+
     def family(self) -> str | None:
-        model = getattr(self.shared, "sd_model", None)
+        model = self._model_or_none()
         if model is None:
             return None
         try:
@@ -100,7 +108,7 @@ class WebUIHost(TrainHost):
             return None
 
     def device_type(self) -> str:
-        model = getattr(self.shared, "sd_model", None)
+        model = self._model_or_none()
         try:
             weights = detect_host(model, self.model_management).weights(model) if model is not None else None
         except HostError:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build a random-weight SD2.1 768-v checkpoint (fp16 .safetensors, ~2.6 GiB) that the WebUI loads as 768-v.
+"""Build a random-weight SD2.1 768-v checkpoint (fp32 .safetensors, ~5 GiB) that the WebUI loads as 768-v.
 
 Run with the WebUI's python (it has ldm and open_clip), HF_HOME unused (nothing is downloaded):
     $VENV_DIR/bin/python tests/webui/make_checkpoint_sd2v.py --webui $WEBUI_DIR --out FILE.safetensors
@@ -8,6 +8,9 @@ then boot it with ``WEBUI_CKPT=FILE`` (tests/webui/run.sh passes the environment
 - The model is ldm's LatentDiffusion from the WebUI's own v2-inference-v.yaml
   (repositories/stable-diffusion-stability-ai), so keys and shapes are an SD2.1-v checkpoint's; open_clip is
   asked for no pretrained weights (ViT-H-14 text tower, 24 layers, width 1024; its visual tower deleted by ldm).
+- fp32, not fp16: on CPU with --no-half, A1111 v1.10.1's own v-detection (below) loads an fp16 SD2 file into a
+  UNet that then mixes fp32 inputs with fp16 biases and fails ("Input type (float) and bias type (c10::Half)"),
+  so the WebUI does not load it at all (seen 2026-12-05; a fix in the WebUI's code, not ours).
 - Zero-initialised output layers are re-randomised (as the harness' SD1.5/SDXL makers do), so every block counts.
 - v-prediction is not in an SD2 checkpoint's weights: A1111 v1.10.1 guesses it
   (``sd_models_config.is_using_v_parameterization_for_sd2``: the UNet at t=999 on a constant input must return a
@@ -81,8 +84,7 @@ def main() -> None:
         value = webui_v_test(unet, torch)
     assert value < -1, value
     print(f"the WebUI's v-parameterization test gives {value:.2f} (< -1: loaded as 768-v)")
-    tensors = {k: v.half().contiguous() if v.is_floating_point() else v.contiguous()
-               for k, v in model.state_dict().items()}
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     assert any(k.startswith("cond_stage_model.model.transformer.resblocks.23.") for k in tensors)
     tmp = args.out + ".part"
     save_file(tensors, tmp, metadata={"format": "pt", "acceptance_harness": f"random SD2.1-v, seed {args.seed}"})
