@@ -36,6 +36,9 @@ class ConsoleCallbacks(TrainCallbacks):
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.on_log(f"checkpoint: {path}")
 
+    def on_validation(self, step: int, loss: float, best_step: int) -> None:
+        tqdm.write(f"validation loss at step {step}: {loss:.4f} (best at step {best_step})")
+
     def on_log(self, message: str) -> None:
         if not self.quiet:
             tqdm.write(message)

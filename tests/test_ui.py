@@ -125,7 +125,7 @@ def test_fields_show_human_labels_and_help_and_hide_what_the_host_decides(app, t
     headings = [b.value for b in webui.blocks.values() if type(b).__name__ == "Markdown" and b.visible]
     assert [h for h in headings if h.startswith("####")] == [
         "#### Data", "#### Model and network", "#### Optimisation", "#### Noise and loss", "#### Output",
-        "#### Samples"]
+        "#### Samples", "#### Validation"]
     assert "alpha/rank" in _component(webui, "lora_train_preset").info  # why presets differ from the defaults
 
 

@@ -113,6 +113,7 @@ class Job:
     it_per_s: float = 0.0
     eta_s: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     log: list[str] = field(default_factory=list)
     sample: Image.Image | None = None
     sample_step: int = 0
@@ -139,6 +140,11 @@ class Job:
         text = f"<lora:{self.name}:{PREFERRED_WEIGHT}>"
         return f"{text} {self.cfg.trigger_word}" if self.cfg.trigger_word else text
 
+    @property
+    def best_validation(self) -> tuple[int, float] | None:
+        """(step, loss) of the lowest validation loss so far."""
+        return min(self.validation, key=lambda p: p[1]) if self.validation else None
+
     def add_log(self, message: str) -> None:
         self.log.append(f"[{time.strftime('%H:%M:%S')}] {message}")
         del self.log[:-_LOG_LINES]
@@ -160,7 +166,14 @@ class Job:
             "error": self.error,
             "error_field": self.error_key,
             "log": self.log[-20:],
+            "losses": [list(p) for p in self.losses],
+            "validation": self._validation_dict(),
         }
+
+    def _validation_dict(self) -> dict[str, Any]:
+        best = self.best_validation
+        return {"enabled": bool(self.cfg.validation_split), "points": [list(p) for p in self.validation],
+                "best_step": best[0] if best else None, "best_loss": best[1] if best else None}
 
 
 class _JobCallbacks(TrainCallbacks):
@@ -189,6 +202,10 @@ class _JobCallbacks(TrainCallbacks):
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.job.add_log(f"checkpoint: {path}")
 
+    def on_validation(self, step: int, loss: float, best_step: int) -> None:
+        self.job.validation.append((step, loss))
+        self.job.add_log(f"validation loss {loss:.4f} at step {step} (best at step {best_step})")
+
     def on_log(self, message: str) -> None:
         self.job.add_log(message)
 
@@ -200,6 +217,9 @@ def describe_run(cfg: TrainConfig, result: TrainResult, model_name: str) -> str:
     """The sidecar's description: what was trained, on what, how far (rank, alpha and lr as the run used them)."""
     facts = result.facts
     loss = f"; final loss {result.loss_history[-1]:.4f}" if result.loss_history else ""
+    if result.validation:
+        best_step, best_loss = min(result.validation, key=lambda p: p[1])
+        loss += f"; validation loss best at step {best_step} ({best_loss:.4f})"
     state = "stopped early at" if result.stopped else "trained"
     return (f"LoRA {state} {result.steps}/{result.total_steps} steps on {model_name or 'the loaded model'} "
             f"from {Path(cfg.train_data_dir).name}: rank {facts.rank}, alpha {facts.alpha:g}, "

@@ -31,7 +31,7 @@ from lora_train.webui.ui_fields import (
     widget,
 )
 from lora_train.webui.ui_gradio import enable_queue, file_path, js, make
-from lora_train.webui.ui_status import follow_job, loss_frame, progress_text
+from lora_train.webui.ui_status import follow_job, loss_frame, progress_text, validation_text
 
 __all__ = ["UISettings", "build_ui", "enable_queue"]  # what the WebUI glue and the ui command use
 
@@ -84,8 +84,11 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
             with gr.Tab("Training"):
                 with gr.Row():
                     with gr.Column(scale=3):
-                        loss_plot = make(gr.LinePlot, value=loss_frame(None), x="step", y="loss",
-                                         title="Training loss", height=260, width=520, elem_id="lora_train_loss")
+                        loss_plot = make(gr.LinePlot, value=loss_frame(None), x="step", y="loss", color="series",
+                                         title="Loss (training and validation)", height=260, width=520,
+                                         elem_id="lora_train_loss")
+                        validation_note = make(gr.Markdown, value=validation_text(None),
+                                               elem_id="lora_train_validation")
                     with gr.Column(scale=2):
                         sample = make(gr.Image, label="Latest sample", interactive=False, type="pil",
                                       elem_id="lora_train_sample")
@@ -100,7 +103,7 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
                 config_out = make(gr.File, label="Saved config", interactive=False, elem_id="lora_train_config_out")
 
         fields = [widgets[name] for name in FIELD_NAMES]
-        live_outputs = [progress, loss_plot, sample, log, result_group, output_path, snippet]
+        live_outputs = [progress, loss_plot, validation_note, sample, log, result_group, output_path, snippet]
 
         # -- presets and config files ---------------------------------------------------------------------
         preset_names = list(preset_values(DEFAULT_PRESET, None))

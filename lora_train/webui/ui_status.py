@@ -22,8 +22,29 @@ LONG_RUN_S = 3600.0
 
 
 def loss_frame(job: Job | None) -> pd.DataFrame:
-    points = [p for p in job.losses if p[1] is not None] if job else []
-    return pd.DataFrame({"step": [p[0] for p in points], "loss": [p[1] for p in points]})
+    """Training and validation loss as one long table (``series`` colours the two lines)."""
+    points = [(s, v, "training") for s, v in job.losses if v is not None] if job else []
+    points += [(s, v, "validation") for s, v in job.validation] if job else []
+    return pd.DataFrame({"step": [p[0] for p in points], "loss": [p[1] for p in points],
+                         "series": [p[2] for p in points]})
+
+
+VALIDATION_OFF = ("Validation is off. To see whether the LoRA still learns or already overfits, set **Validation "
+                  "split** (e.g. 0.1) under Advanced > Validation: those images are held out, never trained on, and "
+                  "validated at fixed noise so the curve is comparable.")
+
+
+def validation_text(job: Job | None) -> str:
+    """Under the plot: the best validation point, or how to turn validation on."""
+    if job is None or not job.cfg.validation_split:
+        return VALIDATION_OFF
+    best = job.best_validation
+    if best is None:
+        return f"Validation: {job.cfg.validation_split:g} of the images held out; the first point comes at the " \
+               "end of an epoch (or every `validate_every_n_steps`)."
+    last_step, last = job.validation[-1]
+    trend = " · rising since the best: it may be overfitting" if last_step != best[0] and last > best[1] else ""
+    return f"Validation loss **best at step {best[0]}** ({best[1]:.4f}); at step {last_step}: {last:.4f}{trend}"
 
 
 def _duration(seconds: float) -> str:
@@ -84,17 +105,20 @@ class Sent:
     job: str | None
     state: str
     points: int
+    validation: int
     sample_step: int
     log_tail: str
 
 
 def live_updates(job: Job | None, sent: Sent | None, device: str) -> tuple[list[Any], Sent]:
-    """Updates for (progress, loss plot, sample, log, result group, output path, snippet) and what they show.
+    """Updates for (progress, loss plot, validation line, sample, log, result group, output path, snippet) and
+    what they show.
 
     ``sent`` None means the page shows nothing yet (just loaded): everything is sent.
     """
     now = Sent(job.id if job else None, job.state if job else "", len(job.losses) if job else 0,
-               job.sample_step if job else 0, job.log[-1] if job and job.log else "")
+               len(job.validation) if job else 0, job.sample_step if job else 0,
+               job.log[-1] if job and job.log else "")
     fresh = sent is None or sent.job != now.job
     done = job is not None and not job.active and job.output is not None
 
@@ -104,7 +128,8 @@ def live_updates(job: Job | None, sent: Sent | None, device: str) -> tuple[list[
     keep = gr.update()
     updates = [
         progress_text(job, device),
-        loss_frame(job) if changed("points", "state") else keep,
+        loss_frame(job) if changed("points", "validation", "state") else keep,
+        validation_text(job) if changed("validation", "state") else keep,
         (job.sample if job else None) if changed("sample_step") else keep,
         "\n".join(job.log[-200:]) if job and changed("log_tail") else ("" if fresh else keep),
         gr.update(visible=done) if changed("state") else keep,

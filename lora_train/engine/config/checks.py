@@ -139,6 +139,12 @@ def validate(values: Mapping[str, Any]) -> None:
         Path("image.png").with_suffix(cfg.caption_extension)
     except ValueError:
         raise ConfigError("caption_extension", f"{cfg.caption_extension!r} is not a file extension like .txt") from None
+    if not 0 <= cfg.validation_split < 1:
+        raise ConfigError("validation_split", f"{cfg.validation_split!r} must be in [0, 1), e.g. 0.1")
+    for key in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps"):
+        value = getattr(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(key, f"{value!r} must be greater than 0 (leave it unset for the default)")
     if cfg.sample_every_n_steps and not cfg.sample_prompts:
         raise ConfigError("sample_prompts", "sample_every_n_steps is set but there are no sample_prompts")
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 # command, not inside the WebUI (which trains the checkpoint it has loaded, on its own device). "cli": the CLI
 # only; the tab sets it itself (outputs go where the tab's settings say).
 Scope = Literal["both", "standalone", "cli"]
-GROUPS = ("Data", "Model and network", "Optimisation", "Noise and loss", "Output", "Samples")
+GROUPS = ("Data", "Model and network", "Optimisation", "Noise and loss", "Output", "Samples", "Validation")
 
 # kohya / lora-scripts spellings accepted as the same field.
 ALIASES = {

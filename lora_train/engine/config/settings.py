@@ -315,6 +315,22 @@ class TrainConfig:
         0, group="Samples", label="Sample every N steps", help="Preview interval (0 = off).")
     sample_steps: int = setting(20, group="Samples", label="Sampler steps", help="Steps per preview image.")
     sample_cfg_scale: float = setting(7.0, group="Samples", label="CFG scale", help="Guidance of the previews.")
+    validation_split: float = setting(
+        0.0, group="Validation", label="Validation split",
+        help="Fraction of each image folder held out (never trained on) for a validation loss, e.g. 0.1; "
+             "0 = no validation.")
+    validation_seed: int | None = setting(
+        None, group="Validation", label="Validation seed", unset="seed",
+        help="Picks which images are held out and the fixed noise they are validated with.")
+    validate_every_n_steps: int | None = setting(
+        None, group="Validation", label="Validate every N steps", unset="off",
+        help="Also validate every N optimizer steps.")
+    validate_every_n_epochs: int | None = setting(
+        None, group="Validation", label="Validate every N epochs", unset="every epoch",
+        help="Validate at the end of every N-th epoch (when validation_split is set).")
+    max_validation_steps: int | None = setting(
+        None, group="Validation", label="Max validation batches", unset="all held-out images",
+        help="Validate on at most this many batches of held-out images (faster, noisier).")
     training_comment: str | None = setting(
         None, group="Output", label="Training comment", help="Stored in the LoRA as `ss_training_comment`.")
 

@@ -182,6 +182,24 @@ def timestep_range(cfg: TrainConfig) -> str | None:
     return f"{low},{1000 if cfg.max_timestep is None else cfg.max_timestep}"
 
 
+def validation_metadata(cfg: TrainConfig, held_out: int, points: list[tuple[int, float]]) -> dict[str, str]:
+    """kohya's validation keys (train_network.py writes them in every file), plus the curve so far and its best
+    point under ``lora_train_validation`` (kohya keeps losses only in its logs)."""
+    values: dict[str, Any] = {
+        "ss_num_validation_images": held_out,
+        "ss_validation_seed": cfg.validation_seed,
+        "ss_validation_split": cfg.validation_split,
+        "ss_max_validation_steps": cfg.max_validation_steps,
+        "ss_validate_every_n_epochs": cfg.validate_every_n_epochs,
+        "ss_validate_every_n_steps": cfg.validate_every_n_steps,
+    }
+    if points:
+        best_step, best_loss = min(points, key=lambda p: p[1])
+        values["lora_train_validation"] = json.dumps(
+            {"best_step": best_step, "best_loss": best_loss, "points": [[s, round(v, 6)] for s, v in points]})
+    return {key: str(value) for key, value in values.items() if value is not None}
+
+
 def write_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Atomically write the .safetensors with sshs_* hashes added to ``metadata``."""
     model_hash, legacy_hash = addnet_hashes(tensors, metadata)
@@ -200,6 +218,14 @@ def write_sidecar(path: Path, family: Family, trigger: str | None, description: 
         "notes": "Trained with sd-webui-lora-train.",
     }
     return atomic_write_text(path.with_suffix(".json"), json.dumps(card, indent=4, ensure_ascii=False))
+
+
+def read_lora_metadata(path: str | Path) -> dict[str, str]:
+    """A LoRA file's metadata from its header alone (no tensors loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

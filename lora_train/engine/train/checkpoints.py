@@ -34,6 +34,7 @@ class RunWriter:
         self.processes = processes  # recorded in the state: a run resumes on as many processes as it had
         self.started_at = time.time()
         self.facts: export.RunFacts | None = None
+        self.validator = None  # the run's Validator, when it holds images out: its keys and curve go in the metadata
 
     def epochs_at(self, step: int) -> int:
         """Epochs begun by ``step`` (1-based, as kohya's ss_epoch); at total_steps, the epochs the run has."""
@@ -52,6 +53,9 @@ class RunWriter:
             self.cfg, self.dataset, self.bundle.family, self.bundle.parameterization, self.bundle.model_name,
             self.facts, step, self.epochs_at(step), self.started_at,
         )
+        metadata.update(export.validation_metadata(
+            self.cfg, len(self.validator.dataset.items) if self.validator else 0,
+            self.validator.history.points if self.validator else []))
         tensors = self.adapter(network, export.SAVE_DTYPES[self.cfg.save_precision], step)
         return export.write_lora(path, tensors, metadata)
 

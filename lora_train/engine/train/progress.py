@@ -37,6 +37,7 @@ class TrainCallbacks:
     def on_step(self, info: StepInfo) -> None: ...
     def on_sample(self, step: int, images: list[Image.Image]) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
+    def on_validation(self, step: int, loss: float, best_step: int) -> None: ...
     def on_log(self, message: str) -> None: ...
     def should_stop(self) -> bool:
         return False
@@ -44,7 +45,8 @@ class TrainCallbacks:
 
 @dataclass
 class TrainResult:
-    """``facts`` holds the run's real numbers (rank, alpha, lrs, epochs); ``state`` the folder to resume from."""
+    """``facts`` holds the run's real numbers (rank, alpha, lrs, epochs); ``state`` the folder to resume from;
+    ``validation`` every validation loss of the run (empty without ``validation_split``)."""
 
     output: Path | None
     steps: int
@@ -54,6 +56,7 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     facts: export.RunFacts | None = None
     state: Path | None = None
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
 
 
 class NonFiniteError(RuntimeError):

@@ -22,6 +22,7 @@ from lora_train.engine.config.settings import TrainConfig
 from lora_train.engine.data import dataset as data
 from lora_train.engine.data.caches import LatentCache, TextCache
 from lora_train.engine.data.masks import MaskCache, uses_masks
+from lora_train.engine.data.split import split_validation
 from lora_train.engine.model import ModelBundle
 from lora_train.engine.network import lora
 from lora_train.engine.network.module_flags import ModuleFlags
@@ -41,6 +42,7 @@ from lora_train.engine.train.optim import (
 from lora_train.engine.train.progress import NonFiniteError, StepInfo, TrainCallbacks, TrainResult
 from lora_train.engine.train.samples import SampleFn, sample, tensorboard_writer
 from lora_train.engine.train.schedules import training_alphas
+from lora_train.engine.train.validation import Validator
 
 
 class Trainer:
@@ -55,7 +57,9 @@ class Trainer:
         self.callbacks = callbacks or TrainCallbacks()
         self.sample_fn = sample_fn
         self.device = bundle.device
-        self.dataset = dataset if dataset is not None else data.scan(cfg)
+        scanned = dataset if dataset is not None else data.scan(cfg)
+        seed = cfg.validation_seed if cfg.validation_seed is not None else cfg.seed
+        self.dataset, held_out = split_validation(scanned, cfg.validation_split, seed)
         self.global_batch = cfg.batch_size * team.world  # what one step trains, over all processes
         self.batches_per_epoch = len(data.epoch_batches(self.dataset, self.global_batch, cfg.seed, 0))
         micro_total = cfg.epochs * self.batches_per_epoch
@@ -69,6 +73,9 @@ class Trainer:
         self.text = TextCache(cfg, bundle)
         self.masks = MaskCache(self.dataset, self.device) if uses_masks(cfg) else None
         self.alphas = training_alphas(cfg, bundle, self.device)
+        self.validator = (Validator(cfg, bundle, held_out, self.text, self.paths.work_dir, self.alphas)
+                          if held_out.items else None)
+        self.saver.validator = self.validator
         self.has_reg = any(item.is_reg for item in self.dataset.items)
 
     def _micro_batches(self, start_micro: int) -> Iterator[tuple[int, list[int]]]:
@@ -186,6 +193,8 @@ class Trainer:
                 self.callbacks.on_log("stopped while caching latents; nothing was trained or written")
                 return TrainResult(None, step, self.total_steps, True, history, facts=facts)
             self.text.fill([item.caption for item in self.dataset.items], team)
+            if team.any(team.main and not self._prepare_validation()):  # validation runs on the main process
+                return TrainResult(None, step, self.total_steps, True, history, facts=facts)
             writer = tensorboard_writer(cfg.tensorboard_dir, self.paths.name) if team.main else None
             self.callbacks.on_start(self.total_steps, step)
             batches = self.latents.prefetched(self._micro_batches(step * accumulation),
@@ -214,6 +223,8 @@ class Trainer:
                                              f"{self.saver.likely_cause()}. {self.saver.kept()}")
                     history.append(loss_value)
                 self._report(step, epoch, loss_value, scheduler.get_last_lr()[0], start_time, start_step, writer)
+                if team.main and self.validator and self.validator.due(step, self._epoch_ended(step)):
+                    self._validate(step, writer)
                 if team.main and step < self.total_steps and self._checkpoint_due(step):
                     path = self.saver.checkpoint(network, optimizer, scheduler, scaler, step, history)
                     self.callbacks.on_checkpoint(step, path)
@@ -225,6 +236,8 @@ class Trainer:
             if writer:
                 writer.close()
             self.latents.close()
+            if self.validator:
+                self.validator.close()
             bundle.set_gradient_checkpointing(False)
             if cfg.torch_compile:
                 del bundle.unet.forward  # back to the class's forward
@@ -237,19 +250,40 @@ class Trainer:
         # state first: a finished run can be resumed to train longer, and it holds the weights if the export fails
         self.saver.save_state(network, optimizer, scheduler, scaler, step, history, finished=not stopped)
         output = self.saver.export_final(network, step)
-        return TrainResult(output, step, self.total_steps, stopped, history, samples, facts, self.paths.state)
+        validation = self.validator.history.points if self.validator else []
+        return TrainResult(output, step, self.total_steps, stopped, history, samples, facts, self.paths.state,
+                           validation)
+
+    def _epoch_ended(self, step: int) -> int | None:
+        """The number of epochs done when ``step`` finished one, else None."""
+        accumulation = self.cfg.gradient_accumulation_steps
+        micro = step * accumulation
+        epochs_done = micro // self.batches_per_epoch
+        return epochs_done if epochs_done != (micro - accumulation) // self.batches_per_epoch else None
 
     def _checkpoint_due(self, step: int) -> bool:
         cfg = self.cfg
         if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
             return True
-        if not cfg.save_every_n_epochs:
-            return False
-        accumulation = cfg.gradient_accumulation_steps
-        micro = step * accumulation
-        epochs_done = micro // self.batches_per_epoch
-        epoch_ended = epochs_done != (micro - accumulation) // self.batches_per_epoch
-        return epoch_ended and epochs_done % cfg.save_every_n_epochs == 0
+        epochs_done = self._epoch_ended(step)
+        return bool(cfg.save_every_n_epochs) and epochs_done is not None and epochs_done % cfg.save_every_n_epochs == 0
+
+    def _prepare_validation(self) -> bool:
+        """Say which images are held out and cache their latents; False when a stop came in between."""
+        if self.validator is None:
+            if self.cfg.validation_split:
+                self.callbacks.on_log(f"validation_split {self.cfg.validation_split:g} holds out no image of this "
+                                      "dataset; raise it (each folder keeps at least one training image)")
+            return True
+        names = ", ".join(path.name for path in self.validator.images)
+        self.callbacks.on_log(f"validation: {len(self.validator.images)} held-out image(s), never trained on: {names}")
+        return self.validator.cache(self.callbacks.should_stop, self.callbacks.on_log)
+
+    def _validate(self, step: int, writer) -> None:
+        loss = self.validator.run(step)
+        self.callbacks.on_validation(step, loss, self.validator.history.best[0])
+        if writer:
+            writer.add_scalar("loss/validation", loss, step)
 
     def _report(self, step, epoch, loss, lr, start_time, start_step, writer) -> None:
         elapsed = time.time() - start_time
