@@ -1,4 +1,4 @@
-"""``lora-train`` / ``python -m lora_train``: train, inspect, caption, ui and generate from a terminal.
+"""``lora-train`` / ``python -m lora_train``: train, inspect, caption, grid, ui and generate from a terminal.
 
 Only argparse runs at import: each subcommand imports torch and friends when it runs, so ``--help`` is instant.
 """
@@ -139,7 +139,10 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def build_parser(prog: str = "lora-train") -> argparse.ArgumentParser:
     """Every subcommand's arguments; importing nothing heavy (tests check torch stays unloaded)."""
-    from lora_train import llm  # light: argparse only; the text-generation engine loads when `generate` runs
+    from lora_train import (
+        grid_cli,
+        llm,  # light: argparse only; the text-generation engine loads when `generate` runs
+    )
     from lora_train.caption import cli as caption_cli
     from lora_train.webui import standalone
 
@@ -157,6 +160,7 @@ def build_parser(prog: str = "lora-train") -> argparse.ArgumentParser:
     inspect_parser.add_argument("file")
     inspect_parser.set_defaults(func=run_inspect)
     caption_cli.add_parser(sub)
+    grid_cli.add_parser(sub)
     standalone.add_parser(sub)
     llm.add_generate_parser(sub)
     return parser

@@ -112,6 +112,12 @@ def _sampler(cfg, log):
     return txt2img_sampler(processing, shared, cfg, log)
 
 
+def _processing():
+    from modules import processing
+
+    return processing
+
+
 def _full_host_check() -> bool:
     return bool(getattr(shared.opts, "lora_train_full_host_check", False))
 
@@ -119,7 +125,7 @@ def _full_host_check() -> bool:
 # "Reload UI" runs this file again; the runner (and a job it is running) lives on in the engine package
 RUNNER = persistent_runner(shared, lambda: JobRunner(
     WebUIHost(shared, call_queue.queue_lock, _networks, _sampler, _full_host_check, _model_management,
-              _reload_model()), policy))
+              _reload_model(), _processing), policy))
 
 
 def _install_package(name: str) -> str | None:

@@ -77,6 +77,7 @@ class WebUIHost(TrainHost):
         full_host_check: Callable[[], bool] = lambda: False,
         model_management: Callable[[], Any | None] = lambda: None,
         reload_model: Callable[[], Any] | None = None,
+        processing: Callable[[], Any | None] = lambda: None,
     ):
         self.shared = shared
         self.queue_lock = queue_lock
@@ -85,6 +86,7 @@ class WebUIHost(TrainHost):
         self.full_host_check = full_host_check
         self.model_management = model_management
         self.reload_model = reload_model
+        self.processing = processing  # modules.processing, for the grid
 
     @property
     def state(self) -> Any:
@@ -222,6 +224,30 @@ class WebUIHost(TrainHost):
                 state.textinfo = None
                 if hasattr(state, "end"):
                     state.end()
+
+    @contextmanager
+    def grid_session(self, spec: Any, log: Callable[[str], None]) -> Iterator[Any]:
+        """The grid through txt2img (webui_grid) under the queue lock; the loaded model is checked unchanged after,
+        with no ``<lora:…>`` merge left in it."""
+        from lora_train.webui.webui_grid import registered, webui_renderer
+
+        networks = self.networks()
+        if networks is None or self.processing() is None:
+            raise HostError("the grid needs the WebUI's built-in Lora extension (Extensions > Installed: enable "
+                            "Lora) and its txt2img")
+        with self.exclusive("LoRA grid", lambda: log("waiting for the WebUI to finish its current generation")):
+            model, host = self._loaded()
+            host.undo_prompt_lora(model, networks, log)
+            # every byte: the Lora extension writes each weight in place and back, which the quick check's version
+            # counters would count as a change
+            snapshot = HostSnapshot.take(model, full=True)
+            try:
+                with registered(networks, spec.rows) as names:
+                    yield webui_renderer(self.processing(), self.shared, spec, names, _keep_loaded_model)
+            finally:
+                host.undo_prompt_lora(model, networks, log)
+            snapshot.verify()
+            log("the loaded model is unchanged after the grid")
 
     def report(self, job: Job) -> None:
         state = self.state

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from lora_train.engine.config.settings import ConfigError, field_infos
+from lora_train.webui.grid_jobs import choose
 from lora_train.webui.jobs import BusyError, HostError, JobRunner
 from lora_train.webui.paths import INPUT_KEYS, PathNotAllowed
 from lora_train.webui.presets import DEFAULT_PRESET, PRESET_NAMES, all_presets
@@ -117,6 +118,60 @@ def build_router(
         if not runner.stop(job_id):
             raise _error(404, "id", f"no job {job_id!r}")
         return runner.get(job_id).to_dict()  # type: ignore[union-attr]
+
+    @router.post("/grids")
+    def create_grid(payload: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's idiom
+        """An epoch x strength grid of a LoRA with saved steps: ``lora`` (file name in the Lora folder or a path
+        the path policy allows) and optionally prompts, strengths, negative, seed, steps, cfg_scale, width, height.
+        The same request after a stop continues where it stopped."""
+        named = str(payload.get("lora", ""))
+        if refusal and ("/" in named or "\\" in named):  # a bare name in the Lora folder names no server path
+            raise _error(403, "lora", refusal)
+        try:
+            job = runner.grids.submit(dict(payload))
+        except PathNotAllowed as exc:
+            raise _error(403, exc.key, str(exc)) from None
+        except ConfigError as exc:
+            raise _error(422, exc.key, str(exc)) from None
+        except ValueError as exc:  # GridError: nothing to compare
+            raise _error(422, "lora", str(exc)) from None
+        except BusyError as exc:
+            raise _error(409, None, str(exc)) from None
+        return job.to_dict()
+
+    def _grid(grid_id: str):
+        job = runner.grids.get(grid_id)
+        if job is None:
+            raise _error(404, "id", f"no grid {grid_id!r}")
+        return job
+
+    @router.get("/grids/{grid_id}")
+    def get_grid(grid_id: str) -> dict[str, Any]:
+        return _grid(grid_id).to_dict()
+
+    @router.post("/grids/{grid_id}/stop")
+    def stop_grid(grid_id: str) -> dict[str, Any]:
+        job = _grid(grid_id)
+        runner.grids.stop(grid_id)
+        return job.to_dict()
+
+    @router.post("/grids/{grid_id}/choose")
+    def choose_cell(grid_id: str, payload: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+        """``{"row": i, "column": j, "keep_step": false}``: column 0 is the plain image, 1.. the strengths. Sets the
+        card's preferred weight; ``keep_step`` also copies that row's file over the final one (nothing deleted)."""
+        job = _grid(grid_id)
+        if job.active:
+            raise _error(409, None, "the grid is still being made")
+        try:
+            choice = choose(job, int(payload.get("row", -1)), int(payload.get("column", -1)),
+                            bool(payload.get("keep_step", False)), runner.policy.run_root)
+        except (TypeError, ValueError) as exc:
+            raise _error(422, "column", str(exc)) from None
+        if choice.kept is not None:
+            runner.host.finished(job)  # the WebUI rescans models/Lora: the file under that name changed
+        return {"lora": str(choice.lora), "preferred_weight": choice.weight, "card": str(choice.card),
+                "row": choice.row.label, "kept": str(choice.kept) if choice.kept else None,
+                "backup": str(choice.backup) if choice.backup else None, "message": choice.message()}
 
     @router.get("/presets")
     def presets() -> dict[str, Any]:

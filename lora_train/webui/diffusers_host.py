@@ -52,3 +52,18 @@ class DiffusersHost(TrainHost):
                 self._bundle, self._key = None, None
                 self._bundle, self._key = load_model(cfg), key
             yield self._bundle, None
+
+    @contextmanager
+    def grid_session(self, spec, log) -> Iterator:
+        """The loaded model (or ``base_model``) with each row's LoRA applied by the engine (grid_render)."""
+        from lora_train.engine.output.grid_render import BundleRenderer
+        from lora_train.hosts.diffusers import load_model
+
+        with self._lock:
+            if self._bundle is None:
+                log(f"loading {self.base_model}")
+                cfg = TrainConfig(base_model=self.base_model)
+                self._bundle = load_model(cfg)
+                self._key = (cfg.base_model, cfg.device, cfg.mixed_precision, cfg.clip_skip, cfg.v_parameterization)
+            with BundleRenderer(self._bundle, spec) as renderer:
+                yield renderer

@@ -9,6 +9,7 @@ fails at once with a message and nothing starts.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import traceback
@@ -97,6 +98,12 @@ class TrainHost:
         Called inside ``session`` (the GPU lock still held) and before the job says done, so "done" means the file,
         its card and its listing are all in place for whoever looks next.
         """
+
+    @contextmanager
+    def grid_session(self, spec: Any, log: Callable[[str], None]) -> Iterator[Any]:
+        """Hold the model for a grid (``grid_jobs``) and yield a ``grid.Renderer``; the model is as before after."""
+        raise HostError("this host cannot render grids")
+        yield  # pragma: no cover
 
 
 @dataclass
@@ -249,6 +256,13 @@ class JobRunner:
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
+    @functools.cached_property
+    def grids(self) -> Any:
+        """The grid jobs (``grid_jobs.GridRunner``) over the same host, paths and one-thing-at-a-time rule."""
+        from lora_train.webui.grid_jobs import GridRunner
+
+        return GridRunner(self)
+
     @property
     def policy(self) -> PathPolicy:
         """The path rules now (the WebUI's are read from its settings at each use, so edits apply at once)."""
@@ -280,6 +294,8 @@ class JobRunner:
         with self._lock:
             if any(j.active for j in self.jobs.values()):
                 raise BusyError("a LoRA is already training; wait for it or press Stop")
+            if self.grids.active is not None:
+                raise BusyError("a grid is being made; wait for it or press Stop")
             job = Job(id=uuid.uuid4().hex[:12], cfg=cfg, output_root=policy.output_root)
             self.jobs[job.id] = job
             for old in list(self.jobs)[:-MAX_KEPT_JOBS]:

@@ -31,6 +31,7 @@ from lora_train.webui.ui_fields import (
     widget,
 )
 from lora_train.webui.ui_gradio import enable_queue, file_path, js, make
+from lora_train.webui.ui_grid import grid_panel
 from lora_train.webui.ui_status import follow_job, loss_frame, progress_text, validation_text
 
 __all__ = ["UISettings", "build_ui", "enable_queue"]  # what the WebUI glue and the ui command use
@@ -93,6 +94,8 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
                         sample = make(gr.Image, label="Latest sample", interactive=False, type="pil",
                                       elem_id="lora_train_sample")
                 log = make(gr.Textbox, label="Log", lines=8, max_lines=8, interactive=False, elem_id="lora_train_log")
+            with gr.Tab("Grid"):
+                grid_panel(runner)
 
         with gr.Accordion("Advanced (every config field)", open=False, elem_id="lora_train_advanced"):
             widgets.update(config_panel(start, host.in_webui, host.generation_notes()))
