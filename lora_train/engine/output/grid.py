@@ -126,9 +126,11 @@ def render(spec: GridSpec, folder: Path, renderer: Renderer, should_stop: Callab
     """
     cells = cells_dir(folder, spec.name)
     cells.mkdir(parents=True, exist_ok=True)
-    total, done, rendered, infotext = spec.cell_count(), 0, 0, ""
+    total, done, rendered = spec.cell_count(), 0, 0
     grids: list[list[list[Path]]] = []
+    infotexts: list[str] = []  # per prompt: its first LoRA cell's, as the WebUI wrote it
     for prompt in spec.prompts:
+        infotext = ""
         plan = [(None, 0.0)] + [(row, w) for row in spec.rows for w in spec.strengths]
         paths: dict[tuple[str | None, float], Path] = {}
         for row, strength in plan:
@@ -145,15 +147,16 @@ def render(spec: GridSpec, folder: Path, renderer: Renderer, should_stop: Callab
             done += 1
             on_cell(done, total)
         grids.append([[paths[(None, 0.0)], *(paths[(row.path, w)] for w in spec.strengths)] for row in spec.rows])
+        infotexts.append(infotext)
     images = []
-    for index, (prompt, grid) in enumerate(zip(spec.prompts, grids, strict=True)):
+    for index, (prompt, grid, infotext) in enumerate(zip(spec.prompts, grids, infotexts, strict=True)):
         out = folder / f"{spec.name}-grid{'' if len(spec.prompts) == 1 else f'-{index + 1}'}.png"
         sheet = compose(spec, prompt, grid)
         text = f"{infotext}\nLoRA grid: {spec.name}; rows {', '.join(r.label for r in spec.rows)}; strengths " \
                f"0 (plain), {', '.join(f'{w:g}' for w in spec.strengths)}"
         images.append(_save_png(out, sheet, text))
     atomic_write_text(folder / f"{spec.name}-grid" / "grid.json", json.dumps(asdict(spec), indent=1))
-    return GridResult(images, spec, rendered, total - rendered, infotext=infotext)
+    return GridResult(images, spec, rendered, total - rendered, infotext=infotexts[0] if infotexts else "")
 
 
 @dataclass(frozen=True)
