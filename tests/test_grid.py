@@ -165,3 +165,25 @@ def test_the_cli_renderer_applies_the_file_at_its_strength(run_dir, tiny):
     assert 0 < change[0] < change[1]
     assert "shapes.safetensors, Strength: 1" in infotext
     assert not any("lora" in name for name, _ in tiny.unet.named_modules())  # the LoRA came out again
+
+
+def test_saved_steps_are_lent_to_the_webuis_lora_list_for_the_grid_only(run_dir):
+    from types import SimpleNamespace
+
+    from lora_train.webui.webui_grid import registered
+
+    class OnDisk:  # the Lora extension's network.NetworkOnDisk, as far as the grid uses it
+        def __init__(self, name, filename):
+            self.name, self.filename = name, filename
+
+    final = run_dir / "shapes.safetensors"
+    listed = {"shapes": OnDisk("shapes", str(final))}
+    networks = SimpleNamespace(available_networks=dict(listed), available_network_aliases=dict(listed),
+                               network=SimpleNamespace(NetworkOnDisk=OnDisk), networks_in_memory={})
+    rows = grid.find_rows(final)
+    with registered(networks, rows) as names:
+        assert names[str(final)] == "shapes"  # in models/Lora already: used under its own name
+        lent = [names[row.path] for row in rows[:-1]]
+        assert lent == ["shapes-step00000002.lora-train-grid", "shapes-step00000004.lora-train-grid"]
+        assert all(networks.available_network_aliases[n].filename == r.path for n, r in zip(lent, rows, strict=False))
+    assert networks.available_networks == listed and networks.available_network_aliases == listed
