@@ -187,3 +187,19 @@ def test_saved_steps_are_lent_to_the_webuis_lora_list_for_the_grid_only(run_dir)
         assert lent == ["shapes-step00000002.lora-train-grid", "shapes-step00000004.lora-train-grid"]
         assert all(networks.available_network_aliases[n].filename == r.path for n, r in zip(lent, rows, strict=False))
     assert networks.available_networks == listed and networks.available_network_aliases == listed
+
+
+def test_cli_grid_writes_the_same_layout_and_updates_the_card(run_dir, tmp_path, capsys):
+    from lora_train.cli import main
+
+    folder = tmp_path / "run"
+    shutil.copytree(run_dir, folder)
+    args = ["grid", "--lora", str(folder / "shapes.safetensors"), "--base-model", "tiny", "--steps", "2",
+            "--strengths", "1", "--prompt", "shp", "--seed", "5"]
+    assert main([*args, "--choose", "2,1"]) == 0
+    report = json.loads(capsys.readouterr().out.split("\n", 1)[1].rsplit("preferred weight", 1)[0])
+    assert report["rows"][-1].endswith("(final)") and report["columns"] == [0.0, 1.0] and report["rendered"] == 4
+    with Image.open(report["grid"][0]) as sheet:
+        assert "Seed: 5" in sheet.info["parameters"] and sheet.size == (96 + 2 * 64, 40 + 3 * 64)
+    assert json.loads((folder / "shapes.json").read_text())["preferred weight"] == 1.0
+    assert main([*args, "--choose", "0,0"]) == 2  # the plain column has no weight to choose; nothing re-rendered
