@@ -58,7 +58,8 @@ def made(webui: WebUI, dataset, run_id: str) -> dict:
 
 def test_validation_curve_and_best_point_are_in_the_job_state(made):
     validation = made["job"]["validation"]
-    assert validation["enabled"] and [p[0] for p in validation["points"]] == [2, 4]
+    # 3 training images (one of 4 held out), batch 1: every 2 steps and at the end of the first epoch (step 3)
+    assert validation["enabled"] and [p[0] for p in validation["points"]] == [2, 3, 4]
     assert validation["best_step"] == min(validation["points"], key=lambda p: p[1])[0]
 
 
