@@ -240,7 +240,7 @@ class WebUIHost(TrainHost):
             host.undo_prompt_lora(model, networks, log)
             # every byte: the Lora extension writes each weight in place and back, which the quick check's version
             # counters would count as a change
-            snapshot = HostSnapshot.take(model, full=True)
+            snapshot = HostSnapshot.take(host.weights(model), full=True)
             try:
                 with registered(networks, spec.rows) as names:
                     yield webui_renderer(self.processing(), self.shared, spec, names, _keep_loaded_model)
