@@ -311,7 +311,7 @@ def test_the_live_view_follows_a_job_started_with_train_to_the_snippet(app, data
         assert "streamed" in message
         job = runner.current
         assert job.done_event.wait(120)
-        progress, frame, sample, log, group, output, snippet = page.poll()
+        progress, frame, _validation, sample, log, group, output, snippet = page.poll()
         assert "Done" in progress and "step 4/4" in progress
         assert list(_value(frame)["step"]) == [1, 2, 3, 4]
         assert _value(sample) is not None and group["visible"] is True
@@ -320,10 +320,10 @@ def test_the_live_view_follows_a_job_started_with_train_to_the_snippet(app, data
         assert f"`{job.output}`" in progress and "<lora:streamed:0.7> shapez" in progress
         assert f"`{job.cfg.output_dir}`" in progress and Path(job.cfg.output_dir).is_dir()  # the run's state
         # nothing changed since: the next poll does not send the image, the plot or the log again
-        _, frame, sample, log, *_ = page.poll()
+        _, frame, _validation, sample, log, *_ = page.poll()
         assert all(isinstance(u, dict) and "value" not in u for u in (frame, sample, log))
         # a page opened (or reloaded) now sees the finished job at once
-        progress, _, sample, *_ = Page(demo).poll()
+        progress, _, _validation, sample, *_ = Page(demo).poll()
         assert "Done" in progress and _value(sample) is not None
     finally:
         page.close()
