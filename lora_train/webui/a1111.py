@@ -24,6 +24,7 @@ from lora_train.webui.builtin_lora import list_lora
 from lora_train.webui.host_detect import LoadedModel, detect_host
 from lora_train.webui.host_snapshot import HostSnapshot
 from lora_train.webui.jobs import HostError, Job, JobRunner, TrainHost
+from lora_train.webui.webui_txt2img import txt2img
 
 NO_MODEL = ("No checkpoint is loaded in the WebUI. Pick an SD1, SD2 or SDXL checkpoint in the dropdown at the "
             "top of the page, then press Train again.")
@@ -243,7 +244,7 @@ class WebUIHost(TrainHost):
             snapshot = HostSnapshot.take(host.weights(model), full=True)
             try:
                 with registered(networks, spec.rows) as names:
-                    yield webui_renderer(self.processing(), self.shared, spec, names, _keep_loaded_model)
+                    yield webui_renderer(self.processing(), self.shared, spec, names)
             finally:
                 host.undo_prompt_lora(model, networks, log)
             snapshot.verify()
@@ -329,34 +330,13 @@ def txt2img_sampler(processing: Any, shared: Any, cfg: TrainConfig, log: Callabl
             return sample_images(bundle, prompts, height, width, cfg.sample_steps, cfg.sample_cfg_scale, cfg.seed)
 
     def webui_sample(bundle: ModelBundle, prompts: list[str], step: int) -> list:
-        model = shared.sd_model
         images = []
         for prompt in prompts:
-            p = processing.StableDiffusionProcessingTxt2Img(
-                sd_model=model, prompt=prompt, negative_prompt="", steps=cfg.sample_steps,
-                cfg_scale=cfg.sample_cfg_scale, width=width, height=height, seed=cfg.seed, batch_size=1, n_iter=1,
-                do_not_save_samples=True, do_not_save_grid=True, override_settings=_keep_loaded_model(model),
-                override_settings_restore_afterwards=True,
+            processed = txt2img(
+                processing, shared, "a training preview", prompt=prompt, negative_prompt="", steps=cfg.sample_steps,
+                cfg_scale=cfg.sample_cfg_scale, width=width, height=height, seed=cfg.seed,
             )
-            try:
-                processed = processing.process_images(p)
-            finally:
-                if hasattr(p, "close"):
-                    p.close()
-            if shared.sd_model is not model:
-                raise HostError("the WebUI swapped the model during a training preview")
             images.extend(processed.images[:1])
         return images
 
     return sample
-
-
-def _keep_loaded_model(model: Any) -> dict[str, str]:
-    """txt2img settings that pin the checkpoint under training.
-
-    ``process_images`` reloads whatever the checkpoint dropdown names when no override is given; a user who
-    changed the dropdown during training would get new weights loaded into the model being trained. Naming the
-    loaded checkpoint as the override makes that reload a no-op, and the dropdown's value is restored afterwards.
-    """
-    title = getattr(getattr(model, "sd_checkpoint_info", None), "title", None)
-    return {"sd_model_checkpoint": title} if title else {}

@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from lora_train.engine.output.grid import GridRow, GridSpec
+from lora_train.webui.webui_txt2img import txt2img
 
 
 @contextmanager
@@ -45,30 +46,18 @@ def registered(networks: Any, rows: list[GridRow]) -> Iterator[dict[str, str]]:
             getattr(networks, "networks_in_memory", {}).pop(name, None)
 
 
-def webui_renderer(processing: Any, shared: Any, spec: GridSpec, names: dict[str, str],
-                   pin_model: Callable[[Any], dict[str, str]]) -> Callable[[GridRow | None, float, str],
-                                                                          tuple[Image.Image, str]]:
+def webui_renderer(processing: Any, shared: Any, spec: GridSpec,
+                   names: dict[str, str]) -> Callable[[GridRow | None, float, str], tuple[Image.Image, str]]:
     """A ``grid.Renderer``: one txt2img image per cell at the spec's seed, size, steps and CFG, with its infotext.
 
-    Called with the queue lock held (``process_images`` takes none itself); ``pin_model`` keeps the loaded
-    checkpoint (see a1111._keep_loaded_model).
+    Called with the queue lock held (``process_images`` takes none itself).
     """
     def render(row: GridRow | None, strength: float, prompt: str) -> tuple[Image.Image, str]:
-        model = shared.sd_model
         text = prompt if row is None else f"{prompt} <lora:{names[row.path]}:{strength:g}>"
-        p = processing.StableDiffusionProcessingTxt2Img(
-            sd_model=model, prompt=text, negative_prompt=spec.negative, steps=spec.steps, cfg_scale=spec.cfg_scale,
-            width=spec.width, height=spec.height, seed=spec.seed, sampler_name=spec.sampler, batch_size=1, n_iter=1,
-            do_not_save_samples=True, do_not_save_grid=True, override_settings=pin_model(model),
-            override_settings_restore_afterwards=True,
+        processed = txt2img(
+            processing, shared, "the grid", prompt=text, negative_prompt=spec.negative, steps=spec.steps,
+            cfg_scale=spec.cfg_scale, width=spec.width, height=spec.height, seed=spec.seed, sampler_name=spec.sampler,
         )
-        try:
-            processed = processing.process_images(p)
-        finally:
-            if hasattr(p, "close"):
-                p.close()
-        if shared.sd_model is not model:
-            raise RuntimeError("the WebUI swapped the model during the grid")
         infotext = processed.infotexts[0] if getattr(processed, "infotexts", None) else processed.info
         return processed.images[0], infotext
 
