@@ -43,6 +43,7 @@ def run_train(args: argparse.Namespace) -> int:
             from lora_train.engine.config import yaml_io
             from lora_train.engine.train.trainer import train
             from lora_train.hosts.base_model import base_model_family
+            from lora_train.hosts.clip_tokenizer import caption_tokenizer
             from lora_train.hosts.diffusers import load_model
 
             cfg = yaml_io.load(args.config, args.set)
@@ -51,7 +52,10 @@ def run_train(args: argparse.Namespace) -> int:
 
                 return launcher.launch(cfg, ["train", "--config", args.config, *(f"--set={s}" for s in args.set)])
             cfg.device = team.use_device(cfg.device)
-            scanned = preflight.check(cfg, base_model_family(cfg.base_model))  # every input, before the model loads
+            # every input (the dataset doctor's summary line first, from the main process), before the model loads
+            scanned = preflight.check(cfg, base_model_family(cfg.base_model), caption_tokenizer(),
+                                      on_report=lambda report: team.main and print(report.summary() +
+                                                                                    _doctor_hint(report)))
             callbacks = ConsoleCallbacks(quiet=not team.main)
             job = functools.partial(train, cfg, load_model(cfg), callbacks, dataset=scanned, team=team)
             return _train(job, callbacks, team.main)
@@ -90,6 +94,11 @@ def _one_report(exc: Exception, team: Team) -> NoReturn:
         print(f"\nerror ({where}): {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(2 if expected else 1)
+
+
+def _doctor_hint(report) -> str:  # noqa: ANN001 - a doctor Report (imported lazily)
+    """What to run for the details, when there are any."""
+    return "; details: lora-train doctor --config <this config>" if report.errors or report.of("warning") else ""
 
 
 def readable_time(value: str) -> str:
@@ -140,6 +149,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 def build_parser(prog: str = "lora-train") -> argparse.ArgumentParser:
     """Every subcommand's arguments; importing nothing heavy (tests check torch stays unloaded)."""
     from lora_train import (
+        doctor_cli,
         grid_cli,
         llm,  # light: argparse only; the text-generation engine loads when `generate` runs
     )
@@ -159,6 +169,7 @@ def build_parser(prog: str = "lora-train") -> argparse.ArgumentParser:
     inspect_parser = sub.add_parser("inspect", help="print a LoRA's family, rank, alpha, modules and metadata as JSON")
     inspect_parser.add_argument("file")
     inspect_parser.set_defaults(func=run_inspect)
+    doctor_cli.add_parser(sub)
     caption_cli.add_parser(sub)
     grid_cli.add_parser(sub)
     standalone.add_parser(sub)

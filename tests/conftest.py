@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# the dataset doctor's probe cache (CLI runs, also in subprocesses): a throwaway folder, never ~/.cache
+os.environ["LORA_TRAIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora-train-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

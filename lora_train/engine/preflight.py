@@ -8,6 +8,7 @@ runner calls it with the loaded model's family before starting a job. Diffusers-
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch
 
 from lora_train.engine.config.paths import prompts_file
 from lora_train.engine.config.settings import ConfigError, TrainConfig
-from lora_train.engine.data import dataset
+from lora_train.engine.data import dataset, doctor
+from lora_train.engine.data.doctor.caption_checks import Tokenize
 from lora_train.engine.model import Family
 from lora_train.engine.output import weight_kinds
 from lora_train.engine.output.weight_kinds import FAMILY_NAMES, Shapes
@@ -30,13 +32,16 @@ _PACKAGES = (
 )
 
 
-def check(cfg: TrainConfig, family: Family | None) -> dataset.Dataset:
-    """Raise ConfigError naming the key (or DatasetError listing every dataset problem) for any input that would
-    fail later in the run.
+def check(cfg: TrainConfig, family: Family | None, tokenize: Tokenize | None = None,
+          on_report: Callable[[doctor.Report], None] | None = None) -> dataset.Dataset:
+    """Raise ConfigError naming the key (or DatasetError listing every error the dataset doctor finds) for any
+    input that would fail later in the run.
 
     ``family`` is the model's (the WebUI's loaded one, or ``hosts.base_model.base_model_family`` for the CLI);
-    None skips the check that ``network_weights`` was trained on that family. Returns the scanned dataset, so
-    a caller that trains right away need not scan it again (``train(..., dataset=)``).
+    None skips the check that ``network_weights`` was trained on that family. ``tokenize`` lets the doctor count
+    caption tokens; ``on_report`` hears its report (the CLI prints the summary line) before an error is raised.
+    Returns the scanned dataset, so a caller that trains right away need not scan it again
+    (``train(..., dataset=)``).
     """
     check_device(cfg.device)
     _check_packages(cfg)
@@ -44,7 +49,12 @@ def check(cfg: TrainConfig, family: Family | None) -> dataset.Dataset:
     _check_resume(cfg.resume)
     if cfg.network_weights:
         check_lora_family(cfg.network_weights, family)
-    return dataset.scan(cfg)
+    report = doctor.examine(cfg, tokenize)
+    if on_report is not None:
+        on_report(report)
+    if report.dataset is None:
+        raise dataset.DatasetError(report.error_text())
+    return report.dataset
 
 
 def check_device(name: str) -> None:

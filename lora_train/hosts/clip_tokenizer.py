@@ -11,6 +11,7 @@ import gzip
 import importlib.util
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import CLIPTokenizer
@@ -61,3 +62,12 @@ def build_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
         return CLIPTokenizer(
             str(vocab_file), str(merges_file), pad_token=pad_token, model_max_length=MAX_LENGTH
         )
+
+
+def caption_tokenizer() -> Callable[[str], list[str]] | None:
+    """The BPE tokenization every SD family's text encoder reads a caption with (no start/end tokens): what the
+    dataset doctor counts caption lengths with. None where transformers or open-clip-torch is missing."""
+    try:
+        return build_clip_tokenizer().tokenize
+    except (ModuleNotFoundError, FileNotFoundError):
+        return None

@@ -1,4 +1,5 @@
-"""REST routes under /lora-train/v1: start a job, poll it, stop it, list presets, describe the config keys.
+"""REST routes under /lora-train/v1: start a job, poll it, stop it, check a dataset (the doctor) and fix it, list
+presets, describe the config keys.
 
 Host-agnostic (FastAPI only) so tests drive it with TestClient. The WebUI glue mounts it only under ``--api``
 and passes the ``--api-auth`` credentials; routes an extension adds get no auth from the WebUI by themselves.
@@ -15,6 +16,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from lora_train.engine.config.settings import ConfigError, field_infos
+from lora_train.webui import doctor
 from lora_train.webui.grid_jobs import choose
 from lora_train.webui.jobs import BusyError, HostError, JobRunner
 from lora_train.webui.paths import INPUT_KEYS, PathNotAllowed
@@ -82,8 +84,8 @@ def build_router(
     router = APIRouter(prefix=PREFIX, dependencies=dependencies)
     refusal = None if credentials else path_refusal
 
-    @router.post("/jobs")
-    def create_job(payload: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's idiom
+    def job_body(payload: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        """A job's config values (a ``preset``'s under the given ones) and the preset's name; 403/422 as a job."""
         data = dict(payload)
         if refusal:
             named = [key for key in INPUT_KEYS if data.get(key)]
@@ -94,6 +96,11 @@ def build_router(
                 data = {**runner.host.preset(str(preset)), **data}
             except ValueError as exc:
                 raise _error(422, "preset", str(exc)) from None
+        return data, str(preset) if preset else None
+
+    @router.post("/jobs")
+    def create_job(payload: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's idiom
+        data, _ = job_body(payload)
         try:
             job = runner.submit(data)
         except PathNotAllowed as exc:
@@ -105,6 +112,38 @@ def build_router(
         except HostError as exc:
             raise _error(409, "model", str(exc)) from None
         return {"id": job.id, "state": job.state, "name": job.cfg.output_name}
+
+    @router.post("/doctor")
+    def check_dataset(payload: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's idiom
+        """The dataset doctor's report for a job body: findings (severity, code, files, what to do, fix)."""
+        data, preset = job_body(payload)
+        try:
+            _, report = doctor.check(runner, data, preset)
+        except PathNotAllowed as exc:
+            raise _error(403, exc.key, str(exc)) from None
+        except ConfigError as exc:
+            raise _error(422, exc.key, str(exc)) from None
+        return report.to_dict()
+
+    @router.post("/doctor/fix")
+    def fix_dataset(payload: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's idiom
+        """Apply one fix (``"fix": "exclude" | "trigger" | "tags"``) to what the doctor finds in a job body's
+        dataset (the trigger fix writes the body's trigger_word, else the one the doctor inferred); files are
+        moved aside, never deleted. Refused while a job trains."""
+        body = dict(payload)
+        name = str(body.pop("fix", ""))
+        data, preset = job_body(body)
+        current = runner.current
+        if current is not None and current.active:
+            raise _error(409, None, "a LoRA is training; fix its dataset after it finishes")
+        try:
+            result, report = doctor.fix(runner, data, name, preset)
+        except PathNotAllowed as exc:
+            raise _error(403, exc.key, str(exc)) from None
+        except ConfigError as exc:
+            raise _error(422, exc.key, str(exc)) from None
+        return {"summary": result.summary(), "moved": [list(pair) for pair in result.moved],
+                "rewritten": result.rewritten, "report": report.to_dict()}
 
     @router.get("/jobs/{job_id}")
     def get_job(job_id: str) -> dict[str, Any]:

@@ -24,12 +24,14 @@ from PIL import Image
 
 from lora_train.engine import preflight
 from lora_train.engine.config.settings import ConfigError, TrainConfig
+from lora_train.engine.data import doctor
 from lora_train.engine.data.dataset import DatasetError
 from lora_train.engine.files import atomic_write
 from lora_train.engine.model import ModelBundle
 from lora_train.engine.train.progress import StepInfo, TrainCallbacks, TrainResult
 from lora_train.engine.train.samples import SampleFn
 from lora_train.engine.train.trainer import train
+from lora_train.hosts.clip_tokenizer import caption_tokenizer
 from lora_train.webui.paths import PathPolicy
 from lora_train.webui.presets import preset_values
 from lora_train.webui.run_config import prepare_config
@@ -287,8 +289,9 @@ class JobRunner:
             raise ConfigError("multi_gpu", "the tab and the API train on one GPU; train on several with the CLI "
                                            "(README, More than one GPU)")
         self.host.check(cfg)
-        try:
-            preflight.check(cfg, self.host.family())
+        reports: list[doctor.Report] = []
+        try:  # the dataset doctor's errors stop it here, with the sentences the tab and the API show
+            preflight.check(cfg, self.host.family(), caption_tokenizer(), on_report=reports.append)
         except DatasetError as exc:  # every bad image at once, reported on the dataset field
             raise ConfigError("train_data_dir", str(exc)) from None
         with self._lock:
@@ -297,6 +300,8 @@ class JobRunner:
             if self.grids.active is not None:
                 raise BusyError("a grid is being made; wait for it or press Stop")
             job = Job(id=uuid.uuid4().hex[:12], cfg=cfg, output_root=policy.output_root)
+            for report in reports:
+                job.add_log(report.summary())
             self.jobs[job.id] = job
             for old in list(self.jobs)[:-MAX_KEPT_JOBS]:
                 del self.jobs[old]

@@ -1,31 +1,25 @@
-"""Training images: folder scan, captions, kohya's ``N_name`` repeats, aspect-ratio buckets, batches.
+"""Training images: the items training reads, aspect-ratio buckets, pixels, batches.
 
-Every problem in a dataset (unreadable file, missing caption) is collected and reported in one error, so a
-user fixes the folder once instead of once per image.
+What a folder holds (kohya's ``N_name`` repeats, captions, headers, loss masks) is ``reader``'s; every problem in
+it (unreadable file, missing caption) is reported in one error, so a user fixes the folder once instead of once per
+image.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from lora_train.engine.config.settings import TrainConfig
-from lora_train.engine.data import caption_store, caption_text
-
-_REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
-_EXIF_ORIENTATION = 0x0112
-
-
-class DatasetError(ValueError):
-    """One report of every bad image in a dataset."""
+from lora_train.engine.data import caption_text, images, reader
+from lora_train.engine.data.reader import DatasetError
 
 
 @dataclass
@@ -75,166 +69,39 @@ class Dataset:
         return dirs
 
 
-def _subsets(root: Path) -> list[tuple[Path, int]]:
-    """(folder, repeats): the root's own images once, plus every ``N_name`` subfolder N times."""
-    subsets = [(root, 1)] if caption_store.list_images(root) else []
-    for child in sorted(p for p in root.iterdir() if p.is_dir()):
-        match = _REPEAT_FOLDER.match(child.name)
-        if match:
-            subsets.append((child, int(match.group(1))))
-    return subsets
-
-
-def _read_metadata(path: Path) -> dict[str, str]:
-    """The captioner's ``filename,prompt`` CSV, read by the same code that writes it."""
-    if not path.is_file():
-        raise DatasetError(f"metadata_path {str(path)!r} is not a file")
-    try:
-        return {name: caption.strip() for name, caption in caption_store.read_metadata_csv(path).items()}
-    except caption_store.CaptionFileError as exc:
-        raise DatasetError(str(exc)) from None
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """Size after EXIF rotation, read from the header only."""
-    with Image.open(path) as image:
-        width, height = image.size
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
 def scan(cfg: TrainConfig) -> Dataset:
     """Find images and captions in train_data_dir (and reg_data_dir); raise one error listing every problem."""
-    roots = [(Path(cfg.train_data_dir), False)]
-    if cfg.reg_data_dir:
-        roots.append((Path(cfg.reg_data_dir), True))
-    metadata = _read_metadata(Path(cfg.metadata_path)) if cfg.metadata_path else None
-    captions = _Captions(metadata, cfg.caption_extension)
-    masks = _MaskFiles(Path(cfg.conditioning_data_dir)) if cfg.conditioning_data_dir else None
-    items: list[ImageItem] = []
-    unreadable: list[str] = []
-    uncaptioned: list[str] = []
-    for root, is_reg in roots:
-        key = "reg_data_dir" if is_reg else "train_data_dir"
-        if not str(root) or not root.is_dir():
-            raise DatasetError(f"{key} {str(root)!r} is not a folder")
-        subsets = _subsets(root)
-        if not subsets:
-            kinds = ", ".join(sorted(caption_store.IMAGE_EXTENSIONS))
-            raise DatasetError(f"{key} {root}: no images ({kinds}) in it or in N_name subfolders")
-        for folder, repeats in subsets:
-            for path in caption_store.list_images(folder):
-                try:
-                    size = _image_size(path)
-                except Exception as exc:  # noqa: BLE001 - any decoder error means the same to the user
-                    unreadable.append(f"{path} ({exc.__class__.__name__})")
-                    continue
-                caption = captions.find(path, root)
-                if caption is None and not is_reg:
-                    uncaptioned.append(str(path))
-                    continue
-                caption = caption_text.with_trigger(caption or "", None if is_reg else cfg.trigger_word)
-                items.append(ImageItem(path, caption, repeats, is_reg, folder.name, size))
-                if masks is not None and not is_reg:  # regularization images train everywhere
-                    items[-1].mask_path = masks.find(path, root, size)
-    problems = [] if masks is None else masks.problems()
-    if unreadable:
-        problems.append(f"{len(unreadable)} unreadable image(s):\n  " + "\n  ".join(unreadable))
-    if captions.undecodable:
-        problems.append("\n".join(captions.undecodable))
-    if metadata is not None and captions.unused():
-        unused = captions.unused()
-        problems.append(
-            f"{cfg.metadata_path} names {len(unused)} image(s) that are not in the training folders: "
-            f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''} (fix the names, or remove those rows)"
-        )
-    if uncaptioned:
-        source = cfg.metadata_path or f"'{cfg.caption_extension}' files next to the images"
-        problems.append(
-            f"{len(uncaptioned)} image(s) without a caption in {source}:\n  " + "\n  ".join(uncaptioned)
-            + "\n  (write captions, or run `python -m lora_train caption --input <folder>`)"
-        )
+    return from_reading(reader.read(cfg), cfg)
+
+
+def from_reading(reading: reader.Reading, cfg: TrainConfig) -> Dataset:
+    """The training items of a reading, bucketed; DatasetError listing every problem when training cannot use it."""
+    problems = reading.problems(cfg)
     if problems:
-        raise DatasetError("dataset problems:\n" + "\n".join(problems))
+        raise DatasetError("dataset problems:\n" + "\n".join(problem.text() for problem in problems))
+    return build(reading.entries, cfg)
+
+
+def build(entries: list[reader.Entry], cfg: TrainConfig) -> Dataset:
+    """Training items (the trigger-word rule applied to their captions), bucketed, for the usable ``entries``."""
+    items = []
+    for entry in entries:
+        if not entry.usable or entry.header is None:
+            continue
+        caption = caption_text.with_trigger(entry.caption or "", None if entry.is_reg else cfg.trigger_word)
+        items.append(ImageItem(entry.path, caption, entry.repeats, entry.is_reg, entry.subset, entry.header.size,
+                               mask_path=entry.mask_path))
     dataset = Dataset(items)
     assign_buckets(dataset, cfg)
     return dataset
 
 
-class _Captions:
-    """Captions from metadata.csv or sidecar files, remembering which CSV rows matched an image and which
-    caption files could not be decoded (both reported with the other dataset problems)."""
-
-    def __init__(self, metadata: dict[str, str] | None, extension: str):
-        self.metadata = metadata
-        self.extension = extension
-        self.used: set[str] = set()
-        self.undecodable: list[str] = []
-
-    def find(self, path: Path, root: Path) -> str | None:
-        if self.metadata is not None:
-            for name in (path.relative_to(root).as_posix(), path.name):
-                if name in self.metadata:
-                    self.used.add(name)
-                    return self.metadata[name]
-            return None
-        try:
-            return caption_store.read_sidecar(path, self.extension)
-        except caption_store.CaptionFileError as exc:
-            self.undecodable.append(str(exc))
-            return ""  # reported above; not also listed as missing
-
-    def unused(self) -> list[str]:
-        return sorted(set(self.metadata or {}) - self.used)
-
-
-class _MaskFiles:
-    """kohya's masked-loss images in conditioning_data_dir: one per training image with its name (any image type),
-    in the same ``N_name`` subfolder or all in the folder itself, and of the image's size. Missing, unused and
-    mis-sized masks are collected for the one dataset report."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.files: dict[str, Path] = {}
-        if folder.is_dir():
-            for sub in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
-                for path in caption_store.list_images(sub):
-                    self.files[path.relative_to(folder).with_suffix("").as_posix()] = path
-        self.used: set[str] = set()
-        self.missing: list[str] = []
-        self.mis_sized: list[str] = []
-
-    def find(self, image: Path, root: Path, size: tuple[int, int]) -> Path | None:
-        for key in (image.relative_to(root).with_suffix("").as_posix(), image.stem):
-            if key in self.files:
-                self.used.add(key)
-                mask = self.files[key]
-                try:
-                    mask_size = _image_size(mask)
-                except Exception as exc:  # noqa: BLE001 - any decoder error means the same to the user
-                    self.mis_sized.append(f"{mask} is unreadable ({exc.__class__.__name__})")
-                    return None
-                if mask_size != size:
-                    self.mis_sized.append(f"{mask} is {mask_size[0]}x{mask_size[1]}, {image.name} is "
-                                          f"{size[0]}x{size[1]}")
-                return mask
-        self.missing.append(str(image))
-        return None
-
-    def problems(self) -> list[str]:
-        if not self.folder.is_dir():
-            return [f"conditioning_data_dir {str(self.folder)!r} is not a folder"]
-        found = []
-        if self.missing:
-            found.append(f"{len(self.missing)} image(s) without a mask in {self.folder} (same name, any image type):"
-                         "\n  " + "\n  ".join(self.missing))
-        if self.mis_sized:
-            found.append("mask images must have their image's size:\n  " + "\n  ".join(self.mis_sized))
-        unused = sorted(set(self.files) - self.used)
-        if unused:
-            found.append(f"{len(unused)} mask(s) in {self.folder} match no training image: "
-                         f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''} (rename or remove them)")
-        return found
+def run_length(dataset: Dataset, cfg: TrainConfig, batch_size: int | None = None) -> tuple[int, int]:
+    """(batches per epoch, optimizer steps of the run) as the trainer counts them; ``batch_size`` is what one step
+    trains over all processes (default: the config's, one process)."""
+    batches_per_epoch = len(epoch_batches(dataset, batch_size or cfg.batch_size, cfg.seed, 0))
+    micro_total = cfg.epochs * batches_per_epoch
+    return batches_per_epoch, cfg.max_train_steps or math.ceil(micro_total / cfg.gradient_accumulation_steps)
 
 
 def make_buckets(max_area: int, min_reso: int, max_reso: int, step: int) -> list[tuple[int, int]]:
@@ -262,14 +129,10 @@ def assign_buckets(dataset: Dataset, cfg: TrainConfig) -> None:
 
 
 def load_pixels(item: ImageItem) -> tuple[torch.Tensor, tuple[int, int]]:
-    """RGB tensor in [-1, 1] at the item's bucket (cover-resize + centre crop) and the crop's top-left."""
+    """RGB tensor in [-1, 1] at the item's bucket (cover-resize + centre crop) and the crop's top-left; the image
+    as shown (EXIF rotation applied), transparency on white (``images.to_training_rgb``)."""
     with Image.open(item.path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "P"):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image)
-        image = image.convert("RGB")
+        image = images.to_training_rgb(image)
     cropped, crop = fit_to_bucket(image, item.bucket)
     array = np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), crop

@@ -61,9 +61,7 @@ class Trainer:
         seed = cfg.validation_seed if cfg.validation_seed is not None else cfg.seed
         self.dataset, held_out = split_validation(scanned, cfg.validation_split, seed)
         self.global_batch = cfg.batch_size * team.world  # what one step trains, over all processes
-        self.batches_per_epoch = len(data.epoch_batches(self.dataset, self.global_batch, cfg.seed, 0))
-        micro_total = cfg.epochs * self.batches_per_epoch
-        self.total_steps = cfg.max_train_steps or math.ceil(micro_total / cfg.gradient_accumulation_steps)
+        self.batches_per_epoch, self.total_steps = data.run_length(self.dataset, cfg, self.global_batch)
         self.resume = run_state.read(cfg.resume, team.world) if cfg.resume else None
         self.paths = team.from_main(lambda: plan_run(final_dir or cfg.output_dir, cfg.output_dir, cfg.output_name,
                                                      cfg.overwrite, self.resume))
