@@ -578,3 +578,28 @@ def test_schema_describes_every_key_a_job_accepts(webui) -> None:
     assert fields["train_text_encoder"]["inverted_aliases"] == ["network_train_unet_only"]
     assert (fields["base_model"]["scope"], fields["output_dir"]["scope"], fields["seed"]["scope"]) == (
         "standalone", "cli", "both")
+
+
+def test_doctor_reports_blocks_the_job_with_the_same_sentence_and_fixes(webui, tmp_path) -> None:
+    ns, client = webui()
+    Image.new("RGB", (2, 2), "red").save(ns.data / "speck.png")
+    (ns.data / "speck.txt").write_text("shapez, a speck")
+    body = {**SMALL, "train_data_dir": str(ns.data), "trigger_word": "shapez", "preset": "Character"}
+    response = client.post("/lora-train/v1/doctor", json=body)
+    assert response.status_code == 200, response.text
+    report = response.json()
+    assert report["ok"] is False and report["counts"]["error"] == 1
+    finding = next(f for f in report["findings"] if f["severity"] == "error")
+    assert finding["code"] == "image-too-small" and finding["files"][0]["path"] == str(ns.data / "speck.png")
+    assert "Character" in next(f for f in report["findings"] if f["code"] == "few-images")["message"]
+    refused = client.post("/lora-train/v1/jobs", json=body)
+    assert refused.status_code == 422 and finding["message"] in refused.json()["detail"]["message"]
+    assert ns.glue.RUNNER.jobs == {}
+    fixed = client.post("/lora-train/v1/doctor/fix", json={**body, "fix": "exclude"})
+    assert fixed.status_code == 200, fixed.text
+    assert fixed.json()["report"]["ok"] is True and "Moved 1 image(s)" in fixed.json()["summary"]
+    assert (ns.data / "_excluded" / "speck.png").is_file() and not (ns.data / "speck.png").exists()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    assert client.post("/lora-train/v1/doctor", json={"train_data_dir": str(outside)}).status_code == 403
+    assert client.post("/lora-train/v1/doctor/fix", json={**body, "fix": "delete"}).status_code == 422

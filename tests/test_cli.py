@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def test_tiny_example_trains_end_to_end_and_inspects(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["inspect", "--help"], ["caption", "--help"],
-                                  ["ui", "--help"], ["generate", "--help"]], ids=" ".join)
+                                  ["ui", "--help"], ["generate", "--help"], ["doctor", "--help"]], ids=" ".join)
 def test_help_is_quick_and_quiet(argv, tmp_path):
     """--help loads none of the big packages (it took 4-9 s when it did) and prints only our usage."""
     probe = ("import json, runpy, sys\n"
@@ -162,3 +163,36 @@ def test_an_output_name_with_a_path_is_refused_naming_the_key() -> None:
     result = run("train", "--config", "examples/tiny.yaml", "--set", "output_name=../escape")
     refused = "config key 'output_name': '../escape' must be a plain file name without path separators"
     assert result.returncode == 2 and refused in result.stderr, result.stderr
+
+
+def _speck_dataset(folder: Path) -> Path:
+    """The sample shapes plus a 2x2 image nothing can be learned from."""
+    from PIL import Image
+
+    shutil.copytree(ROOT / "lora_train" / "sample_data", folder)
+    Image.new("RGB", (2, 2), "red").save(folder / "speck.png")
+    (folder / "speck.txt").write_text("shapez, a speck")
+    return folder
+
+
+def test_doctor_prints_findings_as_json_and_fixes_them(tmp_path):
+    data = _speck_dataset(tmp_path / "data")
+    shown = run("doctor", str(data), "--set", "resolution=64", "--json")
+    assert shown.returncode == 1, shown.stderr  # an error: training would refuse
+    report = json.loads(shown.stdout)
+    error = next(f for f in report["findings"] if f["severity"] == "error")
+    assert error["code"] == "image-too-small" and error["files"][0]["path"] == str(data / "speck.png")
+    fixed = run("doctor", str(data), "--set", "resolution=64", "--fix", "exclude")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert fixed.stdout.startswith("dataset check: 6 images, 0 errors")
+    assert "fix exclude: Moved 1 image(s)" in fixed.stderr and (data / "_excluded" / "speck.png").is_file()
+
+
+def test_train_prints_the_doctors_summary_and_stops_on_its_errors(tmp_path):
+    data = _speck_dataset(tmp_path / "data")
+    result = run("train", "--config", "examples/tiny.yaml", "--set", f"train_data_dir={data}",
+                 "--set", f"output_dir={tmp_path / 'out'}")
+    assert result.returncode == 2
+    assert result.stdout.startswith("dataset check: 7 images, 1 error")
+    assert "smaller than the latent of the bucket" in result.stderr and "speck.png" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -296,7 +296,7 @@ def _small_run(dataset_dir: Path, **overrides) -> list:
                 log_every_n_steps=1, lr_warmup_steps=0, mixed_precision="no", lora_rank=4, lora_alpha=4,
                 sample_prompts=["shapez"], sample_every_n_steps=4, sample_steps=2)
     data.update(overrides)
-    return ui_fields.config_to_values(data)
+    return [*ui_fields.config_to_values(data), "Character"]  # the fields, then the preset dropdown
 
 
 def test_the_live_view_follows_a_job_started_with_train_to_the_snippet(app, dataset_dir: Path, monkeypatch) -> None:
@@ -307,7 +307,7 @@ def test_the_live_view_follows_a_job_started_with_train_to_the_snippet(app, data
     try:
         progress, *_ = page.poll()
         assert progress == "Idle."
-        progress, message = fns["start"](*_small_run(dataset_dir))  # returns at once; the page polls
+        progress, message, *_ = fns["start"](*_small_run(dataset_dir))  # returns at once; the page polls
         assert "streamed" in message
         job = runner.current
         assert job.done_event.wait(120)
@@ -328,16 +328,46 @@ def test_the_live_view_follows_a_job_started_with_train_to_the_snippet(app, data
     finally:
         page.close()
     # a bad value comes back as a message naming the field, and nothing starts
-    progress, message = fns["start"](*_small_run(dataset_dir, learning_rate=-1))
+    progress, message, *_ = fns["start"](*_small_run(dataset_dir, learning_rate=-1))
     assert "learning_rate" in message and len(runner.jobs) == 1
 
 
 def test_an_output_name_with_a_path_is_refused_in_the_tab_as_in_the_cli(app, dataset_dir: Path) -> None:
     demo, runner = app
-    _, message = _fns(demo)["start"](*_small_run(dataset_dir, output_name="../escape"))
+    _, message, *_ = _fns(demo)["start"](*_small_run(dataset_dir, output_name="../escape"))
     # the CLI's sentence
     refused = "config key 'output_name': '../escape' must be a plain file name without path separators"
     assert message == f"⚠️ {refused}" and runner.jobs == {}
+
+
+def test_dataset_check_on_load_blocks_train_and_a_fix_moves_the_file(app, dataset_dir: Path) -> None:
+    """Load shows the doctor's findings with thumbnails; an error stops Train in the same words; the fix moves the
+    image aside (nothing deleted) and the check is clean again."""
+    from PIL import Image
+
+    from lora_train.webui import ui_doctor
+
+    demo, runner = app
+    fns = _fns(demo)
+    assert {"lora_train_doctor_table", "lora_train_doctor_gallery", "lora_train_doctor_summary",
+            "lora_train_doctor_exclude", "lora_train_doctor_caption"} <= _elem_ids(demo)
+    Image.new("RGB", (1, 1), "red").save(dataset_dir / "dot.png")
+    (dataset_dir / "dot.txt").write_text("shapez, a dot")
+    values = _small_run(dataset_dir)
+    summary, table, gallery = fns["check"](lambda *a, **k: None, *values)  # what Load shows (a progress first)
+    assert "Train is blocked" in summary and "1 error" in summary
+    rows = table.values.tolist()
+    assert rows[0][:2] == ["⛔ error", "image-too-small"] and "dot.png" in rows[0][3]
+    assert (str(dataset_dir / "dot.png"), "error: image-too-small · dot.png (1x1, bucket 64x64: upscaled 64.0x)") \
+        in gallery
+    progress, message, *_ = fns["start"](*values)
+    too_small = next(f for f in ui_doctor.check_values(runner, ui_fields.values_to_config(values[:-1]), None)[0].errors)
+    assert message == f"⚠️ Not started: {too_small.message}" and runner.current is None
+    status, (summary, _, _) = ui_doctor.fix_values(runner, ui_fields.values_to_config(values[:-1]), "Character",
+                                                  "exclude")
+    assert "Moved 1 image(s)" in status and "Train is blocked" not in summary
+    assert (dataset_dir / "_excluded" / "dot.png").is_file() and (dataset_dir / "_excluded" / "dot.txt").is_file()
+    assert not (dataset_dir / "dot.png").exists()
 
 
 def test_stop_button_stops_a_running_job_and_keeps_the_lora(app, dataset_dir: Path) -> None:

@@ -1,5 +1,5 @@
-"""The LoRA Train tab's Blocks: dataset and name at the top, Train/Stop, the Captions and Training tabs, and
-every config field under Advanced. One builder for the WebUI and the standalone ``ui`` command.
+"""The LoRA Train tab's Blocks: dataset and name at the top, Train/Stop, the Dataset check, Captions and Training
+tabs, and every config field under Advanced. One builder for the WebUI and the standalone ``ui`` command.
 
 Written against what both gradio 3.41 (the WebUI's pin) and current gradio accept (``ui_gradio``). The fields'
 widgets come from the config's metadata (``ui_fields``), the dataset side from ``ui_dataset``, the live view
@@ -9,6 +9,7 @@ from ``ui_status``. Train returns at once and Stop skips the queue, so no handle
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from lora_train.webui.jobs import BusyError, HostError, JobRunner
 from lora_train.webui.paths import sanitize_name
 from lora_train.webui.presets import DEFAULT_PRESET, PRESET_HELP, PRESET_NAMES, preset_values
 from lora_train.webui.ui_dataset import captions_tab
+from lora_train.webui.ui_doctor import check_values, doctor_panel, doctor_summary, fix_values
 from lora_train.webui.ui_fields import (
     FIELD_NAMES,
     UISettings,
@@ -64,6 +66,7 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
                                   value=settings.default_preset, elem_id="lora_train_preset")
                 family_note = make(gr.Markdown, value=_family_text(family, host.generation_notes()),
                                    elem_id="lora_train_family")
+                doctor_line = doctor_summary()
             with gr.Column(scale=2):
                 with gr.Row():
                     train_button = make(gr.Button, value="Train", variant="primary", elem_id="lora_train_train")
@@ -79,9 +82,11 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
                                        elem_id="lora_train_send")
 
         with gr.Tabs():
+            with gr.Tab("Dataset check", elem_id="lora_train_doctor_tab"):
+                panel = doctor_panel(doctor_line)
             with gr.Tab("Captions"):
-                captions_tab(runner, settings, widgets["train_data_dir"], widgets["trigger_word"], load_button,
-                             upload_name, upload_files, status)
+                captions = captions_tab(runner, settings, widgets["train_data_dir"], widgets["trigger_word"],
+                                        load_button, upload_name, upload_files, status)
             with gr.Tab("Training"):
                 with gr.Row():
                     with gr.Column(scale=3):
@@ -141,16 +146,45 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
 
         save_config_button.click(save_config, fields, [config_out, status])
 
+        # -- the dataset check (on Load, on Train, after each fix) ------------------------------------------
+        # gradio hands a Progress only to a positional parameter, so it comes before the form's values
+        def check(progress: gr.Progress = gr.Progress(), *values: Any):  # noqa: B008 - gradio's progress bar
+            def on_progress(done: int, total: int) -> None:
+                progress((done, total), desc="Checking images", unit="images")
+
+            return check_values(runner, values_to_config(list(values[:-1])), values[-1], on_progress)[1]
+
+        for event in (load_button.click, widgets["train_data_dir"].submit, panel.check_button.click):
+            event(check, [*fields, preset], panel.outputs)
+
+        def fixer(name: str) -> Callable[..., tuple]:
+            def fix(*values: Any):
+                message, view = fix_values(runner, values_to_config(list(values[:-1])), values[-1], name)
+                return (message, *view)
+
+            return fix
+
+        for button, name in ((panel.exclude_button, "exclude"), (panel.trigger_button, "trigger"),
+                             (panel.tags_button, "tags")):
+            button.click(fixer(name), [*fields, preset], [status, *panel.outputs]).then(
+                captions.load, [widgets["train_data_dir"]], captions.outputs)
+        panel.caption_button.click(captions.caption, [*captions.caption_inputs, make(gr.State, value=False)],
+                                   captions.outputs).then(check, [*fields, preset], panel.outputs)
+
         # -- training -------------------------------------------------------------------------------------
         def start(*values: Any):
+            report, view = check_values(runner, values_to_config(list(values[:-1])), values[-1])
+            if report is not None and report.errors:  # the doctor's errors stop Train, in its own words
+                reasons = " ".join(finding.message for finding in report.errors)
+                return progress_text(runner.current, host.device_type()), f"⚠️ Not started: {reasons}", *view
             try:
-                job = runner.submit(values_to_config(list(values)))
+                job = runner.submit(values_to_config(list(values[:-1])))
             except (ConfigError, HostError, BusyError) as exc:
-                return progress_text(runner.current, host.device_type()), f"⚠️ {exc}"
+                return progress_text(runner.current, host.device_type()), f"⚠️ {exc}", *view
             return progress_text(job, host.device_type()), f"Started **{job.cfg.output_name}** (Stop keeps what is " \
-                "trained so far)."
+                "trained so far).", *view
 
-        train_button.click(start, fields, [progress, status])
+        train_button.click(start, [*fields, preset], [progress, status, *panel.outputs])
 
         def stop() -> str:
             job = runner.current

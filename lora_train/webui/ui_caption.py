@@ -128,9 +128,11 @@ class CaptionRun:
 
 
 def wire(controls: CaptionControls, run: CaptionRun, folder: Any, trigger: Any, outputs: list[Any],
-         view: Callable[[str], tuple], setting: str, downloads_setting: str = DOWNLOADS_SETTING) -> None:
+         view: Callable[[str], tuple], setting: str,
+         downloads_setting: str = DOWNLOADS_SETTING) -> tuple[Callable[..., tuple], list[Any]]:
     """Connect the controls: ``outputs`` are the dataset view's components plus the status line, ``view`` fills
-    them for a folder, ``setting`` names where the tab's CoCa weights path is set."""
+    them for a folder, ``setting`` names where the tab's CoCa weights path is set. Returns the caption handler and
+    its inputs but the last (replace existing), for other buttons that caption (the dataset check's fix)."""
     unchanged = (gr.update(),) * (len(outputs) - 1)
 
     def failed(name: str, exc: Exception) -> str:
@@ -163,3 +165,4 @@ def wire(controls: CaptionControls, run: CaptionRun, folder: Any, trigger: Any, 
     controls.caption_button.click(caption, [*inputs, controls.replace], outputs)
     controls.preview_button.click(preview, inputs, [controls.preview, outputs[-1]])
     controls.stop_button.click(run.stop.set, [], [], queue=False)
+    return caption, inputs

@@ -6,6 +6,8 @@ functions around it do the work so tests call them without a browser.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +76,19 @@ def save_table(folder: str, table: Any, runner: JobRunner) -> str:
     return f"Saved {len(edits)} caption(s) to {len(written)} file(s)." if edits else "No caption changed."
 
 
+@dataclass
+class CaptionsTab:
+    """What other parts of the tab reuse: the dataset view's outputs (the last is the status line), the handler
+    that fills them for a folder, and the caption handler with its inputs but the last (replace existing)."""
+
+    outputs: list[Any]
+    load: Callable[[str], tuple]
+    caption: Callable[..., tuple]
+    caption_inputs: list[Any]
+
+
 def captions_tab(runner: JobRunner, settings: UISettings, folder: Any, trigger: Any, load_button: Any,
-                 upload_name: Any, upload_files: Any, status: Any) -> None:
+                 upload_name: Any, upload_files: Any, status: Any) -> CaptionsTab:
     """The Captions tab's widgets, and the handlers of it and of the dataset controls (``folder`` and the rest
     are the top row's widgets; ``status`` gets each handler's message)."""
     caption_ui = caption_controls(make, settings.captioners())
@@ -143,5 +156,7 @@ def captions_tab(runner: JobRunner, settings: UISettings, folder: Any, trigger: 
 
     replace_button.click(replace, [folder, table, find_text, replace_text, regex], outputs)
 
-    wire(caption_ui, CaptionRun(runner, settings.captioners), folder, trigger, outputs,
-         lambda path: dataset_view(path, runner), settings.captioner_setting, settings.downloads_setting)
+    caption, caption_inputs = wire(caption_ui, CaptionRun(runner, settings.captioners), folder, trigger, outputs,
+                                   lambda path: dataset_view(path, runner), settings.captioner_setting,
+                                   settings.downloads_setting)
+    return CaptionsTab(outputs, load_dataset, caption, caption_inputs)
