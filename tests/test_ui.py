@@ -354,7 +354,8 @@ def test_dataset_check_on_load_blocks_train_and_a_fix_moves_the_file(app, datase
     Image.new("RGB", (1, 1), "red").save(dataset_dir / "dot.png")
     (dataset_dir / "dot.txt").write_text("shapez, a dot")
     values = _small_run(dataset_dir)
-    summary, table, gallery = fns["check"](lambda *a, **k: None, *values)  # what Load shows (a progress first)
+    summary, table, gallery, tabs = fns["check"](lambda *a, **k: None, *values)  # what Load shows (progress first)
+    assert tabs["selected"] == "doctor"  # errors bring the Dataset check forward
     assert "Train is blocked" in summary and "1 error" in summary
     rows = table.values.tolist()
     assert rows[0][:2] == ["⛔ error", "image-too-small"] and "dot.png" in rows[0][3]

@@ -17,6 +17,7 @@ import gradio as gr
 
 from lora_train.engine.config import yaml_io
 from lora_train.engine.config.settings import ConfigError
+from lora_train.engine.data.doctor import Report
 from lora_train.webui.jobs import BusyError, HostError, JobRunner
 from lora_train.webui.paths import sanitize_name
 from lora_train.webui.presets import DEFAULT_PRESET, PRESET_HELP, PRESET_NAMES, preset_values
@@ -37,6 +38,7 @@ from lora_train.webui.ui_grid import grid_panel
 from lora_train.webui.ui_status import follow_job, loss_frame, progress_text, validation_text
 
 __all__ = ["UISettings", "build_ui", "enable_queue"]  # what the WebUI glue and the ui command use
+DOCTOR_TAB = "doctor"
 
 
 def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
@@ -81,13 +83,13 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
                     send_button = make(gr.Button, value="Send to txt2img", visible=host.in_webui,
                                        elem_id="lora_train_send")
 
-        with gr.Tabs():
-            with gr.Tab("Dataset check", elem_id="lora_train_doctor_tab"):
-                panel = doctor_panel(doctor_line)
-            with gr.Tab("Captions"):
+        with make(gr.Tabs, elem_id="lora_train_tabs") as tabs:
+            with make(gr.Tab, label="Captions", id="captions"):
                 captions = captions_tab(runner, settings, widgets["train_data_dir"], widgets["trigger_word"],
                                         load_button, upload_name, upload_files, status)
-            with gr.Tab("Training"):
+            with make(gr.Tab, label="Dataset check", id=DOCTOR_TAB, elem_id="lora_train_doctor_tab"):
+                panel = doctor_panel(doctor_line)
+            with make(gr.Tab, label="Training", id="training"):
                 with gr.Row():
                     with gr.Column(scale=3):
                         loss_plot = make(gr.LinePlot, value=loss_frame(None), x="step", y="loss", color="series",
@@ -152,10 +154,11 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
             def on_progress(done: int, total: int) -> None:
                 progress((done, total), desc="Checking images", unit="images")
 
-            return check_values(runner, values_to_config(list(values[:-1])), values[-1], on_progress)[1]
+            report, view = check_values(runner, values_to_config(list(values[:-1])), values[-1], on_progress)
+            return (*view, _show_errors(report))
 
         for event in (load_button.click, widgets["train_data_dir"].submit, panel.check_button.click):
-            event(check, [*fields, preset], panel.outputs)
+            event(check, [*fields, preset], [*panel.outputs, tabs])
 
         def fixer(name: str) -> Callable[..., tuple]:
             def fix(*values: Any):
@@ -169,22 +172,23 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
             button.click(fixer(name), [*fields, preset], [status, *panel.outputs]).then(
                 captions.load, [widgets["train_data_dir"]], captions.outputs)
         panel.caption_button.click(captions.caption, [*captions.caption_inputs, make(gr.State, value=False)],
-                                   captions.outputs).then(check, [*fields, preset], panel.outputs)
+                                   captions.outputs).then(check, [*fields, preset], [*panel.outputs, tabs])
 
         # -- training -------------------------------------------------------------------------------------
         def start(*values: Any):
             report, view = check_values(runner, values_to_config(list(values[:-1])), values[-1])
             if report is not None and report.errors:  # the doctor's errors stop Train, in its own words
                 reasons = " ".join(finding.message for finding in report.errors)
-                return progress_text(runner.current, host.device_type()), f"⚠️ Not started: {reasons}", *view
+                return (progress_text(runner.current, host.device_type()), f"⚠️ Not started: {reasons}", *view,
+                        _show_errors(report))
             try:
                 job = runner.submit(values_to_config(list(values[:-1])))
             except (ConfigError, HostError, BusyError) as exc:
-                return progress_text(runner.current, host.device_type()), f"⚠️ {exc}", *view
+                return progress_text(runner.current, host.device_type()), f"⚠️ {exc}", *view, gr.update()
             return progress_text(job, host.device_type()), f"Started **{job.cfg.output_name}** (Stop keeps what is " \
-                "trained so far).", *view
+                "trained so far).", *view, gr.update()
 
-        train_button.click(start, [*fields, preset], [progress, status, *panel.outputs])
+        train_button.click(start, [*fields, preset], [progress, status, *panel.outputs, tabs])
 
         def stop() -> str:
             job = runner.current
@@ -198,6 +202,11 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
         follow_job(demo, runner, live_outputs)
         send_button.click(None, [snippet], [], **js("(text) => { loraTrainSendToTxt2img(text); return []; }"))
     return demo
+
+
+def _show_errors(report: Report | None) -> Any:
+    """Bring the Dataset check forward when it found errors (Train is blocked); otherwise leave the tabs."""
+    return gr.update(selected=DOCTOR_TAB) if report is not None and report.errors else gr.update()
 
 
 def _family_text(family: str | None, notes: dict[str, str] | None = None) -> str:
