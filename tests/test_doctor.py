@@ -229,7 +229,7 @@ def test_run_numbers_buckets_and_few_images(tmp_path):
     # 4 squares x 3 repeats = 12 samples: 3 batches of 4; the tall one x 3 = 3 samples: 1 short batch
     assert stats["batches_per_epoch"] == 4 and stats["steps"] == 12 and stats["train_samples_per_epoch"] == 15
     assert files(report, "bucket-below-batch") == {"tall.png"}
-    assert "12 steps (epochs 3)" in report.get("run-length").message
+    assert "12 step(s) (epochs 3)" in report.get("run-length").message
     assert "Character" in report.get("few-images").message
     assert report.ok
 

@@ -358,7 +358,7 @@ def test_dataset_check_on_load_blocks_train_and_a_fix_moves_the_file(app, datase
     assert tabs["selected"] == "doctor"  # errors bring the Dataset check forward
     assert "Train is blocked" in summary and "1 error" in summary
     rows = table.values.tolist()
-    assert rows[0][:2] == ["⛔ error", "image-too-small"] and "dot.png" in rows[0][3]
+    assert rows[0][:2] == ["ERROR", "image-too-small"] and "dot.png" in rows[0][3]
     assert (str(dataset_dir / "dot.png"), "error: image-too-small · dot.png (1x1, bucket 64x64: upscaled 64.0x)") \
         in gallery
     progress, message, *_ = fns["start"](*values)

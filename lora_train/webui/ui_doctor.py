@@ -23,7 +23,7 @@ from lora_train.webui.jobs import JobRunner
 from lora_train.webui.ui_gradio import make
 
 TABLE_HEADERS = ["severity", "finding", "what to do", "files"]
-ICONS = {"error": "⛔ error", "warning": "⚠️ warning", "info": "ℹ️ note"}
+ICONS = {"error": "ERROR", "warning": "⚠️ warning", "info": "note"}
 THUMBNAILS = 60  # files shown in the gallery, errors and warnings first
 _NO_THUMBNAIL = {"image-unreadable", "image-truncated", "files-ignored", "folders-ignored"}
 
@@ -81,7 +81,7 @@ def summary_text(report: Report) -> str:
     """The verdict line: counts, and for errors the sentence that stops Train."""
     line = f"**{report.summary()[0].upper()}{report.summary()[1:]}**"
     if report.errors:
-        return f"{line} — ⛔ Train is blocked: {report.errors[0].message} (see Dataset check)"
+        return f"{line} — Train is blocked: {report.errors[0].message} (see Dataset check)"
     if report.of("warning"):
         return f"{line} — Train will run; see Dataset check for what will train badly."
     return f"{line} — no problems found."

@@ -1,7 +1,8 @@
 """The dataset check in the real tab: findings appear on Load, an error stops Train in the same words, the fix
 moves the file aside (nothing deleted), and with only warnings left Train starts.
 
-Screenshots: ``doctor-findings`` (the tab after Load), ``doctor-blocked`` (Train refused), ``doctor-fixed``.
+Screenshots: ``doctor-findings`` (the tab after Load; ``doctor-panel`` its Dataset check alone), ``doctor-blocked``
+(Train refused), ``doctor-fixed``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def test_findings_on_load_block_train_and_the_fix_moves_the_file(page: Any, webu
     assert "image-too-small" in table and "speck.png" in table, table
     assert "duplicate-exact" in table and "pic0-copy.png" in table, table
     shot(page, webui, "doctor-findings")
+    shot(page, webui, "doctor-panel", "#lora_train_doctor_tab")
     blocker = text(page, "lora_train_doctor_summary").split("Train is blocked: ", 1)[1].split(" (see Dataset")[0]
 
     page.locator("#lora_train_train").click()

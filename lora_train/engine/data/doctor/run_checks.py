@@ -49,11 +49,12 @@ def _length(cfg: TrainConfig, stats: dict[str, Any]) -> list[Finding]:
     samples = stats["train_samples_per_epoch"] + stats["reg_samples_per_epoch"]
     images = stats["train_images"]
     seen = stats["epochs"] * stats["train_samples_per_epoch"] / images if images else 0
+    times = f"{seen:.0f}" if seen >= 10 else f"{seen:.1f}"
     source = f"max_train_steps {cfg.max_train_steps}" if cfg.max_train_steps else f"epochs {cfg.epochs}"
     return [Finding("run-length", "info",
-                    f"{stats['steps']} steps ({source}): {stats['epochs']:g} epoch(s) of {stats['batches_per_epoch']} "
-                    f"batch(es); an epoch is {samples} samples (images x repeats) at batch_size {cfg.batch_size}, "
-                    f"so each training image is seen about {seen:.0f} times.")]
+                    f"{stats['steps']} step(s) ({source}): {stats['epochs']:g} epoch(s) of "
+                    f"{stats['batches_per_epoch']} batch(es); an epoch is {samples} samples (images x repeats) at "
+                    f"batch_size {cfg.batch_size}, so each training image is seen about {times} times.")]
 
 
 def _buckets(dataset: data.Dataset, cfg: TrainConfig) -> list[Finding]:
