@@ -167,10 +167,14 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
 
             return fix
 
+        def refresh_captions(folder: str):
+            """The Captions tab after a fix, leaving the status line with the fix's message."""
+            return captions.load(folder)[:-1]
+
         for button, name in ((panel.exclude_button, "exclude"), (panel.trigger_button, "trigger"),
                              (panel.tags_button, "tags")):
             button.click(fixer(name), [*fields, preset], [status, *panel.outputs]).then(
-                captions.load, [widgets["train_data_dir"]], captions.outputs)
+                refresh_captions, [widgets["train_data_dir"]], captions.outputs[:-1])
         panel.caption_button.click(captions.caption, [*captions.caption_inputs, make(gr.State, value=False)],
                                    captions.outputs).then(check, [*fields, preset], [*panel.outputs, tabs])
 
