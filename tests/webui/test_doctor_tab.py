@@ -75,6 +75,8 @@ def test_findings_on_load_block_train_and_the_fix_moves_the_file(page: Any, webu
     assert not (faulty / "speck.png").exists() and (faulty / "pic0.png").is_file()
     page.wait_for_function("() => !/Train is blocked/.test(document.querySelector('#lora_train_doctor_summary')"
                            ".innerText)")
+    page.get_by_text("5 image(s), all captioned.").wait_for(state="attached")  # the Captions tab followed
+    assert "Moved 2 image(s)" in text(page, "lora_train_status")  # and the fix's message stayed
     shot(page, webui, "doctor-fixed")
 
     page.locator("#lora_train_train").click()  # warnings (few images) do not stop it
