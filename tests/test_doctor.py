@@ -359,3 +359,20 @@ def test_report_is_plain_data_for_the_api_and_json(tmp_path):
     assert body["ok"] is False and body["counts"]["error"] == 1
     finding = next(f for f in body["findings"] if f["code"] == "image-unreadable")
     assert finding["files"][0]["path"] == str(tmp_path / "zero.png") and finding["fix"] == "exclude"
+
+
+def test_metadata_rows_naming_no_image_and_a_balanced_reg_folder(tmp_path):
+    clean(tmp_path / "data")
+    csv_path = tmp_path / "data" / "metadata.csv"
+    rows = "".join(f'img{i}.png,"zz, thing {i}"\n' for i in range(6))
+    csv_path.write_text("filename,prompt\n" + rows + "gone.png,a deleted image\n")
+    add(tmp_path / "reg" / "1_person", "r0.png", picture(80), caption=None)
+    report = examine(cfg_for(tmp_path / "data", metadata_path=str(csv_path), reg_data_dir=str(tmp_path / "reg")))
+    assert "gone.png" in report.get("metadata-rows-unused").message and not report.ok
+    assert report.get("reg-images").message.startswith("1 regularisation image(s), 1 samples per epoch against 6")
+
+
+def test_without_a_tokenizer_the_report_says_lengths_were_not_counted(tmp_path):
+    clean(tmp_path)
+    report = doctor.examine(cfg_for(tmp_path), None, cache=ProbeCache())
+    assert report.get("caption-length-unchecked").severity == "info" and report.ok
