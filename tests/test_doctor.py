@@ -125,6 +125,8 @@ def test_lying_extension_rotation_transparency_and_modes(tmp_path):
     assert files(report, "image-cmyk") == {"cmyk.jpg"}
     assert files(report, "image-mode") == {"grey16.png"}
     assert report.ok  # all of these train
+    masked = examine(cfg_for(tmp_path, alpha_mask=True)).get("image-transparent")
+    assert masked.severity == "info" and "alpha_mask" in masked.message  # transparent parts add no loss then
 
 
 def test_loader_trains_the_image_as_shown_and_16_bit_grey_is_not_clipped(tmp_path):

@@ -86,8 +86,9 @@ def check_sizes(dataset: Dataset, cfg: TrainConfig) -> list[Finding]:
     return findings
 
 
-def check_headers(reading: Reading, probes: dict[Path, Probe]) -> list[Finding]:
-    """Extension that lies, EXIF rotation, transparency, pixel modes."""
+def check_headers(reading: Reading, probes: dict[Path, Probe], alpha_mask: bool = False) -> list[Finding]:
+    """Extension that lies, EXIF rotation, transparency (``alpha_mask``: the run ignores transparent pixels),
+    pixel modes."""
     lying, rotated, transparent, modes, cmyk = {}, [], [], {}, []
     for entry in reading.entries:
         header, path = entry.header, str(entry.path)
@@ -118,12 +119,17 @@ def check_headers(reading: Reading, probes: dict[Path, Probe]) -> list[Finding]:
             f"{len(rotated)} image(s) carry an EXIF rotation: training rotates them as image viewers show them "
             "(the loader applies the EXIF orientation) and buckets them by the rotated size. Nothing to do.",
             rotated))
-    if transparent:
+    if transparent and alpha_mask:
+        findings.append(Finding(
+            "image-transparent", "info",
+            f"{len(transparent)} image(s) have transparent pixels: with alpha_mask, training learns only where "
+            "they are opaque (the transparent part, shown as white, adds no loss). Nothing to do.", transparent))
+    elif transparent:
         findings.append(Finding(
             "image-transparent", "warning",
             f"{len(transparent)} image(s) have transparent pixels: training composites them onto white, so the "
-            "LoRA learns white where they are transparent. Flatten them onto the background you want, or keep "
-            "white if that is what you want.", transparent))
+            "LoRA learns white where they are transparent. Set alpha_mask: true to train only where they are "
+            "opaque, or flatten them onto the background you want.", transparent))
     if cmyk:
         findings.append(Finding(
             "image-cmyk", "warning",
