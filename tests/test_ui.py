@@ -174,7 +174,7 @@ def test_kohyas_noise_and_loss_keys_are_in_advanced_with_when_to_use_them(app, d
     values = _small_run(dataset_dir, sample_every_n_steps=0, masked_loss=True, alpha_mask=True, loss_type="huber",
                         multires_noise_iterations=4, ip_noise_gamma=0.1, debiased_estimation_loss=True,
                         min_timestep=50, max_timestep=950)
-    progress, message = _fns(demo)["start"](*values)
+    progress, message, *_ = _fns(demo)["start"](*values)
     job = runner.current
     assert job.done_event.wait(120) and job.error is None, (message, job.error)
     from lora_train.engine.output.export import read_lora
