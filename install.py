@@ -3,8 +3,9 @@
 It never changes a package that is installed, any package: pip runs with every installed distribution pinned
 to its installed version (a constraint file), so it can only add what is missing. A newer tensorboard once
 pulled protobuf 7 into a WebUI venv and the WebUI never started again; nothing optional is installed here.
-The WebUI path needs only peft on top of the WebUI's venv (0.13.2: later ones need a newer transformers); the
-rest is installed only when missing, which in a WebUI venv it never is. After installing, the engine modules
+The WebUI path needs peft on top of the WebUI's venv (0.13.2: later ones need a newer transformers) and
+ImageHash for the dataset check's near duplicates (its numpy, scipy, Pillow and PyWavelets are in every WebUI
+venv, so it goes in alone); the rest is installed only when missing, which in a WebUI venv it never is. After installing, the engine modules
 the WebUI loads are imported in a fresh interpreter; if they fail, what was just added is uninstalled again.
 When nothing is missing it is a fast no-op: metadata look-ups, no pip. Prints one line.
 
@@ -40,7 +41,7 @@ except ImportError:  # a bare venv: pip always carries its own copy
 PREFIX = "[sd-webui-lora-train]"
 EXTENSION_DIR = Path(__file__).resolve().parent
 # distribution -> requirement to install when it is missing
-REQUIRED = {"peft": "peft==0.13.2"}
+REQUIRED = {"peft": "peft==0.13.2", "ImageHash": "ImageHash==4.3.2"}
 # part of every WebUI venv; installed (at what pip picks under the constraints) only when missing
 IF_MISSING = ("safetensors", "PyYAML", "tqdm", "open-clip-torch")
 # what scripts/lora_train_tab.py loads in the WebUI; must import after installing

@@ -31,7 +31,10 @@ INSTALL = ROOT / "install.py"
 WEBUI = {"torch": "2.1.2+cu121", "transformers": "4.30.2", "protobuf": "3.20.0", "huggingface-hub": "0.36.2",
          "clip": "1.0", "typing-extensions": "4.16.0", "zope-interface": "7.2", "safetensors": "0.4.2",
          "pyyaml": "6.0.4", "tqdm": "4.70.1", "open-clip-torch": "2.20.0", "numpy": "1.26.2", "packaging": "26.4",
-         "psutil": "5.9.5", "accelerate": "0.21.0"}
+         "psutil": "5.9.5", "accelerate": "0.21.0", "scipy": "1.16.3", "pywavelets": "1.9.0", "pillow": "9.5.0",
+         "imagehash": "4.3.2"}  # the tests below follow peft; ImageHash (the other REQUIRED) has its own test
+# Requires-Dist of ImageHash 4.3.2 (PyPI, ImageHash-4.3.2-py2.py3-none-any.whl)
+IMAGEHASH_REQUIRES = ["PyWavelets", "numpy", "pillow", "scipy"]
 # Requires-Dist of peft 0.13.2 as its wheel's METADATA has them (PyPI, peft-0.13.2-py3-none-any.whl)
 PEFT_REQUIRES = ["numpy>=1.17", "packaging>=20.0", "psutil", "pyyaml", "torch>=1.13.0", "transformers", "tqdm",
                  "accelerate>=0.21.0", "safetensors", "huggingface-hub>=0.17.0", 'black; extra == "dev"',
@@ -154,6 +157,17 @@ def test_installs_only_peft_with_every_installed_package_pinned(monkeypatch, cap
     assert capsys.readouterr().out == "[sd-webui-lora-train] installed peft==0.13.2; nothing else changed\n"
 
 
+def test_imagehash_goes_in_alone_beside_a_webui_venvs_scipy_and_pywavelets(monkeypatch, capsys) -> None:
+    """A fresh WebUI venv has ImageHash's numpy, scipy, Pillow and PyWavelets but not ImageHash: its wheel goes in
+    with --no-deps, the resolver never runs, nothing installed changes."""
+    without = {**{name: version for name, version in WEBUI.items() if name != "imagehash"}, "peft": "0.13.2"}
+    venv = FakeVenv(monkeypatch, without, adds={}, index={"ImageHash": ("4.3.2", IMAGEHASH_REQUIRES)})
+    assert venv.install.main([]) == 0
+    assert venv.resolver_calls == [] and venv.no_deps_installs == [["ImageHash==4.3.2"]]
+    assert {n: v for n, v in venv.installed.items() if n != "imagehash"} == without
+    assert capsys.readouterr().out == "[sd-webui-lora-train] installed imagehash==4.3.2; nothing else changed\n"
+
+
 def test_constraint_lines_take_odd_entries() -> None:
     install = _load()
     installed = {"torch": "2.1.2+cu121", "clip": "1.0", "legacy-thing": "2022-01-beta", "zope-interface": "7.2"}
@@ -190,13 +204,13 @@ def test_a_bare_venv_gets_what_is_missing_and_nothing_optional(monkeypatch) -> N
                                                               "huggingface-hub": "0.26"})
     venv.install.main([])
     download = venv.pip_calls[0][0]
-    for name in ("peft==0.13.2", "safetensors", "PyYAML", "tqdm", "open-clip-torch"):
+    for name in ("peft==0.13.2", "ImageHash==4.3.2", "safetensors", "PyYAML", "tqdm", "open-clip-torch"):
         assert f'"{name}"' in download
     # the resolver only for what none of those wheels provides; the wheels themselves as they are
     (resolved,) = venv.resolver_calls
     assert sorted(resolved) == sorted(["numpy>=1.17", "packaging>=20.0", "psutil", "transformers",
                                        "accelerate>=0.21.0", "huggingface-hub>=0.17.0"])
-    assert len(venv.no_deps_installs[0]) == 5
+    assert len(venv.no_deps_installs[0]) == 6
     assert not any("tensorboard" in c or "bitsandbytes" in c for c, _ in venv.pip_calls)
 
 

@@ -9,7 +9,7 @@
 # then run the checks in tests/webui against it with pytest.
 #
 #   --dev           no installers: clone with RUN_INSTALLER=0, boot with SKIP_PREPARE=1, and add only
-#                   peft==0.13.2 (--no-deps) when missing. For an install.py that must not touch the venv.
+#                   peft==0.13.2 and ImageHash==4.3.2 (--no-deps) when missing. For an install.py that must not touch the venv.
 #   --keep-running  leave the WebUI up afterwards (default: stop.sh at the end)
 #   --repo PATH     the repository to install (default: this one; its committed HEAD is what gets cloned)
 #   --host NAME     which WebUI: a1111 (default; WORKDIR <repo>/../harness), reforge or forge-classic (WORKDIR
@@ -70,9 +70,13 @@ rm -rf "$EXT_DIR" "$PROBE_DIR"
 if [[ -n "$(git -C "$REPO" status --porcelain --untracked-files=no)" ]]; then
   echo "note: $REPO has uncommitted changes; Install from URL clones the committed HEAD only"
 fi
-if [[ "$DEV" == 1 ]] && ! "$VENV_DIR/bin/python" -m pip show -q peft >/dev/null 2>&1; then
-  echo "== dev mode: peft==0.13.2 --no-deps into the WebUI venv (everything it needs is there already)"
-  "$VENV_DIR/bin/python" -m pip install -q --no-deps peft==0.13.2
+if [[ "$DEV" == 1 ]]; then
+  for wanted in peft==0.13.2 ImageHash==4.3.2; do
+    if ! "$VENV_DIR/bin/python" -m pip show -q "${wanted%%==*}" >/dev/null 2>&1; then
+      echo "== dev mode: $wanted --no-deps into the WebUI venv (everything it needs is there already)"
+      "$VENV_DIR/bin/python" -m pip install -q --no-deps "$wanted"
+    fi
+  done
 fi
 
 "$VENV_DIR/bin/python" -m pip freeze > "$OUT/freeze-before.txt"
