@@ -183,20 +183,27 @@ def test_missing_empty_and_undecodable_captions(tmp_path):
 
 def test_caption_too_long_is_counted_with_the_text_encoders_tokenizer(tmp_path):
     """The count is the CLIP BPE's: checked against open_clip's own tokenizer (SD2/SDXL's), and the note says
-    where the encoder cuts."""
+    where the encoder cuts: at max_token_length 75 the WebUI's chunking (which training uses) ends the chunk after
+    the last comma when that comma is within 20 tokens of the end, so the first tag not read whole is dropped."""
     open_clip = pytest.importorskip("open_clip")
     clean(tmp_path)
-    long_caption = ", ".join(f"tag{i} word" for i in range(40)) + ", the very end"
+    long_caption = ", ".join(f"tag{i} very big red word" for i in range(18)) + ", the very end"
     add(tmp_path, "long.png", caption=long_caption)
     report = examine(cfg_for(tmp_path))
     note = report.get("caption-too-long").notes[str(tmp_path / "long.png")]
     encode = open_clip.tokenizer.SimpleTokenizer().encode
-    count = len(encode(long_caption))
-    assert note.startswith(f"{count} tokens;") and count > 75
+    tokens = encode(long_caption)
+    assert note.startswith(f"{len(tokens)} tokens;") and 75 < len(tokens) <= 150
+    last_comma = max(i for i, t in enumerate(tokens[:75]) if t == encode(",")[0])
+    kept = last_comma + 1 if 75 - last_comma <= 20 else 75
+    assert kept < 75  # the caption is made so that the comma rule moves the cut
     words = long_caption.split()
-    first_cut = next(i for i in range(len(words)) if len(encode(" ".join(words[: i + 1]))) > 75)
+    first_cut = next(i for i in range(len(words)) if len(encode(" ".join(words[: i + 1]))) > kept)
     assert f"cut from '{' '.join(words[first_cut:])[:30]}" in note
     assert files(report, "caption-too-long") == {"long.png"}
+    # two chunks read the whole caption: nothing is cut, nothing to say
+    assert report.get("caption-too-long") is not None
+    assert examine(cfg_for(tmp_path, max_token_length=150)).get("caption-too-long") is None
 
 
 def test_trigger_word_findings(tmp_path):
@@ -234,6 +241,19 @@ def test_run_numbers_buckets_and_few_images(tmp_path):
     assert "12 step(s) (epochs 3)" in report.get("run-length").message
     assert "Character" in report.get("few-images").message
     assert report.ok
+
+
+def test_validation_split_names_the_held_out_images_and_the_run_counts_only_the_rest(tmp_path):
+    """validation_split 0.5 of 6 images holds 3 out: the doctor names those 3 (the same 3 on every call with the
+    seed) and counts steps over the 3 that train, as the trainer does (3 samples x 2 epochs at batch 1 = 6)."""
+    clean(tmp_path / "1_thing", count=6)
+    cfg = cfg_for(tmp_path, validation_split=0.5, validation_seed=7, epochs=2)
+    report = examine(cfg)
+    held = files(report, "validation-held-out")
+    assert len(held) == 3 and held == files(examine(cfg), "validation-held-out")
+    assert "validation_split 0.5" in report.get("validation-held-out").message
+    assert report.stats["train_images"] == 3 and report.stats["steps"] == 6
+    assert examine(cfg_for(tmp_path, epochs=2)).get("validation-held-out") is None
 
 
 def test_regularisation_images_outweighing_training_images(tmp_path):

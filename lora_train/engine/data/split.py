@@ -11,7 +11,14 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from lora_train.engine.config.settings import TrainConfig
 from lora_train.engine.data.dataset import Dataset, ImageItem
+
+
+def split_for_run(dataset: Dataset, cfg: TrainConfig) -> tuple[Dataset, Dataset]:
+    """(training set, held-out set) exactly as a run of ``cfg`` splits: ``validation_seed``, else ``seed``."""
+    seed = cfg.validation_seed if cfg.validation_seed is not None else cfg.seed
+    return split_validation(dataset, cfg.validation_split, seed)
 
 
 def split_validation(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:

@@ -19,14 +19,13 @@ class GridError(ValueError):
 def held_out_caption(cfg: TrainConfig) -> str | None:
     """The caption of the first held-out image (``validation_split``), else of the dataset's last image."""
     from lora_train.engine.data import dataset
-    from lora_train.engine.data.split import split_validation
+    from lora_train.engine.data.split import split_for_run
 
     try:
         scanned = dataset.scan(cfg)
     except (ValueError, OSError):
         return None
-    seed = cfg.validation_seed if cfg.validation_seed is not None else cfg.seed
-    train, held = split_validation(scanned, cfg.validation_split, seed)
+    train, held = split_for_run(scanned, cfg)
     items = held.items or [item for item in train.items if not item.is_reg][-1:]
     return items[0].caption if items else None
 

@@ -22,7 +22,7 @@ from lora_train.engine.config.settings import TrainConfig
 from lora_train.engine.data import dataset as data
 from lora_train.engine.data.caches import LatentCache, TextCache
 from lora_train.engine.data.masks import MaskCache, uses_masks
-from lora_train.engine.data.split import split_validation
+from lora_train.engine.data.split import split_for_run
 from lora_train.engine.model import ModelBundle
 from lora_train.engine.network import lora
 from lora_train.engine.network.module_flags import ModuleFlags
@@ -58,8 +58,7 @@ class Trainer:
         self.sample_fn = sample_fn
         self.device = bundle.device
         scanned = dataset if dataset is not None else data.scan(cfg)
-        seed = cfg.validation_seed if cfg.validation_seed is not None else cfg.seed
-        self.dataset, held_out = split_validation(scanned, cfg.validation_split, seed)
+        self.dataset, held_out = split_for_run(scanned, cfg)
         self.global_batch = cfg.batch_size * team.world  # what one step trains, over all processes
         self.batches_per_epoch, self.total_steps = data.run_length(self.dataset, cfg, self.global_batch)
         self.resume = run_state.read(cfg.resume, team.world) if cfg.resume else None

@@ -19,6 +19,7 @@ from lora_train.engine.data.doctor import caption_checks, image_checks, run_chec
 from lora_train.engine.data.doctor.caption_checks import Tokenize
 from lora_train.engine.data.doctor.findings import FIXES, Finding, Report
 from lora_train.engine.data.doctor.probe import MEMORY_CACHE, ProbeCache, probe_all
+from lora_train.engine.data.split import split_for_run
 
 __all__ = ["FIXES", "Finding", "Report", "examine"]
 
@@ -47,14 +48,16 @@ def examine(cfg: TrainConfig, tokenize: Tokenize | None = None, preset: str | No
     (cache or MEMORY_CACHE).save()
     damaged = {str(path) for path, result in probes.items() if result.error}
     built = data.build([e for e in reading.entries if str(e.path) not in damaged], cfg)
-    stats = {"images": len(reading.entries), **run_checks.run_stats(built, cfg)}
+    trained, held_out = split_for_run(built, cfg)  # the run's numbers are the trained part's
+    stats = {"images": len(reading.entries), **run_checks.run_stats(trained, cfg)}
     findings += image_checks.check_damage(probes)
     findings += image_checks.check_sizes(built, cfg)
     findings += image_checks.check_headers(reading, probes, cfg.alpha_mask and not cfg.conditioning_data_dir)
     sizes = {e.path: e.header.size for e in reading.entries if e.header is not None}
     findings += image_checks.check_duplicates({p: r for p, r in probes.items() if not r.error}, sizes)
     findings += caption_checks.check_captions(reading.entries, cfg, tokenize)
-    findings += run_checks.check_run(built, cfg, preset, stats)
+    findings += run_checks.check_run(trained, cfg, preset, stats)
+    findings += run_checks.check_held_out(held_out, cfg)
     findings += image_checks.check_skipped(reading)
     report = Report(findings, stats)
     if report.ok:

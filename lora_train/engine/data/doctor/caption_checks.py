@@ -2,7 +2,9 @@
 every image, tags said twice.
 
 Lengths are counted with the tokenizer the model encodes captions with (``tokenize``: text -> tokens, without the
-start/end tokens), on the caption as training sees it (the trigger-word rule applied).
+start/end tokens), on the caption as training sees it (the trigger-word rule applied, the WebUI's prompt syntax
+read), cut into the trainer's own 75-token chunks (``prompt_chunks.chunk_line``, comma backtrack and BREAK
+included), so "cut from" names the word where training really stops reading.
 """
 
 from __future__ import annotations
@@ -13,32 +15,45 @@ from collections.abc import Callable
 from lora_train.engine.config.settings import TrainConfig
 from lora_train.engine.data import caption_text
 from lora_train.engine.data.doctor.findings import Finding
+from lora_train.engine.data.prompt_chunks import CHUNK_LENGTH, TokenRules, chunk_line, max_chunks
+from lora_train.engine.data.prompt_syntax import parse_attention
 from lora_train.engine.data.reader import Entry
 
 Tokenize = Callable[[str], list]
-# What the trainer encodes per caption: one CLIP window of 77 tokens, start and end included.
-TOKEN_LIMIT = 75
 TRIGGER_SHARE = 0.5  # a first tag opening at least this share of the captions looks like a trigger word
+_START, _END = object(), object()  # stand-ins for the start/end tokens: only the chunk count matters here
 
 
-def token_limit(cfg: TrainConfig) -> int:
-    """Tokens of a caption the text encoder reads."""
-    return TOKEN_LIMIT
+def chunk_rules(tokenize: Tokenize) -> TokenRules:
+    """The trainer's chunking rules over ``tokenize`` (ids or BPE strings alike: only the comma is compared)."""
+    comma = tokenize(",")
+    return TokenRules(encode=tokenize, start=_START, end=_END, pad=_END, comma=comma[0] if comma else None)
 
 
-def cut_point(text: str, tokenize: Tokenize, limit: int) -> tuple[int, str]:
-    """(token count, the words from the first one that does not fit whole); a binary search over word prefixes
-    with the real tokenizer, so the cut is where the encoder cuts."""
+def _chunks(text: str, rules: TokenRules) -> list[tuple[list, list[float]]]:
+    return chunk_line(parse_attention(text), rules)
+
+
+def _tokens(text: str, rules: TokenRules) -> int:
+    """Caption tokens of ``text`` as training reads it (prompt syntax parsed, BREAK not a token)."""
+    return sum(len(rules.encode(piece)) for piece, _ in parse_attention(text) if piece != "BREAK")
+
+
+def cut_point(text: str, rules: TokenRules, limit: int) -> tuple[int, str]:
+    """(tokens in the caption, the words from the first one training does not read whole) for a limit of
+    ``limit`` chunks. Chunking keeps the tokens in order (a comma backtrack only moves a tail on to the next
+    chunk), so training reads the caption's first k tokens, k = what the first ``limit`` chunks hold; the cut is
+    the first word whose prefix needs more (a binary search over word prefixes with the real tokenizer)."""
+    kept = sum(1 for ids, _ in _chunks(text, rules)[:limit] for t in ids if t is not _START and t is not _END)
     words = text.split()
-    total = len(tokenize(text))
     low, high = 0, len(words)
     while low < high:
         middle = (low + high) // 2
-        if len(tokenize(" ".join(words[: middle + 1]))) > limit:
+        if _tokens(" ".join(words[: middle + 1]), rules) > kept:
             high = middle
         else:
             low = middle + 1
-    return total, " ".join(words[low:])
+    return _tokens(text, rules), " ".join(words[low:])
 
 
 def check_captions(entries: list[Entry], cfg: TrainConfig, tokenize: Tokenize | None) -> list[Finding]:
@@ -69,20 +84,24 @@ def _too_long(train: list[Entry], cfg: TrainConfig, tokenize: Tokenize | None) -
         return [Finding("caption-length-unchecked", "info",
                         "Caption lengths were not counted: no CLIP tokenizer here (it needs transformers and "
                         "open-clip-torch).")] if train else []
-    limit = token_limit(cfg)
+    rules, limit = chunk_rules(tokenize), max_chunks(cfg.max_token_length)
     notes = {}
     for entry in train:
         text = caption_text.with_trigger(entry.caption or "", cfg.trigger_word)
-        total, dropped = cut_point(text, tokenize, limit)
-        if total > limit:
+        if len(_chunks(text, rules)) > limit:
+            total, dropped = cut_point(text, rules, limit)
             shown = dropped if len(dropped) <= 60 else dropped[:57] + "..."
             notes[str(entry.path)] = f"{total} tokens; cut from '{shown}'"
     if not notes:
         return []
+    tokens = limit * CHUNK_LENGTH
     shuffle = " With shuffle_caption a different tail is lost at each step." if cfg.shuffle_caption else ""
+    longer = (" or raise max_token_length (150 or 225: the WebUI reads long prompts in 75-token chunks too)"
+              if tokens < 225 else "")
     return [Finding("caption-too-long", "warning",
-                    f"{len(notes)} caption(s) are longer than the {limit} tokens the text encoder reads: the rest "
-                    f"never trains.{shuffle} Shorten them (drop tags that say little).", list(notes), notes)]
+                    f"{len(notes)} caption(s) are longer than the {tokens} tokens (max_token_length) the text encoder "
+                    f"reads in training: the rest never trains.{shuffle} Shorten them (drop tags that say "
+                    f"little){longer}.", list(notes), notes)]
 
 
 def _trigger(train: list[Entry], cfg: TrainConfig) -> list[Finding]:

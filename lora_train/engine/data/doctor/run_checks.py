@@ -1,5 +1,6 @@
 """Findings about the run the settings imply: images per bucket, buckets smaller than a batch, how many steps and
-epochs, how many images the preset's kind of LoRA wants, regularisation against training images.
+epochs, how many images the preset's kind of LoRA wants, regularisation against training images, the images
+``validation_split`` holds out.
 
 Counts are the trainer's own (``dataset.epoch_batches`` and ``dataset.run_length``), so the steps shown are the
 steps that will run.
@@ -100,3 +101,14 @@ def _reg(stats: dict[str, Any], cfg: TrainConfig) -> list[Finding]:
                         f"{text} Most of each epoch trains on regularisation images, so the LoRA learns the subject "
                         "slowly: lower the reg folder's repeats (its N_ prefix) or use fewer reg images.")]
     return [Finding("reg-images", "info", text)]
+
+
+def check_held_out(held_out: data.Dataset, cfg: TrainConfig) -> list[Finding]:
+    """Which images validation takes away from training (the same files every run with this seed)."""
+    if not held_out.items:
+        return []
+    files = [str(item.path) for item in held_out.items]
+    return [Finding("validation-held-out", "info",
+                    f"{len(files)} image(s) are held out for validation (validation_split {cfg.validation_split:g}): "
+                    "they never train; the validation loss is measured on them. Set validation_split: 0 to train on "
+                    "every image.", files)]
