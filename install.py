@@ -5,8 +5,9 @@ to its installed version (a constraint file), so it can only add what is missing
 pulled protobuf 7 into a WebUI venv and the WebUI never started again; nothing optional is installed here.
 The WebUI path needs peft on top of the WebUI's venv (0.13.2: later ones need a newer transformers) and
 ImageHash for the dataset check's near duplicates (its numpy, scipy, Pillow and PyWavelets are in every WebUI
-venv, so it goes in alone); the rest is installed only when missing, which in a WebUI venv it never is. After installing, the engine modules
-the WebUI loads are imported in a fresh interpreter; if they fail, what was just added is uninstalled again.
+venv, so it goes in alone); the rest is installed only when missing, which in a WebUI venv it never is. After
+installing, the engine modules the WebUI loads are imported in a fresh interpreter; if they fail, what was just
+added is uninstalled again.
 When nothing is missing it is a fast no-op: metadata look-ups, no pip. Prints one line.
 
 Users' venvs are often inconsistent already (an extension pinned something; `pip check` complains), and pip's
