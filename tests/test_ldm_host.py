@@ -355,7 +355,7 @@ def test_sd1_lora_is_the_same_in_memory_in_diffusers_and_in_the_webui(tmp_path):
     assert patched == 6 * M.CLIP_CONFIG["num_hidden_layers"]
     with torch.no_grad():
         _close(pipe.unet(noisy, timesteps, encoder_hidden_states=base_context).sample, memory_out)
-        _close(pipe.text_encoder(tokens[0]).last_hidden_state, memory_context)
+        _close(pipe.text_encoder(tokens.ids[0]).last_hidden_state, memory_context)
 
 
 @pytest.mark.parametrize("build,unet_params", [(M.tiny_sdxl, M.SDXL_UNET), (M.tiny_sd2, M.SD2_UNET)])
