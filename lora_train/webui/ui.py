@@ -92,9 +92,10 @@ def build_ui(runner: JobRunner, settings: UISettings) -> gr.Blocks:
             with make(gr.Tab, label="Training", id="training"):
                 with gr.Row():
                     with gr.Column(scale=3):
+                        # points drawn too: a short run reads the training loss once, and one point makes no line
                         loss_plot = make(gr.LinePlot, value=loss_frame(None), x="step", y="loss", color="series",
                                          title="Loss (training and validation)", height=260, width=520,
-                                         elem_id="lora_train_loss")
+                                         overlay_point=True, elem_id="lora_train_loss")
                         validation_note = make(gr.Markdown, value=validation_text(None),
                                                elem_id="lora_train_validation")
                     with gr.Column(scale=2):
