@@ -8,11 +8,14 @@ then boot it with ``WEBUI_CKPT=FILE`` (tests/webui/run.sh passes the environment
 - The model is ldm's LatentDiffusion from the WebUI's own v2-inference-v.yaml
   (repositories/stable-diffusion-stability-ai), so keys and shapes are an SD2.1-v checkpoint's; open_clip is
   asked for no pretrained weights (ViT-H-14 text tower, 24 layers, width 1024; its visual tower deleted by ldm).
-- fp32, not fp16: on CPU with --no-half, A1111 v1.10.1's own v-detection (below) loads an fp16 SD2 file into a
-  UNet that then mixes fp32 inputs with fp16 biases and fails ("Input type (float) and bias type (c10::Half)"),
-  so the WebUI does not load it at all (seen 2026-12-05; a fix in the WebUI's code, not ours).
+- ``FILE.yaml`` (a copy of v2-inference-v.yaml) is written beside it: A1111's own name for a checkpoint's config,
+  which skips the guess below. Booted on CPU with --no-half, A1111 v1.10.1 cannot load an SD2 checkpoint
+  without it, whatever the file's dtype: its v-test casts the UNet to ``devices.dtype_unet``, still fp16 at the
+  first load (set to fp32 only later, in load_model_weights), and feeds it fp32 inputs ("Input type (float) and
+  bias type (c10::Half)"; seen 2026-12-05 with an fp16 and an fp32 file; a bug in the WebUI, not ours).
+- Saved in fp32, the precision --no-half runs it in.
 - Zero-initialised output layers are re-randomised (as the harness' SD1.5/SDXL makers do), so every block counts.
-- v-prediction is not in an SD2 checkpoint's weights: A1111 v1.10.1 guesses it
+- v-prediction is not in an SD2 checkpoint's weights: without a yaml (on a GPU, say) A1111 v1.10.1 guesses it
   (``sd_models_config.is_using_v_parameterization_for_sd2``: the UNet at t=999 on a constant input must return a
   mean below -1 minus the input). The maker runs that same test and shifts the UNet's last bias until the WebUI
   will pick v2-inference-v.yaml, and asserts it.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -71,7 +75,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     config = OmegaConf.load(os.path.join(repo, "configs", "stable-diffusion", "v2-inference-v.yaml"))
     assert config.model.params.parameterization == "v"
-    config.model.params.unet_config.params.use_fp16 = False  # weights are saved in fp16 anyway; fp32 maths here
+    config.model.params.unet_config.params.use_fp16 = False  # fp32 weights, saved as they are
     model = instantiate_from_config(config.model).eval()
     print(f"re-randomised {rerandomise_zero_layers(model, torch)} zero-initialised layers")
     unet = model.model.diffusion_model
@@ -89,6 +93,9 @@ def main() -> None:
     tmp = args.out + ".part"
     save_file(tensors, tmp, metadata={"format": "pt", "acceptance_harness": f"random SD2.1-v, seed {args.seed}"})
     os.replace(tmp, args.out)
+    config_beside = os.path.splitext(args.out)[0] + ".yaml"
+    shutil.copyfile(os.path.join(repo, "configs", "stable-diffusion", "v2-inference-v.yaml"), config_beside)
+    print(f"wrote {config_beside}: the WebUI takes the config from it instead of guessing")
     print(f"saved {len(tensors)} tensors to {args.out} ({os.path.getsize(args.out) / 2**30:.2f} GiB) in "
           f"{time.time() - started:.0f}s; peak RSS {open('/proc/self/status').read().split('VmHWM:')[1].split()[0]} kB")
 
