@@ -38,8 +38,9 @@ def _wait_grid(webui: WebUI, grid_id: str) -> dict:
 @pytest.fixture(scope="module")
 def made(webui: WebUI, dataset, run_id: str) -> dict:
     name = f"{run_id}-grid"
+    # the loss read every step, so the tab's screenshot shows a training line beside the validation one
     body = train_body(dataset, name, 4, save_every_n_steps=2, learning_rate=1e-2, validation_split=0.25,
-                      validate_every_n_steps=2)
+                      validate_every_n_steps=2, log_every_n_steps=1)
     reply = webui.submit(body)
     assert reply.status == 200, reply.body
     job = webui.wait(reply.body["id"])
