@@ -63,7 +63,8 @@ def test_findings_on_load_block_train_and_the_fix_moves_the_file(page: Any, webu
                            timeout=JOB_TIMEOUT_S * 1000)
     status = text(page, "lora_train_status")
     assert blocker in status, (blocker, status)  # the same sentence
-    assert "step" not in text(page, "lora_train_progress").lower() or "Idle" in text(page, "lora_train_progress")
+    # no job of this run started (the progress may still show an earlier job of this WebUI session)
+    assert f"{run_id}-doctor" not in text(page, "lora_train_progress")
     shot(page, webui, "doctor-blocked")
 
     open_check(page)
