@@ -97,8 +97,12 @@ class Report:
         return f"dataset check: {_plural(images, 'image')}{reg_text}, {', '.join(counts)} ({self.seconds:.1f} s)"
 
     def error_text(self) -> str:
-        """What stops training, as the training error says it: every error with its files."""
-        return "dataset problems:\n" + "\n".join("\n  ".join([f.message, *f.lines(50)]) for f in self.errors)
+        """What stops training, as the training error says it: every error with its files; one error that names
+        no file (no folder, say) is its own one-line sentence."""
+        errors = self.errors
+        if len(errors) == 1 and not errors[0].files:
+            return errors[0].message
+        return "dataset problems:\n" + "\n".join("\n  ".join([f.message, *f.lines(50)]) for f in errors)
 
     def text(self, limit: int = 20) -> str:
         """The plain-text report (the CLI's): summary, then findings by severity with their files."""
