@@ -59,11 +59,14 @@ def conditioning(body: dict = Body(...)) -> dict:  # noqa: B008 - FastAPI's own 
     from lora_train.webui.a1111 import WebUIHost
 
     with queue_lock:
-        saved = {key: getattr(shared.opts, key) for key in SETTINGS}
+        # only the settings this host has (Forge Classic has no "Clip skip SDXL"), restored afterwards
+        saved = {key: getattr(shared.opts, key) for key in SETTINGS if hasattr(shared.opts, key)}
+        asked = {"CLIP_stop_at_last_layers": int(body.get("clip_skip", 1)),
+                 "sdxl_clip_l_skip": bool(body.get("sdxl_clip_l_skip", False)),
+                 "emphasis": body.get("emphasis", "Original")}
         try:
-            shared.opts.CLIP_stop_at_last_layers = int(body.get("clip_skip", 1))
-            shared.opts.sdxl_clip_l_skip = bool(body.get("sdxl_clip_l_skip", False))
-            shared.opts.emphasis = body.get("emphasis", "Original")
+            for key in saved:
+                setattr(shared.opts, key, asked[key])
             model = shared.sd_model
             cfg = TrainConfig(max_token_length=int(body.get("max_token_length", 225)),
                               weighted_captions=bool(body.get("weighted_captions", False)))
