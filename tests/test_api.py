@@ -139,6 +139,8 @@ def _namespace(tmp_path: Path, model, **cmd) -> SimpleNamespace:
     samples: list[dict] = []
 
     class Txt2Img:
+        scripts = None  # as in the WebUI: a txt2img made in code has no script runner unless given one
+
         def __init__(self, **kwargs) -> None:
             self.kwargs = kwargs
 
@@ -147,6 +149,8 @@ def _namespace(tmp_path: Path, model, **cmd) -> SimpleNamespace:
 
     def process_images(p):
         assert lock.held, "samples are made while training holds the queue lock"
+        # reForge reads the alwayson scripts without a None check (modules/processing.py at 3b56b268)
+        assert not [s for s in p.scripts.alwayson_scripts if s.name == "advanced model sampling for reforge"]
         if p.kwargs["prompt"] == "break txt2img":
             raise RuntimeError("an extension broke txt2img")
         samples.append(p.kwargs)
@@ -166,7 +170,9 @@ def _namespace(tmp_path: Path, model, **cmd) -> SimpleNamespace:
         "shared": shared,
         "call_queue": SimpleNamespace(queue_lock=lock),
         "script_callbacks": SimpleNamespace(**{f"on_{k}": callbacks[k].append for k in callbacks}),
-        "processing": SimpleNamespace(StableDiffusionProcessingTxt2Img=Txt2Img, process_images=process_images),
+        "processing": SimpleNamespace(StableDiffusionProcessingTxt2Img=Txt2Img, process_images=process_images,
+                                      scripts=SimpleNamespace(ScriptRunner=lambda: SimpleNamespace(
+                                          alwayson_scripts=[]))),
         "paths": SimpleNamespace(models_path=str(webui / "models")),
         "deepbooru": SimpleNamespace(model=None),
     }

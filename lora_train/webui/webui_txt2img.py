@@ -29,6 +29,10 @@ def txt2img(processing: Any, shared: Any, during: str, **settings: Any) -> Any:
         sd_model=model, batch_size=1, n_iter=1, do_not_save_samples=True, do_not_save_grid=True,
         override_settings=keep_loaded_model(model), override_settings_restore_afterwards=True, **settings,
     )
+    # An empty script runner rather than none: reForge's process_images reads ``p.scripts.alwayson_scripts``
+    # without a None check (modules/processing.py at 3b56b268), so every image failed there. With no scripts in
+    # it nothing runs, as with None on A1111, Forge Classic and Forge 2 (all three import the same runner).
+    p.scripts = processing.scripts.ScriptRunner()
     try:
         processed = processing.process_images(p)
     finally:
