@@ -275,3 +275,19 @@ def test_forge_without_its_model_manager_refuses_a_merged_model_clearly() -> Non
     lora_generation(model, ModelManagement())
     with pytest.raises(HostError, match="model manager"):
         detect_host(model, lambda: None).undo_prompt_lora(model, None, print)
+
+
+def test_the_grid_check_passes_forges_rewrapped_weights_and_catches_a_changed_byte() -> None:
+    """Forge's unpatch (ldm_patched utils.set_attr / set_attr_param) puts each LoRA-patched weight back as
+    ``Parameter(original, requires_grad=False)``: same bytes, same storage, a flag that Forge loaded as True."""
+    model = forge_model()
+    snapshot = HostSnapshot.take(model, full=True)
+    out = model.model.diffusion_model.out[2]
+    out.weight = torch.nn.Parameter(out.weight.data, requires_grad=False)
+    snapshot.verify(requires_grad=False)
+    with pytest.raises(RuntimeError, match="requires_grad"):
+        snapshot.verify()
+    with torch.no_grad():
+        out.weight[0, 0, 0, 0] += 1
+    with pytest.raises(RuntimeError, match="tensor"):
+        snapshot.verify(requires_grad=False)

@@ -247,7 +247,8 @@ class WebUIHost(TrainHost):
                     yield webui_renderer(self.processing(), self.shared, spec, names)
             finally:
                 host.undo_prompt_lora(model, networks, log)
-            snapshot.verify()
+            # every byte and where it lives; not the requires_grad flags, which Forge's own unpatch resets
+            snapshot.verify(requires_grad=False)
             log("the loaded model is unchanged after the grid")
 
     def report(self, job: Job) -> None:

@@ -46,13 +46,14 @@ class HostSnapshot:
         snap.forward_overrides = {n for n, m in modules if "forward" in m.__dict__}
         return snap
 
-    def diff(self) -> list[str]:
-        """Human-readable differences between the snapshot and the model now (empty when identical)."""
+    def diff(self, requires_grad: bool = True) -> list[str]:
+        """Human-readable differences between the snapshot and the model now (empty when identical);
+        ``requires_grad=False`` leaves the flags out (see ``verify``)."""
         now = HostSnapshot.take(self.model, self.full)
         problems = []
         for label, before, after in (
             ("tensor", self.tensors, now.tensors),
-            ("requires_grad", self.requires_grad, now.requires_grad),
+            ("requires_grad", self.requires_grad if requires_grad else {}, now.requires_grad if requires_grad else {}),
             ("training", self.training, now.training),
             ("module", self.modules, now.modules),
         ):
@@ -64,9 +65,11 @@ class HostSnapshot:
             problems.append(f"instance forward override on {name!r} {state}")
         return problems
 
-    def verify(self) -> None:
-        """Raise RuntimeError listing the first differences if the host model changed."""
-        problems = self.diff()
+    def verify(self, requires_grad: bool = True) -> None:
+        """Raise RuntimeError listing the first differences if the host model changed. ``requires_grad=False``
+        for what only generated images (the grid): Forge's patchers put each LoRA-patched weight back as a new
+        ``Parameter(requires_grad=False)`` over the same storage, as after any ``<lora:…>`` txt2img there."""
+        problems = self.diff(requires_grad)
         if problems:
             shown = "\n  ".join(problems[:20])
             raise RuntimeError(f"host model changed in {len(problems)} place(s):\n  {shown}")
