@@ -20,9 +20,25 @@ from modules.call_queue import queue_lock
 SETTINGS = ("CLIP_stop_at_last_layers", "sdxl_clip_l_skip", "emphasis")
 
 
+# Forge 2's backend engines hold their tokenizers as text processing engines, not as embedders of an ldm model
+FORGE_ENGINES = ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g")
+
+
 def _webui_tokens(model) -> list:
-    embedders = model.conditioner.embedders if hasattr(model, "conditioner") else [model.cond_stage_model]
+    if hasattr(model, "conditioner"):
+        embedders = model.conditioner.embedders
+    elif hasattr(model, "cond_stage_model"):
+        embedders = [model.cond_stage_model]
+    else:
+        embedders = [getattr(model, name) for name in FORGE_ENGINES if hasattr(model, name)]
     return [e for e in embedders if hasattr(e, "tokenize_line")]
+
+
+def _apply_clip_skip(model) -> None:
+    """Forge 2 reads "Clip skip" only when processing hands it to the engine (``processing.py`` calls
+    ``set_clip_skip`` before every prompt); the other hosts read the setting while encoding."""
+    if hasattr(model, "set_clip_skip"):
+        model.set_clip_skip(int(shared.opts.CLIP_stop_at_last_layers))
 
 
 def _ids(embedder, prompt: str) -> list[int]:
@@ -68,6 +84,7 @@ def conditioning(body: dict = Body(...)) -> dict:  # noqa: B008 - FastAPI's own 
             for key in saved:
                 setattr(shared.opts, key, asked[key])
             model = shared.sd_model
+            _apply_clip_skip(model)
             cfg = TrainConfig(max_token_length=int(body.get("max_token_length", 225)),
                               weighted_captions=bool(body.get("weighted_captions", False)))
             bundle = WebUIHost(shared, queue_lock)._bundle(cfg)
@@ -92,6 +109,7 @@ def conditioning(body: dict = Body(...)) -> dict:  # noqa: B008 - FastAPI's own 
         finally:
             for key, value in saved.items():
                 setattr(shared.opts, key, value)
+            _apply_clip_skip(shared.sd_model)
 
 
 def on_app_started(_demo, app: FastAPI) -> None:
