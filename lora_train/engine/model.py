@@ -48,6 +48,21 @@ class LoraTarget:
     prepare: Callable[[], Callable[[], None]] | None = field(default=None, compare=False, repr=False)
 
 
+class UnetPlacement:
+    """``device`` and ``dtype`` of a bundle, read off its UNet's first parameter: where and in what the model
+    trains. Not diffusers' ``ModelMixin.device``/``.dtype``: those walk every parameter, ~5 ms a call on SD1.5."""
+
+    unet: nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+
 class ModelBundle(Protocol):
     """A loaded diffusion model as the trainer sees it."""
 

@@ -18,7 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from lora_train.engine.config.settings import TrainConfig
 from lora_train.engine.data.prompt_chunks import PromptTokens, TokenRules, encode_chunks, hf_rules, tokenize_captions
 from lora_train.engine.devices import frozen_dtype, pick_device
-from lora_train.engine.model import Conditioning, Family, LoraTarget, Parameterization
+from lora_train.engine.model import Conditioning, Family, LoraTarget, Parameterization, UnetPlacement
 from lora_train.engine.network import kohya_names
 from lora_train.engine.output.weights import WeightsFileError
 from lora_train.hosts import checkpoint_convert
@@ -35,7 +35,7 @@ def sd_alphas_cumprod() -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
-class DiffusersBundle:
+class DiffusersBundle(UnetPlacement):
     """diffusers UNet + VAE + transformers CLIP text encoder(s) behind the ModelBundle interface."""
 
     def __init__(
@@ -63,15 +63,6 @@ class DiffusersBundle:
         self.alphas_cumprod = sd_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
         self.scaling_factor = float(vae.config.scaling_factor)
         self.zero_terminal_snr = False  # what the model declares (a checkpoint's ztsnr key); the config decides
-
-    @property
-    def device(self) -> torch.device:
-        # not ModelMixin.device/.dtype: those walk every parameter, ~5 ms per call on SD1.5
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusersBundle:
         for module in (self.unet, self.vae, *self.text_encoders):

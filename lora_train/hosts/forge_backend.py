@@ -31,7 +31,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from lora_train.engine.data.prompt_chunks import PromptTokens
-from lora_train.engine.model import Conditioning, Family, LoraTarget, Parameterization
+from lora_train.engine.model import Conditioning, Family, LoraTarget, Parameterization, UnetPlacement
 from lora_train.engine.network import kohya_names
 from lora_train.hosts.ldm import checkpoint_name
 from lora_train.hosts.vae_fallback import encode_finite
@@ -59,7 +59,7 @@ def engine_family(sd_model: Any) -> Family:
     return family
 
 
-class ForgeBackendBundle:
+class ForgeBackendBundle(UnetPlacement):
     """Forge's backend engine behind the ModelBundle interface; every module is the host's own."""
 
     shares_host_weights = True  # the trainer must not re-layout these weights (channels_last copies the UNet)
@@ -95,14 +95,6 @@ class ForgeBackendBundle:
         self.layers_per_block = int(blocks if isinstance(blocks, int) else blocks[0])
         self.gradient_checkpointing = False
         self._blocks = [m for m in self.unet.modules() if callable(getattr(type(m), "_forward", None))]
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
 
     # -- text ---------------------------------------------------------------------------------------------------
     def tokenize(self, captions: list[str], max_chunks: int = 1, weighted: bool = False) -> PromptTokens:

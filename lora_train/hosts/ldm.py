@@ -32,7 +32,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from lora_train.engine.data.prompt_chunks import PromptTokens, TokenRules, encode_chunks, hf_rules, tokenize_captions
-from lora_train.engine.model import Conditioning, Family, LoraTarget, Parameterization
+from lora_train.engine.model import Conditioning, Family, LoraTarget, Parameterization, UnetPlacement
 from lora_train.engine.network import fused_attention, kohya_names
 from lora_train.hosts.ldm_embedders import detect_family, inner, is_hf_clip, is_open_clip
 from lora_train.hosts.vae_fallback import encode_finite
@@ -40,7 +40,7 @@ from lora_train.hosts.vae_fallback import encode_finite
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 
 
-class LdmBundle:
+class LdmBundle(UnetPlacement):
     """The WebUI's live ldm/sgm model behind the ModelBundle interface; every module is the host's own."""
 
     # the trainer must not re-layout these weights (channels_last would copy the whole UNet)
@@ -121,14 +121,6 @@ class LdmBundle:
                 raise ValueError(f"SDXL conditioner input {key!r} is not supported (is this the SDXL refiner?)")
         if text_seen != 2:
             raise ValueError(f"SDXL conditioner has {text_seen} text encoders; SDXL base has two")
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
 
     # -- text ---------------------------------------------------------------------------------------------------
     def token_rules(self) -> list[TokenRules]:
