@@ -609,3 +609,12 @@ def test_doctor_reports_blocks_the_job_with_the_same_sentence_and_fixes(webui, t
     outside.mkdir()
     assert client.post("/lora-train/v1/doctor", json={"train_data_dir": str(outside)}).status_code == 403
     assert client.post("/lora-train/v1/doctor/fix", json={**body, "fix": "delete"}).status_code == 422
+
+
+def test_a_long_session_keeps_the_newest_jobs_and_forgets_the_oldest() -> None:
+    from lora_train.webui.jobs import MAX_KEPT_JOBS, remember
+
+    jobs: dict[str, int] = {}
+    for n in range(MAX_KEPT_JOBS + 5):
+        remember(jobs, f"job{n}", n)
+    assert list(jobs) == [f"job{n}" for n in range(5, MAX_KEPT_JOBS + 5)]

@@ -124,7 +124,7 @@ class GridRunner:
         return None
 
     def submit(self, request: dict[str, Any]) -> GridJob:
-        from lora_train.webui.jobs import MAX_KEPT_JOBS, BusyError
+        from lora_train.webui.jobs import BusyError, remember
 
         lora, spec, folder = self.plan(request)
         with self._lock:
@@ -134,9 +134,7 @@ class GridRunner:
             if self.active is not None:
                 raise BusyError("a grid is being made; wait for it or press Stop")
             job = GridJob(uuid.uuid4().hex[:12], lora, spec, folder, total=spec.cell_count())
-            self.jobs[job.id] = job
-            for old in list(self.jobs)[:-MAX_KEPT_JOBS]:
-                del self.jobs[old]
+            remember(self.jobs, job.id, job)
         threading.Thread(target=self._run, args=(job,), name=f"lora-grid-{job.id}", daemon=True).start()
         return job
 

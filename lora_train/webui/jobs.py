@@ -222,6 +222,14 @@ class _JobCallbacks(TrainCallbacks):
         return self.job.stop_event.is_set() or self.host.interrupted()
 
 
+def remember(jobs: dict[str, Any], job_id: str, job: Any) -> None:
+    """Add a job (training or grid) and forget the oldest past ``MAX_KEPT_JOBS``: a long WebUI session must not
+    keep every finished job's log."""
+    jobs[job_id] = job
+    for old in list(jobs)[:-MAX_KEPT_JOBS]:
+        del jobs[old]
+
+
 def describe_run(cfg: TrainConfig, result: TrainResult, model_name: str) -> str:
     """The sidecar's description: what was trained, on what, how far (rank, alpha and lr as the run used them)."""
     facts = result.facts
@@ -302,9 +310,7 @@ class JobRunner:
             job = Job(id=uuid.uuid4().hex[:12], cfg=cfg, output_root=policy.output_root)
             for report in reports:
                 job.add_log(report.summary())
-            self.jobs[job.id] = job
-            for old in list(self.jobs)[:-MAX_KEPT_JOBS]:
-                del self.jobs[old]
+            remember(self.jobs, job.id, job)
         threading.Thread(target=self._run, args=(job,), name=f"lora-train-{job.id}", daemon=True).start()
         return job
 
