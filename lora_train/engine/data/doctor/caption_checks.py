@@ -39,12 +39,13 @@ def _tokens(text: str, rules: TokenRules) -> int:
     return sum(len(rules.encode(piece)) for piece, _ in parse_attention(text) if piece != "BREAK")
 
 
-def cut_point(text: str, rules: TokenRules, limit: int) -> tuple[int, str]:
+def cut_point(text: str, chunks: list[tuple[list, list[float]]], rules: TokenRules, limit: int) -> tuple[int, str]:
     """(tokens in the caption, the words from the first one training does not read whole) for a limit of
-    ``limit`` chunks. Chunking keeps the tokens in order (a comma backtrack only moves a tail on to the next
-    chunk), so training reads the caption's first k tokens, k = what the first ``limit`` chunks hold; the cut is
-    the first word whose prefix needs more (a binary search over word prefixes with the real tokenizer)."""
-    kept = sum(1 for ids, _ in _chunks(text, rules)[:limit] for t in ids if t is not _START and t is not _END)
+    ``limit`` chunks, given the caption's ``chunks``. Chunking keeps the tokens in order (a comma backtrack only
+    moves a tail on to the next chunk), so training reads the caption's first k tokens, k = what the first
+    ``limit`` chunks hold; the cut is the first word whose prefix needs more (a binary search over word prefixes
+    with the real tokenizer)."""
+    kept = sum(1 for ids, _ in chunks[:limit] for t in ids if t is not _START and t is not _END)
     words = text.split()
     low, high = 0, len(words)
     while low < high:
@@ -88,8 +89,9 @@ def _too_long(train: list[Entry], cfg: TrainConfig, tokenize: Tokenize | None) -
     notes = {}
     for entry in train:
         text = caption_text.with_trigger(entry.caption or "", cfg.trigger_word)
-        if len(_chunks(text, rules)) > limit:
-            total, dropped = cut_point(text, rules, limit)
+        chunks = _chunks(text, rules)
+        if len(chunks) > limit:
+            total, dropped = cut_point(text, chunks, rules, limit)
             shown = dropped if len(dropped) <= 60 else dropped[:57] + "..."
             notes[str(entry.path)] = f"{total} tokens; cut from '{shown}'"
     if not notes:
