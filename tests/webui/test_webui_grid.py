@@ -168,8 +168,14 @@ def test_the_tab_shows_the_validation_curve_and_a_click_on_the_grid_sets_the_wei
         field.fill(value)
         field.press("Tab")
     page.locator("#lora_train_grid_make").click()
+    # the grid's image, or the refusal the panel shows instead (a blind wait would hide it for ten minutes)
+    page.wait_for_function("document.querySelector('#lora_train_grid_image img') || "
+                           "document.querySelector('#lora_train_grid_status').innerText.includes('⚠️')", timeout=600_000)
+    status = text(page, "lora_train_grid_status")
+    if "⚠️" in status:
+        shot(page, webui, "judge-grid-refused")
+    assert "⚠️" not in status, status
     image = page.locator("#lora_train_grid_image img").first
-    image.wait_for(timeout=600_000)
     natural = image.evaluate("img => [img.naturalWidth, img.naturalHeight, img.clientWidth, img.clientHeight]")
     left, top = max(96, 64 // 2), max(40, 64 // 6)
     x, y = left + 2 * 64 + 32, top + 64 + 32  # row 1 (the final step), column 2 (strength 1.0)
