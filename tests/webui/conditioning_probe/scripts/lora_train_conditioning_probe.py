@@ -25,12 +25,13 @@ FORGE_ENGINES = ("text_processing_engine", "text_processing_engine_l", "text_pro
 
 
 def _webui_tokens(model) -> list:
-    if hasattr(model, "conditioner"):
+    engines = [getattr(model, name) for name in FORGE_ENGINES if hasattr(model, name)]
+    if engines:  # Forge 2 (its engines keep a legacy cond_stage_model attribute, set to None)
+        embedders = engines
+    elif hasattr(model, "conditioner"):
         embedders = model.conditioner.embedders
-    elif hasattr(model, "cond_stage_model"):
-        embedders = [model.cond_stage_model]
     else:
-        embedders = [getattr(model, name) for name in FORGE_ENGINES if hasattr(model, name)]
+        embedders = [model.cond_stage_model]
     return [e for e in embedders if hasattr(e, "tokenize_line")]
 
 
