@@ -189,6 +189,25 @@ def _choices(dropdown) -> list:
     return [c[1] if isinstance(c, (tuple, list)) else c for c in dropdown.choices]
 
 
+def test_components_keep_their_arguments_under_a_hosts_constructor_patch(monkeypatch) -> None:
+    """reForge replaces ``gr.Image.__init__`` by a ``(self, *args, **kwargs)`` wrapper; the grid's image lost its
+    elem_id, label and type there (the tab check found no ``#lora_train_grid_image``)."""
+    gr = ui_gradio.gr
+    original = gr.Image.__init__
+
+    def host_patch(self, *args, **kwargs):  # what reForge's modules/gradio_extensons.py does
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(gr.Image, "__init__", host_patch)
+    with gr.Blocks():
+        image = ui_gradio.make(gr.Image, label="Grid", type="filepath", interactive=False, elem_id="grid_image")
+    assert (image.elem_id, image.label, image.type) == ("grid_image", "Grid", "filepath")
+    with gr.Blocks():  # without the patch, arguments this gradio does not name are still left out
+        monkeypatch.setattr(gr.Image, "__init__", original)
+        plain = ui_gradio.make(gr.Image, label="Grid", elem_id="plain", no_such_argument=1)
+    assert plain.elem_id == "plain"
+
+
 def test_widget_values_round_trip_through_the_config() -> None:
     cfg = TrainConfig(train_data_dir="/d", trigger_word="zz", v_parameterization=True, max_train_steps=12,
                       min_snr_gamma=5.0, unet_lr=None, loss_type="smooth_l1", min_timestep=10, ip_noise_gamma=0.1,

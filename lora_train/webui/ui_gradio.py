@@ -15,10 +15,19 @@ GRADIO_MAJOR = int(gr.__version__.split(".")[0])
 QUEUE_WORKERS = 64
 
 
+_CATCH_ALL = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
 def accepted(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments ``fn`` names in this gradio version (catch-all ``**kwargs`` do not count)."""
-    names = inspect.signature(fn).parameters
-    return {k: v for k, v in kwargs.items() if k in names}
+    """The keyword arguments ``fn`` names in this gradio version (a catch-all ``**kwargs`` beside named parameters
+    does not count). A host's patch that names nothing, ``(self, *args, **kwargs)``, hands everything on to the
+    constructor it wraps (reForge wraps ``gr.Image.__init__`` so), so it gets everything: filtered on, it would
+    drop every argument, ``elem_id``, ``label`` and ``type`` included."""
+    parameters = inspect.signature(fn).parameters.values()
+    named = {p.name for p in parameters if p.kind not in _CATCH_ALL} - {"self"}
+    if not named and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in named}
 
 
 def make(cls: type, **kwargs: Any) -> Any:
