@@ -81,8 +81,9 @@ def grid_panel(runner: JobRunner) -> dict[str, Any]:
                 parts["stop"] = make(gr.Button, value="Stop grid", elem_id="lora_train_grid_stop")
             parts["status"] = make(gr.Markdown, value=grid_status(grids.current), elem_id="lora_train_grid_status")
         with gr.Column(scale=3):
+            # no label badge: it would cover the grid's own title line (the prompt); rows and columns name themselves
             parts["image"] = make(gr.Image, label="Grid: rows are saved steps, columns strengths (click a cell)",
-                                  interactive=False, type="filepath", elem_id="lora_train_grid_image")
+                                  show_label=False, interactive=False, type="filepath", elem_id="lora_train_grid_image")
             parts["choice"] = make(gr.Markdown, value="", elem_id="lora_train_grid_choice")
             parts["keep"] = make(gr.Button, value="Keep this step's file as the final LoRA", visible=False,
                                  elem_id="lora_train_grid_keep")
