@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from fastapi import Body, FastAPI
-from modules import script_callbacks, shared
+from modules import script_callbacks, sd_models, shared
 from modules.call_queue import queue_lock
 
 SETTINGS = ("CLIP_stop_at_last_layers", "sdxl_clip_l_skip", "emphasis")
@@ -84,6 +84,8 @@ def conditioning(body: dict = Body(...)) -> dict:  # noqa: B008 - FastAPI's own 
         try:
             for key in saved:
                 setattr(shared.opts, key, asked[key])
+            if hasattr(sd_models, "forge_model_reload"):  # Forge 2 loads the checkpoint at first use, as here
+                sd_models.forge_model_reload()
             model = shared.sd_model
             _apply_clip_skip(model)
             cfg = TrainConfig(max_token_length=int(body.get("max_token_length", 225)),
