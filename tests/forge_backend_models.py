@@ -365,7 +365,9 @@ class StableDiffusionXL(_Engine):
         tokenizer = build_clip_tokenizer()
         common = dict(clip_skip=2, minimal_clip_skip=2, final_layer_norm=False)
         self.text_processing_engine_l = ClassicTextProcessingEngine(clip_l, tokenizer, **common)
-        self.text_processing_engine_g = ClassicTextProcessingEngine(clip_g, tokenizer, return_pooled=True,
+        # Forge's tokenizer_2 (OpenCLIP's) pads with "!" (id 0), not with the end token
+        self.text_processing_engine_g = ClassicTextProcessingEngine(clip_g, build_clip_tokenizer(pad_token="!"),
+                                                                    return_pooled=True,
                                                                     text_projection=True, key="clip_g", **common)
         self.embedder = Timestep(M.SIZE_DIM)
 

@@ -218,6 +218,22 @@ def test_sdxl_conditioning_is_the_engines_own() -> None:
         assert torch.equal(bundle.vector(cond, torch.zeros(1, 4, 128, 128)), expected["vector"])
 
 
+def test_sdxl_token_ids_are_what_each_engine_feeds_its_encoder() -> None:
+    """CLIP-G reads its pad token ("!", id 0) after the end token: Forge's process_tokens pads so. The ids the bundle
+    gives (what the trainer caches, what the acceptance probe compares with Forge's own) are those; the real Forge 2
+    SDXL run found the end token repeated there instead."""
+    engine = F.forge_load(F.StableDiffusionXL())
+    bundle = ForgeBackendBundle(engine)
+    caption = "a photo of a cat"
+    ids = bundle.tokenize([caption]).ids
+    for text_engine, row in zip((engine.text_processing_engine_l, engine.text_processing_engine_g), ids, strict=True):
+        text = text_engine.tokenizer(caption, add_special_tokens=False)["input_ids"]
+        end, pad = text_engine.tokenizer.eos_token_id, text_engine.tokenizer.pad_token_id
+        expected = [text_engine.tokenizer.bos_token_id, *text, end] + [pad] * (75 - len(text))
+        assert row[0].tolist() == expected
+    assert ids[1][0].tolist()[-1] == 0  # OpenCLIP's "!"
+
+
 def test_sdxl_trains_unet_and_both_text_encoders_under_forges_key_names(tmp_path, dataset_dir) -> None:
     engine, manager = F.forge_load(F.StableDiffusionXL()), F.MemoryManagement()
     host = _host(engine, manager)

@@ -30,7 +30,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from lora_train.engine.data.prompt_chunks import PromptTokens
+from lora_train.engine.data.prompt_chunks import PromptTokens, pad_after_end
 from lora_train.engine.model import Conditioning, Family, LoraTarget, Parameterization, UnetPlacement
 from lora_train.engine.network import kohya_names
 from lora_train.hosts.ldm import checkpoint_name
@@ -106,7 +106,10 @@ class ForgeBackendBundle(UnetPlacement):
             kept = [chunks[:max_chunks] for chunks in batch_chunks]
             count = max(len(chunks) for chunks in kept)
             padded = [chunks + [engine.empty_chunk() for _ in range(count - len(chunks))] for chunks in kept]
-            ids.append(torch.tensor([[tok for chunk in chunks for tok in chunk.tokens] for chunks in padded]))
+            # the ids as the engine's process_tokens feeds them to its encoder (OpenCLIP's 0 after the end token)
+            ids.append(torch.tensor([[tok for chunk in chunks for tok in pad_after_end(chunk.tokens, engine.id_end,
+                                                                                     engine.id_pad)]
+                                     for chunks in padded]))
             weights = [[w if weighted else 1.0 for chunk in chunks for w in chunk.multipliers] for chunks in padded]
             multipliers.append(torch.tensor(weights, dtype=torch.float32))
         return PromptTokens(ids, multipliers)

@@ -105,6 +105,13 @@ def empty_chunk(rules: TokenRules) -> tuple[list[int], list[float]]:
     return [rules.start, *([rules.end] * (CHUNK_LENGTH + 1))], [1.0] * (CHUNK_LENGTH + 2)
 
 
+def pad_after_end(chunk_ids: list[int], end: int, pad: int) -> list[int]:
+    """A chunk as its text encoder reads it: everything after the first end token is ``pad`` (the WebUI's
+    ``process_tokens``; OpenCLIP pads with 0, SD1's CLIP with the end token itself)."""
+    first_end = chunk_ids.index(end)
+    return chunk_ids[: first_end + 1] + [pad] * (len(chunk_ids) - first_end - 1)
+
+
 def tokenize_captions(
     captions: Sequence[str], rules: Sequence[TokenRules], limit: int, parse: bool = True, weighted: bool = False,
 ) -> PromptTokens:
@@ -125,8 +132,7 @@ def tokenize_captions(
             line = line + [empty_chunk(rule)] * (count - len(line))
             row_ids = []
             for chunk_ids, _ in line:
-                first_end = chunk_ids.index(rule.end)
-                row_ids += chunk_ids[: first_end + 1] + [rule.pad] * (len(chunk_ids) - first_end - 1)
+                row_ids += pad_after_end(chunk_ids, rule.end, rule.pad)
             batch_ids.append(row_ids)
             batch_weights.append([w if weighted else 1.0 for _, chunk_weights in line for w in chunk_weights])
         ids.append(torch.tensor(batch_ids, dtype=torch.long))
