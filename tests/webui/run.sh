@@ -91,10 +91,20 @@ echo "INSTALL_SECONDS=$(since "$t")"
 cp -r "$ROOT/tests/webui/conditioning_probe" "$PROBE_DIR"
 
 echo "== restart the WebUI ($HOST)"
-if [[ "$DEV" == 1 ]]; then
-  SKIP_PREPARE=1 HARNESS="$HARNESS" bash "${BOOT[@]}" "$WORKDIR" | tee "$OUT/boot.txt"
-else
-  HARNESS="$HARNESS" bash "${BOOT[@]}" "$WORKDIR" | tee "$OUT/boot.txt"
+boot() {
+  if [[ "$DEV" == 1 ]]; then
+    SKIP_PREPARE=1 HARNESS="$HARNESS" bash "${BOOT[@]}" "$WORKDIR" 2>&1 | tee "$OUT/boot.txt"
+  else
+    HARNESS="$HARNESS" bash "${BOOT[@]}" "$WORKDIR" 2>&1 | tee "$OUT/boot.txt"
+  fi
+}
+# A1111's own startup race: a request (the boot script's API poll) that lands between gradio's launch and
+# create_api builds starlette's middleware stack, and the WebUI then dies with "Cannot add middleware after an
+# application has started". Nothing of the extension is involved; boot once more.
+if ! boot; then
+  grep -q "Cannot add middleware after an application has started" "$OUT/boot.txt" || exit 1
+  echo "== the WebUI lost its startup race with the API poll; booting again"
+  boot
 fi
 cleanup() { [[ "$KEEP" == 1 ]] || bash "$HARNESS/stop.sh" "$WORKDIR"; rm -rf "$PROBE_DIR"; }
 trap cleanup EXIT
