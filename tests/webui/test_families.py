@@ -36,6 +36,10 @@ def _rss_mib(webui: WebUI) -> int:
 
 @pytest.fixture(scope="module")
 def family_runs(webui: WebUI, dataset, run_id: str) -> dict:
+    # idle after a plain generation, as test_memory measures it: Forge loads the UNet at the first one (and on CPU
+    # casts the file's fp16 weights to fp32 then), so a cold idle would count that load as training's
+    reply = webui.post("/sdapi/v1/txt2img", {**TXT2IMG, "prompt": PROMPT})
+    assert reply.status == 200, f"warm-up txt2img: HTTP {reply.status} {reply.body}"
     idle = _rss_mib(webui)
     hash_before = webui.base_hash()
     runs = []
