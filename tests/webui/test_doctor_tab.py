@@ -83,6 +83,9 @@ def test_findings_on_load_block_train_and_the_fix_moves_the_file(page: Any, webu
     page.locator("#lora_train_train").click()  # warnings (few images) do not stop it
     page.wait_for_function("() => /Started/.test(document.querySelector('#lora_train_status').innerText)",
                            timeout=JOB_TIMEOUT_S * 1000)
+    # the live view shows the earlier job's "Done" until its next tick (once a second): follow this job, not that
+    page.wait_for_function(f"() => document.querySelector('#lora_train_progress').innerText"
+                           f".includes('{run_id}-doctor')", timeout=JOB_TIMEOUT_S * 1000)
     seen = follow(page)
     assert seen[-1].startswith("Done"), seen[-1]
     assert field(page, "lora_train_snippet").input_value().startswith(f"<lora:{run_id}-doctor")
