@@ -107,9 +107,9 @@ class ForgeBackendBundle(UnetPlacement):
             count = max(len(chunks) for chunks in kept)
             padded = [chunks + [engine.empty_chunk() for _ in range(count - len(chunks))] for chunks in kept]
             # the ids as the engine's process_tokens feeds them to its encoder (OpenCLIP's 0 after the end token)
-            ids.append(torch.tensor([[tok for chunk in chunks for tok in pad_after_end(chunk.tokens, engine.id_end,
-                                                                                     engine.id_pad)]
-                                     for chunks in padded]))
+            rows = [[tok for chunk in chunks for tok in pad_after_end(chunk.tokens, engine.id_end, engine.id_pad)]
+                    for chunks in padded]
+            ids.append(torch.tensor(rows))
             weights = [[w if weighted else 1.0 for chunk in chunks for w in chunk.multipliers] for chunks in padded]
             multipliers.append(torch.tensor(weights, dtype=torch.float32))
         return PromptTokens(ids, multipliers)

@@ -50,13 +50,12 @@ class HostSnapshot:
         """Human-readable differences between the snapshot and the model now (empty when identical);
         ``requires_grad=False`` leaves the flags out (see ``verify``)."""
         now = HostSnapshot.take(self.model, self.full)
+        compared = [("tensor", self.tensors, now.tensors), ("training", self.training, now.training),
+                    ("module", self.modules, now.modules)]
+        if requires_grad:
+            compared.insert(1, ("requires_grad", self.requires_grad, now.requires_grad))
         problems = []
-        for label, before, after in (
-            ("tensor", self.tensors, now.tensors),
-            ("requires_grad", self.requires_grad if requires_grad else {}, now.requires_grad if requires_grad else {}),
-            ("training", self.training, now.training),
-            ("module", self.modules, now.modules),
-        ):
+        for label, before, after in compared:
             for name in sorted(before.keys() | after.keys()):
                 if before.get(name) != after.get(name):
                     problems.append(f"{label} {name}: {_short(before.get(name))} -> {_short(after.get(name))}")

@@ -91,13 +91,9 @@ echo "INSTALL_SECONDS=$(since "$t")"
 cp -r "$ROOT/tests/webui/conditioning_probe" "$PROBE_DIR"
 
 echo "== restart the WebUI ($HOST)"
-boot() {
-  if [[ "$DEV" == 1 ]]; then
-    SKIP_PREPARE=1 HARNESS="$HARNESS" bash "${BOOT[@]}" "$WORKDIR" 2>&1 | tee "$OUT/boot.txt"
-  else
-    HARNESS="$HARNESS" bash "${BOOT[@]}" "$WORKDIR" 2>&1 | tee "$OUT/boot.txt"
-  fi
-}
+SKIP=${SKIP_PREPARE:-0}
+[[ "$DEV" == 1 ]] && SKIP=1
+boot() { SKIP_PREPARE="$SKIP" HARNESS="$HARNESS" bash "${BOOT[@]}" "$WORKDIR" 2>&1 | tee "$OUT/boot.txt"; }
 # A1111's own startup race: a request (the boot script's API poll) that lands between gradio's launch and
 # create_api builds starlette's middleware stack, and the WebUI then dies with "Cannot add middleware after an
 # application has started". Nothing of the extension is involved; boot once more.
